@@ -616,13 +616,13 @@ pub fn parse_client_msg(bytes: &[u8], limit: usize) -> Result<ClientEnvelope, Wi
     let obj = value
         .as_object_mut()
         .ok_or_else(|| WireError::Malformed("expected a JSON object".into()))?;
-    let id = match obj.remove("id") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .ok_or_else(|| WireError::Malformed("`id` must be a non-negative integer".into()))?,
-        ),
-    };
+    let id =
+        match obj.remove("id") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                WireError::Malformed("`id` must be a non-negative integer".into())
+            })?),
+        };
     let kind = match obj.get("type") {
         Some(serde_json::Value::String(s)) => s.clone(),
         _ => return Err(WireError::Malformed("missing string field `type`".into())),

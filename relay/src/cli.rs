@@ -1,1 +1,560 @@
-//! (being written)
+//! The `relay` command line: `serve`, `token` and `config check|defaults`.
+//!
+//! Settings are layered: built-in defaults, then the `--config` file, then environment
+//! variables and flags (clap reads each flag's `RELAY_*` variable; a flag given on the
+//! command line wins over its variable). The merged [`Config`] is validated once, at the
+//! end, so a flag can fix what the file gets wrong. `main.rs` only parses [`Cli`] and
+//! dispatches; the work is here so that it can be tested without a process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth;
+use crate::config::{Config, ConfigError, LogFormat, TlsMode};
+use crate::identity::AgentIdentity;
+
+/// Environment variable that sets `auth.hs256_secret` (there is deliberately no flag, so
+/// the secret does not show up in process listings).
+pub const HS256_SECRET_ENV: &str = "RELAY_AUTH_HS256_SECRET";
+
+/// Edge relay for remote-support sessions.
+///
+/// A customer shares their screen with up to eight support agents through this node.
+/// `relay serve` runs the node (HTTPS and WebSocket signalling on 127.0.0.1:8443 by
+/// default, with a self-signed certificate in relay-data/tls/); `relay token` prints an
+/// agent token for local use and tests; `relay config` checks a configuration file or
+/// prints the defaults.
+///
+/// Settings come from built-in defaults, then a TOML file (--config), then RELAY_*
+/// environment variables, then command-line flags; config/relay.toml documents every key.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about, long_about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay node.
+    ///
+    /// Serves the HTTP API and WebSockets of docs/protocol.md until SIGTERM or Ctrl-C,
+    /// then drains: no new sessions, running ones may continue until the drain deadline.
+    /// Each flag overrides the matching key of the configuration file and can also be
+    /// given as the environment variable shown next to it.
+    ///
+    /// The HS256 token secret can be set with the environment variable
+    /// RELAY_AUTH_HS256_SECRET (overrides auth.hs256_secret and auth.hs256_secret_file;
+    /// there is no flag, so it never shows in process listings). With no token key
+    /// configured at all, a secret is generated into <data-dir>/auth/hs256.secret.
+    Serve(ServeArgs),
+    /// Print an agent token (JWT) signed with this node's HS256 secret.
+    ///
+    /// For local use and tests: the account backend normally issues tokens. The secret
+    /// is found the way `relay serve` finds it (same --config, --data-dir and
+    /// RELAY_AUTH_HS256_SECRET), generating <data-dir>/auth/hs256.secret if needed, so
+    /// a node started later with the same settings accepts the token. The issuer and
+    /// audience of the configuration are included when set.
+    ///
+    /// Example: HOST=$(relay token --agent alice --name "Alice" --portal support)
+    Token(TokenArgs),
+    /// Check a configuration file or print the default configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Flags of `relay serve`; each overrides the matching configuration key.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); without it the built-in defaults apply.
+    #[arg(long, value_name = "FILE", env = "RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address and port to listen on, e.g. 0.0.0.0:8443 or [::]:8443 (key `listen`;
+    /// port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", env = "RELAY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// URL clients reach this node at, http(s)://host[:port] without a path; used in
+    /// support and WebSocket URLs (key `public_url`).
+    #[arg(long, value_name = "URL", env = "RELAY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Directory for the generated certificate and token secret (key `data_dir`).
+    #[arg(long, value_name = "DIR", env = "RELAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where the TLS certificate comes from (key `tls.mode`); "off" serves plain HTTP
+    /// and is only allowed on a loopback listen address.
+    #[arg(long, value_name = "MODE", value_enum, env = "RELAY_TLS")]
+    pub tls: Option<TlsMode>,
+    /// PEM certificate chain, leaf first, for --tls files (key `tls.cert_file`).
+    #[arg(long, value_name = "FILE", env = "RELAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate, for --tls files (key `tls.key_file`).
+    #[arg(long, value_name = "FILE", env = "RELAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// How long a support key stays usable before a customer joins, e.g. 30m; at most
+    /// 4h (key `session.key_ttl`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, env = "RELAY_KEY_TTL")]
+    pub key_ttl: Option<Duration>,
+    /// After SIGTERM, how long running sessions may continue before they are ended,
+    /// e.g. 10m (key `drain.deadline`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, env = "RELAY_DRAIN_DEADLINE")]
+    pub drain_deadline: Option<Duration>,
+    /// Log line format (key `log.format`).
+    #[arg(long, value_name = "FORMAT", value_enum, env = "RELAY_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Which log lines to print, as a tracing filter such as "info" or
+    /// "relay=debug,info" (key `log.level`).
+    #[arg(long, value_name = "FILTER", env = "RELAY_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl ServeArgs {
+    /// The configuration these flags describe: defaults < file < environment/flags,
+    /// plus `RELAY_AUTH_HS256_SECRET`, validated as a whole.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        self.load_config_with(std::env::var(HS256_SECRET_ENV).ok())
+    }
+
+    /// [`Self::load_config`] with the secret variable's value passed in (testable
+    /// without touching the process environment).
+    fn load_config_with(&self, hs256_secret: Option<String>) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::read_unvalidated(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            cfg.listen = listen;
+        }
+        if let Some(url) = &self.public_url {
+            cfg.public_url = Some(url.clone());
+        }
+        if let Some(dir) = &self.data_dir {
+            cfg.data_dir = dir.clone();
+        }
+        if let Some(mode) = self.tls {
+            cfg.tls.mode = mode;
+        }
+        if let Some(cert) = &self.tls_cert {
+            cfg.tls.cert_file = Some(cert.clone());
+        }
+        if let Some(key) = &self.tls_key {
+            cfg.tls.key_file = Some(key.clone());
+        }
+        if let Some(ttl) = self.key_ttl {
+            cfg.session.key_ttl = ttl;
+        }
+        if let Some(deadline) = self.drain_deadline {
+            cfg.drain.deadline = deadline;
+        }
+        if let Some(format) = self.log_format {
+            cfg.log.format = format;
+        }
+        if let Some(level) = &self.log_level {
+            cfg.log.level = level.clone();
+        }
+        if let Some(secret) = hs256_secret.filter(|s| !s.is_empty()) {
+            // An override: it replaces whichever HS256 source the file names.
+            cfg.auth.hs256_secret = Some(secret);
+            cfg.auth.hs256_secret_file = None;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Flags of `relay token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The agent's account id (claim `sub`).
+    #[arg(long, value_name = "ID")]
+    pub agent: String,
+    /// Display name shown to the customer and other agents, 1 to 64 characters (claim `name`).
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// A portal the agent belongs to (claim `portals`); repeat for several.
+    #[arg(long, value_name = "PORTAL", required = true)]
+    pub portal: Vec<String>,
+    /// Add the "monitor" grant: the bearer is a supervisor of its portals and may
+    /// monitor their sessions silently.
+    #[arg(long)]
+    pub monitor: bool,
+    /// How long the token is valid, e.g. 1h or 30m.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "12h")]
+    pub ttl: Duration,
+    /// Configuration file of the node the token is for (its [auth] section and data_dir).
+    #[arg(long, value_name = "FILE", env = "RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory of the node, where a generated secret lives (key `data_dir`).
+    #[arg(long, value_name = "DIR", env = "RELAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Signs a token as `relay token` describes; returns it (without a newline).
+pub fn run_token(args: &TokenArgs) -> anyhow::Result<String> {
+    let serve = ServeArgs {
+        config: args.config.clone(),
+        data_dir: args.data_dir.clone(),
+        ..ServeArgs::default()
+    };
+    let cfg = serve.load_config()?;
+    let Some(secret) = auth::resolve_hs256_secret(&cfg.auth, &cfg.data_dir, true)? else {
+        bail!(
+            "relay token signs with HS256; this configuration only accepts EdDSA tokens \
+             (auth.ed25519_public_key_file), which the account backend signs with its \
+             private key. Set auth.hs256_secret, auth.hs256_secret_file or {HS256_SECRET_ENV} \
+             to also accept HS256 tokens."
+        );
+    };
+    let who = AgentIdentity {
+        agent_id: args.agent.clone(),
+        name: args.name.clone(),
+        portals: args.portal.clone(),
+        monitor: args.monitor,
+    };
+    let token = auth::mint_hs256(
+        &secret,
+        &who,
+        args.ttl,
+        cfg.auth.issuer.as_deref(),
+        cfg.auth.audience.as_deref(),
+    )?;
+    Ok(token)
+}
+
+/// `relay config ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate a configuration file; prints "ok: FILE" or says what is wrong.
+    Check {
+        /// The file to check.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the built-in default configuration as TOML (config/relay.toml has the same
+    /// values with explanations).
+    Defaults,
+}
+
+/// Runs a `relay config` subcommand; returns what to print.
+pub fn run_config(cmd: &ConfigCommand) -> anyhow::Result<String> {
+    match cmd {
+        ConfigCommand::Check { config } => {
+            Config::load(Some(config))?;
+            Ok(format!("ok: {}", config.display()))
+        }
+        ConfigCommand::Defaults => toml::to_string_pretty(&Config::default())
+            .context("cannot serialize the default configuration"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("relay").chain(args.iter().copied())).expect("parses")
+    }
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        match parse(&all).command {
+            Command::Serve(a) => a,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    fn token_args(args: &[&str]) -> TokenArgs {
+        let mut all = vec!["token"];
+        all.extend_from_slice(args);
+        match parse(&all).command {
+            Command::Token(a) => a,
+            other => panic!("expected token, got {other:?}"),
+        }
+    }
+
+    fn path_str(p: &Path) -> &str {
+        p.to_str().expect("utf-8 temp path")
+    }
+
+    #[test]
+    fn command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_argument_has_help() {
+        fn check(cmd: &clap::Command, path: &str) {
+            let path = format!("{path} {}", cmd.get_name());
+            assert!(cmd.get_about().is_some(), "{path} has no about");
+            for arg in cmd.get_arguments() {
+                if ["help", "version"].contains(&arg.get_id().as_str()) {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "{path} --{} has no help",
+                    arg.get_id()
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &path);
+            }
+        }
+        check(&Cli::command(), "");
+    }
+
+    #[test]
+    fn flag_over_file_over_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"from-file\"\n\
+             [session]\nkey_ttl = \"1h\"\n[log]\nlevel = \"debug\"\n",
+        )
+        .expect("write");
+        let args = serve_args(&[
+            "--config",
+            path_str(&file),
+            "--listen",
+            "127.0.0.1:9100",
+            "--key-ttl",
+            "30m",
+            "--log-format",
+            "json",
+        ]);
+        let cfg = args.load_config_with(None).expect("config");
+        assert_eq!(
+            cfg.listen,
+            "127.0.0.1:9100".parse().expect("addr"),
+            "flag wins"
+        );
+        assert_eq!(cfg.session.key_ttl, Duration::from_secs(1800), "flag wins");
+        assert_eq!(cfg.log.format, LogFormat::Json, "flag over default");
+        assert_eq!(
+            cfg.data_dir,
+            PathBuf::from("from-file"),
+            "file wins over default"
+        );
+        assert_eq!(cfg.log.level, "debug", "file wins over default");
+        assert_eq!(cfg.drain.deadline, Duration::from_secs(600), "default");
+    }
+
+    #[test]
+    fn flags_are_validated_together_with_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        // Invalid on its own (plain HTTP on all interfaces) ...
+        fs::write(&file, "listen = \"0.0.0.0:8080\"\n[tls]\nmode = \"off\"\n").expect("write");
+        let err = serve_args(&["--config", path_str(&file)])
+            .load_config_with(None)
+            .expect_err("tls off on 0.0.0.0");
+        assert!(err.to_string().contains("tls.mode"), "{err}");
+        // ... but the flag moves it to loopback.
+        serve_args(&["--config", path_str(&file), "--listen", "127.0.0.1:8080"])
+            .load_config_with(None)
+            .expect("valid after override");
+        // And a flag can break a valid file.
+        let err = serve_args(&["--key-ttl", "5h"])
+            .load_config_with(None)
+            .expect_err("too long");
+        assert!(err.to_string().contains("session.key_ttl"), "{err}");
+    }
+
+    #[test]
+    fn secret_variable_overrides_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        fs::write(&file, "[auth]\nhs256_secret_file = \"/etc/relay/secret\"\n").expect("write");
+        let cfg = serve_args(&["--config", path_str(&file)])
+            .load_config_with(Some("from-env".into()))
+            .expect("config");
+        assert_eq!(cfg.auth.hs256_secret.as_deref(), Some("from-env"));
+        assert_eq!(cfg.auth.hs256_secret_file, None);
+    }
+
+    #[test]
+    fn bad_flag_values_are_refused_by_clap() {
+        for args in [
+            ["serve", "--tls", "maybe"],
+            ["serve", "--key-ttl", "soon"],
+            ["serve", "--listen", "localhost"],
+        ] {
+            assert!(
+                Cli::try_parse_from(std::iter::once("relay").chain(args)).is_err(),
+                "{args:?}"
+            );
+        }
+        assert_eq!(
+            serve_args(&["--tls", "self-signed"]).tls,
+            Some(TlsMode::SelfSigned)
+        );
+    }
+
+    #[test]
+    fn token_needs_a_portal() {
+        let err = Cli::try_parse_from(["relay", "token", "--agent", "a", "--name", "A"])
+            .expect_err("no portal");
+        assert!(err.to_string().contains("--portal"), "{err}");
+    }
+
+    #[test]
+    fn token_verifies_with_the_node_verifier() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let file = dir.path().join("relay.toml");
+        fs::write(
+            &file,
+            format!(
+                "data_dir = {:?}\n[auth]\nissuer = \"accounts\"\naudience = \"relay\"\n",
+                path_str(&data)
+            ),
+        )
+        .expect("write");
+        let args = token_args(&[
+            "--agent",
+            "sue",
+            "--name",
+            "Sue",
+            "--portal",
+            "support",
+            "--portal",
+            "billing",
+            "--monitor",
+            "--ttl",
+            "1h",
+            "--config",
+            path_str(&file),
+        ]);
+        assert_eq!(args.ttl, Duration::from_secs(3600));
+        let token = run_token(&args).expect("token");
+        assert!(auth::generated_secret_path(&data).exists());
+
+        let cfg = Config::load(Some(&file)).expect("config");
+        let who = auth::Verifier::from_config(&cfg)
+            .expect("verifier")
+            .verify(&token)
+            .expect("valid");
+        assert_eq!(
+            who,
+            AgentIdentity {
+                agent_id: "sue".into(),
+                name: "Sue".into(),
+                portals: vec!["support".into(), "billing".into()],
+                monitor: true,
+            }
+        );
+        // Without the configured audience the same token is refused.
+        let mut other = cfg.clone();
+        other.auth.audience = Some("elsewhere".into());
+        assert!(
+            auth::Verifier::from_config(&other)
+                .expect("verifier")
+                .verify(&token)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn token_defaults_to_twelve_hours_and_the_data_dir_flag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = token_args(&[
+            "--agent",
+            "alice",
+            "--name",
+            "Alice",
+            "--portal",
+            "support",
+            "--data-dir",
+            path_str(dir.path()),
+        ]);
+        assert_eq!(args.ttl, Duration::from_secs(12 * 3600));
+        assert!(!args.monitor);
+        let token = run_token(&args).expect("token");
+        let cfg = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let who = auth::Verifier::from_config(&cfg)
+            .expect("verifier")
+            .verify(&token)
+            .expect("valid");
+        assert_eq!(who.agent_id, "alice");
+        assert!(!who.monitor);
+    }
+
+    #[test]
+    fn token_refuses_an_ed25519_only_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        fs::write(
+            &file,
+            format!(
+                "data_dir = {:?}\n[auth]\ned25519_public_key_file = \"/etc/relay/ed.pem\"\n",
+                path_str(dir.path())
+            ),
+        )
+        .expect("write");
+        let args = token_args(&[
+            "--agent",
+            "alice",
+            "--name",
+            "Alice",
+            "--portal",
+            "support",
+            "--config",
+            path_str(&file),
+        ]);
+        if std::env::var_os(HS256_SECRET_ENV).is_some() {
+            return; // the variable would (rightly) add an HS256 secret
+        }
+        let err = run_token(&args).expect_err("ed25519 only");
+        assert!(
+            err.to_string()
+                .starts_with("relay token signs with HS256; "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn config_check_and_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("good.toml");
+        fs::write(&good, "[session]\nkey_ttl = \"2h\"\n").expect("write");
+        assert_eq!(
+            run_config(&ConfigCommand::Check {
+                config: good.clone()
+            })
+            .expect("ok"),
+            format!("ok: {}", good.display())
+        );
+
+        let bad = dir.path().join("bad.toml");
+        fs::write(&bad, "[session]\nkey_ttl = \"5h\"\n").expect("write");
+        let err = run_config(&ConfigCommand::Check { config: bad }).expect_err("invalid");
+        assert!(err.to_string().contains("session.key_ttl"), "{err}");
+
+        let defaults = run_config(&ConfigCommand::Defaults).expect("defaults");
+        assert_eq!(
+            Config::from_toml_str(&defaults).expect("parses"),
+            Config::default()
+        );
+        match parse(&["config", "check", "--config", "x.toml"]).command {
+            Command::Config(ConfigCommand::Check { config }) => {
+                assert_eq!(config, PathBuf::from("x.toml"));
+            }
+            other => panic!("expected config check, got {other:?}"),
+        }
+    }
+}

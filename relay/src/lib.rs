@@ -18,9 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod metrics;
-#[cfg(feature = "wip")]
 pub mod session;
-#[cfg(feature = "wip")]
 pub mod signal;
 pub mod throttle;
 pub mod tls;

@@ -1,1 +1,48 @@
-fn main(){}
+//! The `relay` binary: parses the command line and dispatches to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use relay::cli::{self, Cli, Command};
+use relay::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => args
+            .load_config()
+            .map_err(anyhow::Error::from)
+            .and_then(serve),
+        Command::Token(args) => cli::run_token(&args).map(|t| println!("{t}")),
+        Command::Config(cmd) => cli::run_config(&cmd).map(|out| println!("{out}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(relay::signal::serve(config))
+}
+
+/// Logs go to stderr, so that stdout carries only the `listening on` line.
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

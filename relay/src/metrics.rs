@@ -1,1 +1,270 @@
-//! (being written)
+//! The node's Prometheus metrics, served at `GET /metrics`.
+//!
+//! One [`Metrics`] per node, owned by the IO shell; the sans-IO cores report what
+//! happened and the shell counts it here. Every name starts with `relay_`. Label values
+//! that users look for (roles, end reasons, outcomes) are created up front, so they read
+//! `0` from the first scrape instead of appearing only after the first event.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use relay_codec::wire::{EndReason, ErrorCode};
+
+/// Participant roles (`role` label).
+pub const ROLES: [&str; 4] = ["host", "agent", "customer", "supervisor"];
+/// Outcomes of support-key attempts (`outcome` label of `relay_support_key_attempts_total`).
+pub const KEY_OUTCOMES: [&str; 5] = ["ok", "wrong", "expired", "used", "throttled"];
+/// Lock-out scopes (`scope` label of `relay_key_lockouts_total`).
+pub const LOCKOUT_SCOPES: [&str; 2] = ["address", "node"];
+/// Invitation outcomes (`outcome` label of `relay_invitations_total`).
+pub const INVITATION_OUTCOMES: [&str; 6] = [
+    "sent",
+    "accepted",
+    "declined",
+    "cancelled",
+    "expired",
+    "withdrawn",
+];
+/// WebSocket kinds (`kind` label of `relay_ws_connections_active`).
+pub const WS_KINDS: [&str; 2] = ["session", "console"];
+/// The codes of malformed client messages, pre-created in `relay_messages_rejected_total`.
+const MESSAGE_ERRORS: [ErrorCode; 4] = [
+    ErrorCode::BadRequest,
+    ErrorCode::InvalidField,
+    ErrorCode::MessageTooLarge,
+    ErrorCode::UnknownMessageType,
+];
+
+/// All metrics of a node and the registry that exports them.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The registry every metric below is registered in.
+    pub registry: Registry,
+    /// `relay_sessions_active`: sessions currently open.
+    pub sessions_active: IntGauge,
+    /// `relay_participants_active{role}`: participants currently in sessions.
+    pub participants_active: IntGaugeVec,
+    /// `relay_sessions_created_total`: sessions opened.
+    pub sessions_created_total: IntCounter,
+    /// `relay_sessions_ended_total{reason}`: sessions ended, by reason.
+    pub sessions_ended_total: IntCounterVec,
+    /// `relay_joins_total{role,outcome}`: join attempts; outcome `ok` or an error code.
+    pub joins_total: IntCounterVec,
+    /// `relay_support_key_attempts_total{outcome}`: customer key/link attempts.
+    pub support_key_attempts_total: IntCounterVec,
+    /// `relay_key_lockouts_total{scope}`: lock-outs started by the key throttle.
+    pub key_lockouts_total: IntCounterVec,
+    /// `relay_invitations_total{outcome}`: invitations by what became of them.
+    pub invitations_total: IntCounterVec,
+    /// `relay_ws_connections_active{kind}`: open WebSockets.
+    pub ws_connections_active: IntGaugeVec,
+    /// `relay_messages_rejected_total{code}`: client messages refused, by error code.
+    pub messages_rejected_total: IntCounterVec,
+    /// `relay_http_requests_total{status}`: HTTP responses, by status code.
+    pub http_requests_total: IntCounterVec,
+    /// `relay_draining`: 1 while the node drains before shutdown, else 0.
+    pub draining: IntGauge,
+    /// `relay_build_info{version}`: always 1; carries the version as a label.
+    pub build_info: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric, with the well-known label values at 0.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric name");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric name");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
+            c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric name");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric name");
+            g
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric name");
+            c
+        };
+
+        let m = Metrics {
+            sessions_active: gauge("relay_sessions_active", "Support sessions currently open."),
+            participants_active: gauge_vec(
+                "relay_participants_active",
+                "Participants currently in sessions, by role (host, agent, customer, supervisor).",
+                &["role"],
+            ),
+            sessions_created_total: counter(
+                "relay_sessions_created_total",
+                "Support sessions opened since the node started.",
+            ),
+            sessions_ended_total: counter_vec(
+                "relay_sessions_ended_total",
+                "Support sessions ended since the node started, by reason.",
+                &["reason"],
+            ),
+            joins_total: counter_vec(
+                "relay_joins_total",
+                "Attempts to join a session, by role and outcome (\"ok\" or the error code).",
+                &["role", "outcome"],
+            ),
+            support_key_attempts_total: counter_vec(
+                "relay_support_key_attempts_total",
+                "Customer attempts with a support key or link, by outcome \
+                 (ok, wrong, expired, used, throttled).",
+                &["outcome"],
+            ),
+            key_lockouts_total: counter_vec(
+                "relay_key_lockouts_total",
+                "Lock-outs started by the support-key throttle, by scope \
+                 (address: one client address, node: all addresses).",
+                &["scope"],
+            ),
+            invitations_total: counter_vec(
+                "relay_invitations_total",
+                "Invitations to agents, by outcome \
+                 (sent, accepted, declined, cancelled, expired, withdrawn).",
+                &["outcome"],
+            ),
+            ws_connections_active: gauge_vec(
+                "relay_ws_connections_active",
+                "Open WebSocket connections, by kind (session, console).",
+                &["kind"],
+            ),
+            messages_rejected_total: counter_vec(
+                "relay_messages_rejected_total",
+                "Client requests and WebSocket messages refused, by error code.",
+                &["code"],
+            ),
+            http_requests_total: counter_vec(
+                "relay_http_requests_total",
+                "HTTP responses sent, by status code.",
+                &["status"],
+            ),
+            draining: gauge(
+                "relay_draining",
+                "1 while the node drains before shutting down (no new sessions), else 0.",
+            ),
+            build_info: gauge_vec(
+                "relay_build_info",
+                "Always 1; the version label says which relay build runs.",
+                &["version"],
+            ),
+            registry: registry.clone(),
+        };
+
+        for role in ROLES {
+            m.participants_active.with_label_values(&[role]);
+            m.joins_total.with_label_values(&[role, "ok"]);
+        }
+        for reason in EndReason::ALL {
+            m.sessions_ended_total.with_label_values(&[reason.as_str()]);
+        }
+        for outcome in KEY_OUTCOMES {
+            m.support_key_attempts_total.with_label_values(&[outcome]);
+        }
+        for scope in LOCKOUT_SCOPES {
+            m.key_lockouts_total.with_label_values(&[scope]);
+        }
+        for outcome in INVITATION_OUTCOMES {
+            m.invitations_total.with_label_values(&[outcome]);
+        }
+        for kind in WS_KINDS {
+            m.ws_connections_active.with_label_values(&[kind]);
+        }
+        for code in MESSAGE_ERRORS {
+            m.messages_rejected_total
+                .with_label_values(&[code.as_str()]);
+        }
+        m.http_requests_total.with_label_values(&["200"]);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// All metrics in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_from_the_start() {
+        let text = Metrics::new().encode();
+        for name in [
+            "relay_sessions_active",
+            "relay_participants_active",
+            "relay_sessions_created_total",
+            "relay_sessions_ended_total",
+            "relay_joins_total",
+            "relay_support_key_attempts_total",
+            "relay_key_lockouts_total",
+            "relay_invitations_total",
+            "relay_ws_connections_active",
+            "relay_messages_rejected_total",
+            "relay_http_requests_total",
+            "relay_draining",
+            "relay_build_info",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} missing:\n{text}"
+            );
+        }
+        for line in [
+            "relay_participants_active{role=\"supervisor\"} 0",
+            "relay_sessions_ended_total{reason=\"customer_did_not_return\"} 0",
+            "relay_joins_total{outcome=\"ok\",role=\"customer\"} 0",
+            "relay_support_key_attempts_total{outcome=\"throttled\"} 0",
+            "relay_key_lockouts_total{scope=\"node\"} 0",
+            "relay_invitations_total{outcome=\"withdrawn\"} 0",
+            "relay_ws_connections_active{kind=\"console\"} 0",
+            "relay_draining 0",
+            "relay_messages_rejected_total{code=\"message_too_large\"} 0",
+            "relay_http_requests_total{status=\"200\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        assert!(text.contains(&format!(
+            "relay_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn counts_show_up() {
+        let m = Metrics::new();
+        m.sessions_ended_total
+            .with_label_values(&["key_expired"])
+            .inc();
+        m.http_requests_total.with_label_values(&["429"]).inc_by(2);
+        let text = m.encode();
+        assert!(text.contains("relay_sessions_ended_total{reason=\"key_expired\"} 1"));
+        assert!(text.contains("relay_http_requests_total{status=\"429\"} 2"));
+    }
+}

@@ -1,0 +1,276 @@
+//! The sans-IO core of the control plane: every session on this node, its roster,
+//! masking, permissions, invitations, support keys and timers.
+//!
+//! [`Node`] knows nothing of tokio, sockets or clocks. Each input carries the current
+//! [`Instant`]; the core never reads a clock, so tests drive hours of session life in
+//! microseconds with a simulated one.
+//!
+//! # Run-loop contract
+//!
+//! The IO shell owns one `Node` and, for every event it sees:
+//!
+//! 1. calls the matching method with `now`: a request method (`create_session`, `join`,
+//!    `invite`, `accept_invitation`, …) returns its answer directly; connection events
+//!    (`connect`, `message`, `disconnected`, `console_opened`, `console_closed`) return
+//!    nothing or a refusal;
+//! 2. then drains [`Node::poll_output`] until it returns `None`, delivering every
+//!    [`Output::Send`] to its connection in order, closing connections named by
+//!    [`Output::Close`] after delivering what precedes it, and counting every [`Output::Stat`];
+//! 3. then asks [`Node::poll_timeout`] for the next deadline and calls
+//!    [`Node::handle_timeout`] when it passes (and drains outputs again).
+//!
+//! Outputs are queued in the order the rules produce them; a connection sees its
+//! messages in that order.
+//!
+//! # The rules this core enforces
+//!
+//! - A support key is 9 CSPRNG digits, unique among live sessions; the support link has
+//!   its own 128-bit token. Unused, both expire after `key_ttl` (at most 4 h) and the
+//!   session ends (`key_expired`). A key admits one customer.
+//! - Support-key attempts pass the [`KeyThrottle`](crate::throttle::KeyThrottle) first; a
+//!   throttled attempt is not looked up at all.
+//! - At most [`MAX_AGENTS`] agents (host + invited) per session; at most
+//!   `max_sessions_per_agent` sessions per agent; supervisors are counted apart.
+//! - Masked agents and supervisors are never named to the customer; supervisors are not
+//!   shown to agents either ([`participant`] holds that rule, in one place).
+//! - A portal-wide invitation is won by the first accept; the others are withdrawn.
+//! - A disconnected participant keeps its place for its grace period, then is removed;
+//!   a customer who does not return ends the session, and so does the last agent leaving.
+
+mod ids;
+mod invitation;
+mod node;
+mod participant;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use relay_codec::wire::{EndReason, ErrorCode, Role, ServerMsg};
+
+pub use ids::{
+    ConnId, InvitationId, ParticipantId, Random, Secret, SecretDigest, SessionId, SupportKey,
+};
+pub use node::{
+    Census, Credentials, InvitationCreated, JoinCredential, Node, SessionCreated, WallClock,
+};
+
+use crate::throttle::{Scope, ThrottleSettings};
+
+/// Most agents (host and invited, supervisors not counted) one session may hold.
+pub const MAX_AGENTS: usize = 8;
+
+/// The longest a support key may stay valid, whatever the configuration says.
+pub const MAX_KEY_TTL: Duration = Duration::from_secs(4 * 3600);
+
+/// Tunables of the core; the shell builds them from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long an unused support key and link stay valid (clamped to [`MAX_KEY_TTL`]).
+    pub key_ttl: Duration,
+    /// How long an invitation waits for an accept.
+    pub invitation_ttl: Duration,
+    /// How long a disconnected customer keeps its place.
+    pub customer_grace: Duration,
+    /// How long a disconnected agent or supervisor keeps its place.
+    pub agent_grace: Duration,
+    /// Longest a session may last.
+    pub max_duration: Duration,
+    /// Most sessions one agent may be in at once (at most 8).
+    pub max_sessions_per_agent: usize,
+    /// Most sessions one supervisor may monitor at once.
+    pub max_monitored_sessions: usize,
+    /// Chat messages kept per session for participants who connect later.
+    pub chat_history: usize,
+    /// Support-key brute-force guard.
+    pub throttle: ThrottleSettings,
+}
+
+/// Something the shell must do after an input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Deliver a message on a WebSocket.
+    Send {
+        /// Which connection.
+        conn: ConnId,
+        /// What to send.
+        msg: ServerMsg,
+    },
+    /// Close a WebSocket once what was queued before this has been sent.
+    Close {
+        /// Which connection.
+        conn: ConnId,
+    },
+    /// Count something.
+    Stat(Stat),
+}
+
+/// Countable events, for the shell's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stat {
+    /// A session was opened.
+    SessionCreated,
+    /// A session ended.
+    SessionEnded(EndReason),
+    /// A participant entered a session in this role (or took this role over).
+    ParticipantAdded(Role),
+    /// A participant left a session in this role (or gave this role up).
+    ParticipantRemoved(Role),
+    /// A participant tried to get into a session (create, join, accept, monitor).
+    Join {
+        /// As which role.
+        role: Role,
+        /// `None` on success, the refusal's code otherwise.
+        refused: Option<ErrorCode>,
+    },
+    /// A support key or link was tried.
+    KeyAttempt(KeyOutcome),
+    /// A support-key failure started a lock-out.
+    Lockout(Scope),
+    /// An invitation changed state.
+    Invitation(InvitationOutcome),
+}
+
+/// Result of one support-key or support-link attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOutcome {
+    /// Admitted the customer.
+    Ok,
+    /// No live session has it.
+    Wrong,
+    /// It expired unused.
+    Expired,
+    /// It already admitted its customer.
+    Used,
+    /// Refused by the throttle without being looked up.
+    Throttled,
+}
+
+impl KeyOutcome {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOutcome::Ok => "ok",
+            KeyOutcome::Wrong => "wrong",
+            KeyOutcome::Expired => "expired",
+            KeyOutcome::Used => "used",
+            KeyOutcome::Throttled => "throttled",
+        }
+    }
+}
+
+/// What happened to an invitation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvitationOutcome {
+    /// Created and delivered.
+    Sent,
+    /// Accepted by an agent.
+    Accepted,
+    /// Declined by its one invitee.
+    Declined,
+    /// Cancelled by the host.
+    Cancelled,
+    /// Nobody accepted in time.
+    Expired,
+    /// Taken back from one agent because another accepted first.
+    Withdrawn,
+}
+
+impl InvitationOutcome {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvitationOutcome::Sent => "sent",
+            InvitationOutcome::Accepted => "accepted",
+            InvitationOutcome::Declined => "declined",
+            InvitationOutcome::Cancelled => "cancelled",
+            InvitationOutcome::Expired => "expired",
+            InvitationOutcome::Withdrawn => "withdrawn",
+        }
+    }
+}
+
+/// Why the core refused a request. Each maps to one stable [`ErrorCode`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The participant token is unknown.
+    #[error("unknown or expired participant token")]
+    Unauthorized,
+    /// No such session, participant or invitation visible to the caller.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// A value was unacceptable.
+    #[error("{0}")]
+    InvalidField(&'static str),
+    /// No live session has this support key or link.
+    #[error("no live session has this support key")]
+    WrongKey,
+    /// The key or link expired before a customer used it.
+    #[error("this support key has expired; ask your agent for a new one")]
+    KeyExpired,
+    /// The key or link already admitted its customer.
+    #[error("this support key has already been used")]
+    KeyUsed,
+    /// Too many failures; retry after the given time.
+    #[error("too many failed attempts; retry in {}s", retry_after.as_secs().max(1))]
+    Throttled {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// Already 8 agents.
+    #[error("the session already has its {MAX_AGENTS} agents")]
+    SessionFull,
+    /// The agent is in its maximum number of sessions.
+    #[error("you are already in {0} sessions, the most allowed at once")]
+    AgentSessionLimit(usize),
+    /// The supervisor monitors its maximum number of sessions.
+    #[error("you already monitor {0} sessions, the most allowed at once")]
+    MonitorLimit(usize),
+    /// Already a participant.
+    #[error("you are already in this session")]
+    AlreadyInSession,
+    /// The invitation is closed.
+    #[error("this invitation is no longer open")]
+    InvitationClosed,
+    /// The session has ended.
+    #[error("the session has ended")]
+    SessionEnded,
+    /// The node is draining.
+    #[error("this relay node is shutting down and takes no new sessions")]
+    Draining,
+}
+
+impl SessionError {
+    /// The stable wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SessionError::Unauthorized => ErrorCode::Unauthorized,
+            SessionError::NotFound(_) => ErrorCode::NotFound,
+            SessionError::Forbidden(_) => ErrorCode::Forbidden,
+            SessionError::InvalidField(_) => ErrorCode::InvalidField,
+            SessionError::WrongKey => ErrorCode::WrongKey,
+            SessionError::KeyExpired => ErrorCode::KeyExpired,
+            SessionError::KeyUsed => ErrorCode::KeyUsed,
+            SessionError::Throttled { .. } => ErrorCode::Throttled,
+            SessionError::SessionFull => ErrorCode::SessionFull,
+            SessionError::AgentSessionLimit(_) => ErrorCode::AgentSessionLimit,
+            SessionError::MonitorLimit(_) => ErrorCode::MonitorLimit,
+            SessionError::AlreadyInSession => ErrorCode::AlreadyInSession,
+            SessionError::InvitationClosed => ErrorCode::InvitationClosed,
+            SessionError::SessionEnded => ErrorCode::SessionEnded,
+            SessionError::Draining => ErrorCode::Draining,
+        }
+    }
+
+    /// For [`SessionError::Throttled`]: when to retry.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SessionError::Throttled { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,1090 @@
+//! Simulated-time tests of the session core: hours of session life in microseconds.
+//!
+//! The [`Sim`] harness owns a [`Node`], a virtual clock and every connection's inbox;
+//! `advance` jumps the clock from one `poll_timeout` to the next, as the shell would.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::SeedableRng;
+use relay_codec::wire::{
+    Audience, ClientEnvelope, ClientMsg, CreateSessionRequest, EndReason, ErrorCode, InviteRequest,
+    InviteTarget, LeaveReason, Permission, Role, ServerMsg, UpdateParticipantRequest, Visibility,
+    WithdrawReason,
+};
+
+use super::*;
+use crate::identity::AgentIdentity;
+use crate::throttle::ThrottleSettings;
+
+fn settings() -> Settings {
+    Settings {
+        key_ttl: Duration::from_secs(4 * 3600),
+        invitation_ttl: Duration::from_secs(300),
+        customer_grace: Duration::from_secs(600),
+        agent_grace: Duration::from_secs(120),
+        max_duration: Duration::from_secs(12 * 3600),
+        max_sessions_per_agent: 8,
+        max_monitored_sessions: 32,
+        chat_history: 200,
+        throttle: ThrottleSettings::default(),
+    }
+}
+
+fn agent(id: &str, portals: &[&str]) -> AgentIdentity {
+    AgentIdentity {
+        agent_id: id.into(),
+        name: format!("Agent {id}"),
+        portals: portals.iter().map(|p| p.to_string()).collect(),
+        monitor: false,
+    }
+}
+
+fn supervisor(id: &str, portals: &[&str]) -> AgentIdentity {
+    AgentIdentity {
+        monitor: true,
+        ..agent(id, portals)
+    }
+}
+
+fn addr(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, last))
+}
+
+fn create_req() -> CreateSessionRequest {
+    CreateSessionRequest {
+        portal: "support".into(),
+        visibility: Visibility::Visible,
+    }
+}
+
+fn invite_agent(id: &str, visibility: Visibility, permission: Permission) -> InviteRequest {
+    InviteRequest {
+        target: InviteTarget::Agent(id.into()),
+        visibility,
+        permission,
+        comment: Some("printer driver".into()),
+    }
+}
+
+/// A node, a virtual clock and the inbox of every connection.
+struct Sim {
+    node: Node,
+    now: Instant,
+    start: Instant,
+    next_conn: u64,
+    inbox: HashMap<ConnId, Vec<ServerMsg>>,
+    closed: Vec<ConnId>,
+    stats: Vec<Stat>,
+}
+
+impl Sim {
+    fn new(settings: Settings) -> Self {
+        let start = Instant::now();
+        let clock = WallClock {
+            instant: start,
+            system: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000),
+        };
+        let rng: Random = Box::new(rand::rngs::StdRng::seed_from_u64(7));
+        Sim {
+            node: Node::new(settings, clock, rng),
+            now: start,
+            start,
+            next_conn: 1,
+            inbox: HashMap::new(),
+            closed: Vec::new(),
+            stats: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Send { conn, msg } => {
+                    assert!(
+                        !self.closed.contains(&conn),
+                        "sent to closed {conn:?}: {msg:?}"
+                    );
+                    self.inbox.entry(conn).or_default().push(msg)
+                }
+                Output::Close { conn } => self.closed.push(conn),
+                Output::Stat(s) => self.stats.push(s),
+            }
+        }
+    }
+
+    /// Moves the clock to `t` (relative to the start), running every timer on the way.
+    fn advance_to(&mut self, t: Duration) {
+        let target = self.start + t;
+        while let Some(due) = self.node.poll_timeout() {
+            if due > target {
+                break;
+            }
+            self.now = self.now.max(due);
+            self.node.handle_timeout(self.now);
+            self.drain();
+        }
+        self.now = target;
+        self.node.handle_timeout(self.now);
+        self.drain();
+    }
+
+    fn conn(&mut self) -> ConnId {
+        self.next_conn += 1;
+        ConnId(self.next_conn)
+    }
+
+    fn connect(&mut self, c: &Credentials) -> ConnId {
+        let conn = self.conn();
+        self.node
+            .connect(self.now, &c.session_id, c.token.reveal(), conn)
+            .unwrap();
+        self.drain();
+        conn
+    }
+
+    fn console(&mut self, who: &AgentIdentity) -> ConnId {
+        let conn = self.conn();
+        self.node.console_opened(self.now, conn, who);
+        self.drain();
+        conn
+    }
+
+    fn send(&mut self, conn: ConnId, msg: ClientMsg) {
+        self.node
+            .message(self.now, conn, ClientEnvelope { id: Some(1), msg });
+        self.drain();
+    }
+
+    fn create(&mut self, host: &AgentIdentity) -> SessionCreated {
+        let r = self.node.create_session(self.now, host, &create_req());
+        self.drain();
+        r.unwrap()
+    }
+
+    fn join(&mut self, key: &str) -> Result<Credentials, SessionError> {
+        self.join_from(addr(1), key)
+    }
+
+    fn join_from(&mut self, from: IpAddr, key: &str) -> Result<Credentials, SessionError> {
+        let r = self.node.join(
+            self.now,
+            from,
+            "Carol Customer",
+            &JoinCredential::Key(key.into()),
+        );
+        self.drain();
+        r
+    }
+
+    fn invite_and_accept(
+        &mut self,
+        host: &AgentIdentity,
+        sid: &SessionId,
+        who: &AgentIdentity,
+        visibility: Visibility,
+        permission: Permission,
+    ) -> Result<Credentials, SessionError> {
+        let inv = self.node.invite(
+            self.now,
+            host,
+            sid,
+            &invite_agent(&who.agent_id, visibility, permission),
+        )?;
+        self.drain();
+        let r = self
+            .node
+            .accept_invitation(self.now, who, &inv.invitation_id);
+        self.drain();
+        r
+    }
+
+    fn take(&mut self, conn: ConnId) -> Vec<ServerMsg> {
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    fn ended_with(&mut self, conn: ConnId) -> Option<EndReason> {
+        self.take(conn).into_iter().find_map(|m| match m {
+            ServerMsg::SessionEnded { reason } => Some(reason),
+            _ => None,
+        })
+    }
+}
+
+/// A session with a connected host and customer.
+fn session_with_customer(
+    sim: &mut Sim,
+    host: &AgentIdentity,
+) -> (SessionCreated, ConnId, Credentials, ConnId) {
+    let created = sim.create(host);
+    let host_conn = sim.connect(&created.host);
+    let customer = sim.join(created.support_key.reveal()).unwrap();
+    let customer_conn = sim.connect(&customer);
+    (created, host_conn, customer, customer_conn)
+}
+
+#[test]
+fn support_key_is_nine_digits_and_link_is_independent() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let created = sim.create(&alice);
+    let key = created.support_key.reveal();
+    assert_eq!(key.len(), 9);
+    assert!(key.bytes().all(|b| b.is_ascii_digit()));
+    assert_eq!(created.link.reveal().len(), 32, "128-bit link token");
+    assert!(!created.link.reveal().contains(key));
+    assert_eq!(
+        created.expires_at,
+        sim.start + Duration::from_secs(4 * 3600)
+    );
+}
+
+#[test]
+fn unused_key_expires_at_four_hours_and_ends_the_session() {
+    let mut s = settings();
+    s.key_ttl = Duration::from_secs(9 * 3600); // configured too long: clamped to 4 h
+    let mut sim = Sim::new(s);
+    let alice = agent("alice", &["support"]);
+    let early = sim.create(&alice);
+    let late = sim.create(&alice);
+    let host_conn = sim.connect(&late.host);
+    let keep_alive = sim.connect(&early.host);
+
+    sim.advance_to(Duration::from_secs(4 * 3600) - Duration::from_secs(1));
+    assert!(
+        sim.join(early.support_key.reveal()).is_ok(),
+        "valid one second before"
+    );
+    sim.take(keep_alive);
+
+    sim.advance_to(Duration::from_secs(4 * 3600));
+    assert_eq!(sim.ended_with(host_conn), Some(EndReason::KeyExpired));
+    assert!(sim.closed.contains(&host_conn));
+    assert_eq!(
+        sim.join(late.support_key.reveal()).unwrap_err(),
+        SessionError::KeyExpired
+    );
+    let by_link = sim.node.join(
+        sim.now,
+        addr(2),
+        "Carol",
+        &JoinCredential::Link(late.link.reveal().into()),
+    );
+    assert_eq!(by_link.unwrap_err(), SessionError::KeyExpired);
+    // The session that was joined in time lives on.
+    assert_eq!(sim.node.census().sessions, 1);
+    assert!(
+        sim.stats
+            .contains(&Stat::SessionEnded(EndReason::KeyExpired))
+    );
+}
+
+#[test]
+fn a_key_admits_one_customer_and_the_link_works_like_the_key() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let a = sim.create(&alice);
+    let spaced = format!(
+        "{} {}-{}",
+        &a.support_key.reveal()[..3],
+        &a.support_key.reveal()[3..6],
+        &a.support_key.reveal()[6..]
+    );
+    assert!(sim.join(&spaced).is_ok());
+    assert_eq!(
+        sim.join(a.support_key.reveal()).unwrap_err(),
+        SessionError::KeyUsed
+    );
+    let b = sim.create(&alice);
+    let r = sim.node.join(
+        sim.now,
+        addr(1),
+        "Dan",
+        &JoinCredential::Link(b.link.reveal().into()),
+    );
+    assert_eq!(r.unwrap().session_id, b.host.session_id);
+    assert_eq!(
+        sim.join(b.support_key.reveal()).unwrap_err(),
+        SessionError::KeyUsed,
+        "link and key share the one admission"
+    );
+}
+
+#[test]
+fn names_are_validated_before_any_key_is_tried() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let a = sim.create(&alice);
+    for bad in ["", "   ", "a\u{7}b", &"x".repeat(65)] {
+        let r = sim.node.join(
+            sim.now,
+            addr(1),
+            bad,
+            &JoinCredential::Key(a.support_key.reveal().into()),
+        );
+        assert!(matches!(r, Err(SessionError::InvalidField(_))), "{bad:?}");
+    }
+    assert!(sim.join(a.support_key.reveal()).is_ok());
+}
+
+#[test]
+fn wrong_keys_lock_the_address_out_even_for_the_right_key() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let a = sim.create(&alice);
+    let live = a.support_key.reveal().to_owned();
+    let wrong = if live == "000000000" {
+        "000000001"
+    } else {
+        "000000000"
+    };
+    for _ in 0..30 {
+        assert_eq!(sim.join(wrong).unwrap_err(), SessionError::WrongKey);
+    }
+    let locked = sim.join(&live).unwrap_err();
+    assert_eq!(locked.code(), ErrorCode::Throttled);
+    assert_eq!(locked.retry_after(), Some(Duration::from_secs(60)));
+    assert!(
+        sim.stats
+            .contains(&Stat::Lockout(crate::throttle::Scope::Address))
+    );
+    // Another address is not affected.
+    assert!(sim.join_from(addr(2), &live).is_ok());
+}
+
+#[test]
+fn ten_thousand_random_keys_never_find_a_live_session() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    for _ in 0..8 {
+        sim.create(&alice);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let (mut throttled, mut wrong) = (0, 0);
+    for i in 0..10_000u32 {
+        let key = format!(
+            "{:09}",
+            rand::Rng::random_range(&mut rng, 0..1_000_000_000u32)
+        );
+        // Spread over 100 addresses, one attempt every 10 ms.
+        sim.now += Duration::from_millis(10);
+        match sim.join_from(addr((i % 100) as u8), &key) {
+            Err(SessionError::Throttled { .. }) => throttled += 1,
+            Err(SessionError::WrongKey) => wrong += 1,
+            other => panic!("attempt {i} got {other:?}"),
+        }
+    }
+    // 100 s of attempts: the node-wide budget (300/min) holds the whole sweep to a
+    // few hundred lookups.
+    assert!(wrong <= 600, "{wrong} keys were looked up");
+    assert!(throttled >= 9_000, "{throttled}");
+    assert!(
+        sim.stats
+            .contains(&Stat::Lockout(crate::throttle::Scope::Node))
+    );
+}
+
+#[test]
+fn customer_who_does_not_return_within_grace_ends_the_session() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let (created, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    sim.take(host_conn);
+
+    // A reboot: the customer drops and comes back after 9 minutes.
+    sim.node.disconnected(sim.now, customer_conn);
+    sim.drain();
+    let seen = sim.take(host_conn);
+    assert!(
+        matches!(&seen[..], [ServerMsg::ParticipantUpdated { participant }] if !participant.connected)
+    );
+    sim.advance_to(Duration::from_secs(9 * 60));
+    let back = sim.connect(&customer);
+    assert!(matches!(sim.take(back)[0], ServerMsg::Welcome { .. }));
+    assert_eq!(sim.node.census().sessions, 1);
+
+    // Drops again and stays away: the session ends exactly 10 minutes later.
+    let gone_at = Duration::from_secs(10 * 60);
+    sim.node.disconnected(sim.now, back);
+    sim.drain();
+    sim.advance_to(Duration::from_secs(9 * 60) + gone_at - Duration::from_millis(1));
+    assert_eq!(sim.node.census().sessions, 1);
+    sim.advance_to(Duration::from_secs(9 * 60) + gone_at);
+    assert_eq!(
+        sim.ended_with(host_conn),
+        Some(EndReason::CustomerDidNotReturn)
+    );
+    assert_eq!(sim.node.census(), Census::default());
+    // Its token no longer works; the session id says it ended.
+    let late = sim.node.connect(
+        sim.now,
+        &created.host.session_id,
+        customer.token.reveal(),
+        ConnId(999),
+    );
+    assert_eq!(late.unwrap_err(), SessionError::SessionEnded);
+}
+
+#[test]
+fn host_timing_out_hands_over_and_last_agent_leaving_ends() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let (created, host_conn, _customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let bob_creds = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Visible, Permission::View)
+        .unwrap();
+    let bob_conn = sim.connect(&bob_creds);
+    sim.take(bob_conn);
+
+    sim.node.disconnected(sim.now, host_conn);
+    sim.drain();
+    sim.advance_to(Duration::from_secs(120));
+    let bob_sees = sim.take(bob_conn);
+    assert!(bob_sees.iter().any(|m| matches!(m,
+        ServerMsg::ParticipantLeft { participant_id, reason: LeaveReason::TimedOut }
+            if participant_id == created.host.participant_id.as_str())));
+    assert!(bob_sees.iter().any(|m| matches!(m,
+        ServerMsg::ParticipantUpdated { participant } if participant.role == Role::Host
+            && participant.permission == Some(Permission::Control))));
+    // Bob is host now: he can end... but he leaves instead, and nobody agent is left.
+    sim.take(customer_conn);
+    sim.send(bob_conn, ClientMsg::Leave {});
+    assert_eq!(sim.ended_with(customer_conn), Some(EndReason::AgentsLeft));
+}
+
+#[test]
+fn customer_leaving_ends_the_session() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let (_c, host_conn, _cu, customer_conn) = session_with_customer(&mut sim, &alice);
+    sim.send(customer_conn, ClientMsg::Leave {});
+    assert_eq!(sim.ended_with(host_conn), Some(EndReason::CustomerLeft));
+    assert!(sim.closed.contains(&customer_conn) && sim.closed.contains(&host_conn));
+}
+
+#[test]
+fn masked_agent_is_never_named_to_the_customer() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let mallory = AgentIdentity {
+        name: "Mallory Masked".into(),
+        ..agent("mallory-acct", &["support"])
+    };
+    let (created, host_conn, _cu, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    sim.take(customer_conn);
+
+    let m = sim
+        .invite_and_accept(&alice, &sid, &mallory, Visibility::Masked, Permission::View)
+        .unwrap();
+    let m_conn = sim.connect(&m);
+    sim.send(
+        m_conn,
+        ClientMsg::Chat {
+            text: "hello from the back office".into(),
+            audience: Audience::All,
+        },
+    );
+    sim.send(
+        m_conn,
+        ClientMsg::Chat {
+            text: "internal-note".into(),
+            audience: Audience::Agents,
+        },
+    );
+    let change = |p: Option<Permission>, v: Option<Visibility>| UpdateParticipantRequest {
+        permission: p,
+        visibility: v,
+    };
+    sim.node
+        .update_participant(
+            sim.now,
+            &alice,
+            &sid,
+            &m.participant_id,
+            &change(Some(Permission::Control), None),
+        )
+        .unwrap();
+    sim.drain();
+    sim.node.disconnected(sim.now, m_conn);
+    sim.drain();
+    let m2 = sim.connect(&m);
+    sim.send(m2, ClientMsg::Leave {});
+
+    let host_saw = sim.take(host_conn);
+    assert!(host_saw.iter().any(|m| matches!(m, ServerMsg::ParticipantJoined { participant } if participant.name == "Mallory Masked")));
+    assert!(
+        host_saw
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Chat(c) if c.text == "internal-note"))
+    );
+
+    let customer_saw = sim.take(customer_conn);
+    let text = serde_json::to_string(&customer_saw).unwrap();
+    for secret in [
+        m.participant_id.as_str(),
+        "Mallory",
+        "mallory-acct",
+        "internal-note",
+        "printer driver",
+    ] {
+        assert!(!text.contains(secret), "customer learnt {secret:?}: {text}");
+    }
+    let chat = customer_saw
+        .iter()
+        .find_map(|m| match m {
+            ServerMsg::Chat(c) => Some(c.clone()),
+            _ => None,
+        })
+        .expect("the masked agent's chat reaches the customer");
+    assert_eq!(chat.text, "hello from the back office");
+    assert_eq!(
+        (chat.from, chat.from_name, chat.from_role),
+        (None, None, Role::Agent)
+    );
+    assert!(
+        customer_saw.iter().all(|m| matches!(m, ServerMsg::Chat(_))),
+        "{customer_saw:?}"
+    );
+
+    // Unmasking shows the agent to the customer as joining; masking as leaving.
+    let v = sim
+        .invite_and_accept(
+            &alice,
+            &sid,
+            &agent("vic", &["support"]),
+            Visibility::Visible,
+            Permission::View,
+        )
+        .unwrap();
+    sim.take(customer_conn);
+    sim.node
+        .update_participant(
+            sim.now,
+            &alice,
+            &sid,
+            &v.participant_id,
+            &change(None, Some(Visibility::Masked)),
+        )
+        .unwrap();
+    sim.drain();
+    assert!(
+        matches!(&sim.take(customer_conn)[..], [ServerMsg::ParticipantLeft { participant_id, .. }] if participant_id == v.participant_id.as_str())
+    );
+}
+
+#[test]
+fn ninth_agent_and_ninth_session_are_refused() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let created = sim.create(&alice);
+    let sid = created.host.session_id.clone();
+    let agents: Vec<AgentIdentity> = (1..=8)
+        .map(|i| agent(&format!("a{i}"), &["support"]))
+        .collect();
+    // Invitations first, so that the 8th is open when the session fills up.
+    let invs: Vec<_> = agents
+        .iter()
+        .map(|a| {
+            sim.node
+                .invite(
+                    sim.now,
+                    &alice,
+                    &sid,
+                    &invite_agent(&a.agent_id, Visibility::Visible, Permission::View),
+                )
+                .unwrap()
+        })
+        .collect();
+    for (a, inv) in agents.iter().zip(&invs).take(7) {
+        sim.node
+            .accept_invitation(sim.now, a, &inv.invitation_id)
+            .unwrap();
+    }
+    assert_eq!(
+        sim.node
+            .accept_invitation(sim.now, &agents[7], &invs[7].invitation_id)
+            .unwrap_err(),
+        SessionError::SessionFull
+    );
+    let extra = invite_agent("a9", Visibility::Visible, Permission::View);
+    assert_eq!(
+        sim.node.invite(sim.now, &alice, &sid, &extra).unwrap_err(),
+        SessionError::SessionFull
+    );
+    // A supervisor still gets in: not counted against the agents.
+    assert!(
+        sim.node
+            .monitor(sim.now, &supervisor("sue", &["support"]), &sid)
+            .is_ok()
+    );
+
+    // Alice holds 1 session; 7 more are fine, the 9th is refused.
+    for _ in 0..7 {
+        sim.create(&alice);
+    }
+    assert_eq!(
+        sim.node
+            .create_session(sim.now, &alice, &create_req())
+            .unwrap_err(),
+        SessionError::AgentSessionLimit(8)
+    );
+    sim.drain();
+    assert!(sim.stats.contains(&Stat::Join {
+        role: Role::Host,
+        refused: Some(ErrorCode::AgentSessionLimit)
+    }));
+}
+
+#[test]
+fn portal_invitation_goes_to_the_first_acceptor_and_is_withdrawn_from_the_rest() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let created = sim.create(&alice);
+    let sid = created.host.session_id.clone();
+    let host_conn = sim.connect(&created.host);
+    let team: Vec<AgentIdentity> = (1..=3)
+        .map(|i| agent(&format!("b{i}"), &["support"]))
+        .collect();
+    let outsider = agent("x", &["billing"]);
+    let consoles: Vec<ConnId> = team.iter().map(|a| sim.console(a)).collect();
+    let outsider_console = sim.console(&outsider);
+    for c in consoles.iter().chain([&outsider_console]) {
+        assert!(matches!(sim.take(*c)[..], [ServerMsg::Hello { .. }]));
+    }
+
+    let req = InviteRequest {
+        target: InviteTarget::Portal("support".into()),
+        visibility: Visibility::Masked,
+        permission: Permission::Control,
+        comment: Some("slow printer".into()),
+    };
+    let inv = sim.node.invite(sim.now, &alice, &sid, &req).unwrap();
+    sim.drain();
+    assert_eq!(inv.delivered_to, 3);
+    for c in &consoles {
+        assert!(
+            matches!(&sim.take(*c)[..], [ServerMsg::Invitation(i)] if i.comment.as_deref() == Some("slow printer") && i.portal_wide)
+        );
+    }
+    assert!(sim.take(outsider_console).is_empty());
+    assert_eq!(
+        sim.node
+            .accept_invitation(sim.now, &outsider, &inv.invitation_id)
+            .unwrap_err(),
+        SessionError::NotFound("invitation")
+    );
+
+    let won = sim
+        .node
+        .accept_invitation(sim.now, &team[1], &inv.invitation_id)
+        .unwrap();
+    sim.drain();
+    assert_eq!(won.session_id, sid);
+    for (i, c) in consoles.iter().enumerate() {
+        let got = sim.take(*c);
+        if i == 1 {
+            assert!(got.is_empty());
+        } else {
+            assert!(
+                matches!(
+                    &got[..],
+                    [ServerMsg::InvitationWithdrawn {
+                        reason: WithdrawReason::AcceptedByOther,
+                        ..
+                    }]
+                ),
+                "{got:?}"
+            );
+        }
+    }
+    assert_eq!(
+        sim.node
+            .accept_invitation(sim.now, &team[2], &inv.invitation_id)
+            .unwrap_err(),
+        SessionError::InvitationClosed
+    );
+    assert!(sim.take(host_conn).iter().any(|m| matches!(m,
+        ServerMsg::InvitationUpdate { state: relay_codec::wire::InvitationState::Accepted, by: Some(b), .. } if b == "Agent b2")));
+}
+
+#[test]
+fn invitations_expire_and_late_consoles_get_open_ones() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let created = sim.create(&alice);
+    let _host = sim.connect(&created.host);
+    let sid = created.host.session_id.clone();
+    let inv = sim
+        .node
+        .invite(
+            sim.now,
+            &alice,
+            &sid,
+            &invite_agent("bob", Visibility::Visible, Permission::View),
+        )
+        .unwrap();
+    assert_eq!(inv.delivered_to, 0, "bob has no console yet");
+    sim.advance_to(Duration::from_secs(60));
+    let console = sim.console(&bob);
+    assert!(matches!(
+        &sim.take(console)[..],
+        [ServerMsg::Hello { .. }, ServerMsg::Invitation(_)]
+    ));
+    assert_eq!(sim.node.pending_invitations(sim.now, &bob).len(), 1);
+    sim.advance_to(Duration::from_secs(300));
+    assert!(matches!(
+        &sim.take(console)[..],
+        [ServerMsg::InvitationWithdrawn {
+            reason: WithdrawReason::Expired,
+            ..
+        }]
+    ));
+    assert_eq!(
+        sim.node
+            .accept_invitation(sim.now, &bob, &inv.invitation_id)
+            .unwrap_err(),
+        SessionError::InvitationClosed
+    );
+    assert!(sim.node.pending_invitations(sim.now, &bob).is_empty());
+}
+
+#[test]
+fn only_the_host_changes_rights_and_changes_reach_everyone() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let (created, _h, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let b = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Visible, Permission::View)
+        .unwrap();
+    let b_conn = sim.connect(&b);
+    sim.take(b_conn);
+    sim.take(customer_conn);
+    let control = UpdateParticipantRequest {
+        permission: Some(Permission::Control),
+        visibility: None,
+    };
+    let entry = sim
+        .node
+        .update_participant(sim.now, &alice, &sid, &b.participant_id, &control)
+        .unwrap();
+    sim.drain();
+    assert_eq!(entry.permission, Some(Permission::Control));
+    for conn in [b_conn, customer_conn] {
+        assert!(
+            matches!(&sim.take(conn)[..], [ServerMsg::ParticipantUpdated { participant }] if participant.permission == Some(Permission::Control))
+        );
+    }
+    assert_eq!(
+        sim.node
+            .update_participant(sim.now, &bob, &sid, &b.participant_id, &control)
+            .unwrap_err()
+            .code(),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        sim.node
+            .update_participant(sim.now, &alice, &sid, &customer.participant_id, &control)
+            .unwrap_err()
+            .code(),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        sim.node
+            .update_participant(
+                sim.now,
+                &agent("eve", &["support"]),
+                &sid,
+                &b.participant_id,
+                &control
+            )
+            .unwrap_err(),
+        SessionError::NotFound("session"),
+        "outsiders do not learn the session exists"
+    );
+}
+
+#[test]
+fn supervisor_monitors_silently() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let sue = supervisor("sue", &["support"]);
+    let (created, host_conn, _cu, customer_conn) = session_with_customer(&mut sim, &alice);
+    let other_portal = sim
+        .node
+        .create_session(
+            sim.now,
+            &agent("olga", &["billing"]),
+            &CreateSessionRequest {
+                portal: "billing".into(),
+                visibility: Visibility::Visible,
+            },
+        )
+        .unwrap();
+    sim.drain();
+    let sid = created.host.session_id.clone();
+
+    let list = sim.node.list_sessions(sim.now, &sue).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].host, "Agent alice");
+    assert_eq!(list[0].customer.as_deref(), Some("Carol Customer"));
+    assert_eq!(
+        sim.node.list_sessions(sim.now, &alice).unwrap_err().code(),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        sim.node
+            .monitor(sim.now, &sue, &other_portal.host.session_id)
+            .unwrap_err(),
+        SessionError::NotFound("session")
+    );
+
+    let s = sim.node.monitor(sim.now, &sue, &sid).unwrap();
+    sim.drain();
+    let s_conn = sim.connect(&s);
+    match &sim.take(s_conn)[0] {
+        ServerMsg::Welcome { roster, .. } => assert_eq!(roster.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    sim.node.message(
+        sim.now,
+        s_conn,
+        ClientEnvelope {
+            id: Some(5),
+            msg: ClientMsg::Chat {
+                text: "psst".into(),
+                audience: Audience::Agents,
+            },
+        },
+    );
+    sim.drain();
+    assert!(matches!(
+        &sim.take(s_conn)[..],
+        [ServerMsg::Error {
+            code: ErrorCode::Forbidden,
+            reference: Some(5),
+            ..
+        }]
+    ));
+    sim.send(
+        customer_conn,
+        ClientMsg::Chat {
+            text: "hi all".into(),
+            audience: Audience::All,
+        },
+    );
+    assert!(matches!(&sim.take(s_conn)[..], [ServerMsg::Chat(c)] if c.text == "hi all"));
+    sim.send(s_conn, ClientMsg::Leave {});
+    for conn in [host_conn, customer_conn] {
+        let text = serde_json::to_string(&sim.take(conn)).unwrap();
+        assert!(
+            !text.contains(s.participant_id.as_str())
+                && !text.contains("sue")
+                && !text.contains("psst"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn second_connection_replaces_the_first() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let created = sim.create(&alice);
+    let first = sim.connect(&created.host);
+    let second = sim.connect(&created.host);
+    assert!(matches!(
+        sim.take(first).last(),
+        Some(ServerMsg::Error {
+            code: ErrorCode::Replaced,
+            ..
+        })
+    ));
+    assert!(sim.closed.contains(&first));
+    assert!(matches!(sim.take(second)[0], ServerMsg::Welcome { .. }));
+    // The old connection closing later does not disconnect the new one.
+    sim.node.disconnected(sim.now, first);
+    sim.drain();
+    sim.send(second, ClientMsg::Ping {});
+    assert!(matches!(
+        &sim.take(second)[..],
+        [ServerMsg::Pong { reference: Some(1) }]
+    ));
+    assert_eq!(
+        sim.node
+            .connect(sim.now, &created.host.session_id, "not-a-token", ConnId(77))
+            .unwrap_err(),
+        SessionError::Unauthorized
+    );
+}
+
+#[test]
+fn drain_refuses_new_sessions_and_ends_the_rest_at_the_deadline() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let (created, host_conn, _cu, customer_conn) = session_with_customer(&mut sim, &alice);
+    sim.node.start_drain(sim.now, Duration::from_secs(600));
+    assert!(sim.node.is_draining());
+    assert_eq!(
+        sim.node
+            .create_session(sim.now, &alice, &create_req())
+            .unwrap_err(),
+        SessionError::Draining
+    );
+    sim.drain();
+    // Live sessions go on meanwhile.
+    sim.send(
+        customer_conn,
+        ClientMsg::Chat {
+            text: "still here".into(),
+            audience: Audience::All,
+        },
+    );
+    assert!(
+        sim.take(host_conn)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Chat(_)))
+    );
+    sim.advance_to(Duration::from_secs(600));
+    assert_eq!(sim.ended_with(host_conn), Some(EndReason::NodeShutdown));
+    assert_eq!(sim.ended_with(customer_conn), Some(EndReason::NodeShutdown));
+    assert!(sim.node.is_idle());
+    let _ = created;
+}
+
+#[test]
+fn sessions_end_at_their_longest_duration() {
+    let mut s = settings();
+    s.customer_grace = Duration::from_secs(24 * 3600);
+    s.agent_grace = Duration::from_secs(24 * 3600);
+    let mut sim = Sim::new(s);
+    let alice = agent("alice", &["support"]);
+    let (_c, host_conn, _cu, _cc) = session_with_customer(&mut sim, &alice);
+    sim.advance_to(Duration::from_secs(12 * 3600) - Duration::from_secs(1));
+    assert_eq!(sim.node.census().sessions, 1);
+    sim.advance_to(Duration::from_secs(12 * 3600));
+    assert_eq!(sim.ended_with(host_conn), Some(EndReason::MaxDuration));
+}
+
+#[test]
+fn host_ends_the_session_and_late_requests_learn_it_ended() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let (created, host_conn, _cu, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    assert_eq!(
+        sim.node
+            .end_session(sim.now, &agent("bob", &["support"]), &sid)
+            .unwrap_err(),
+        SessionError::NotFound("session")
+    );
+    sim.node.end_session(sim.now, &alice, &sid).unwrap();
+    sim.drain();
+    assert_eq!(sim.ended_with(host_conn), Some(EndReason::EndedByHost));
+    assert_eq!(sim.ended_with(customer_conn), Some(EndReason::EndedByHost));
+    assert_eq!(
+        sim.node.end_session(sim.now, &alice, &sid).unwrap_err(),
+        SessionError::SessionEnded
+    );
+    let census = sim.node.census();
+    assert_eq!((census.sessions, census.participants), (0, [0; 4]));
+    // Participant counts balance: every add has its remove.
+    let added = sim
+        .stats
+        .iter()
+        .filter(|s| matches!(s, Stat::ParticipantAdded(_)))
+        .count();
+    let removed = sim
+        .stats
+        .iter()
+        .filter(|s| matches!(s, Stat::ParticipantRemoved(_)))
+        .count();
+    assert_eq!(added, removed);
+}
+
+#[test]
+fn chat_rules_and_history() {
+    let mut s = settings();
+    s.chat_history = 2;
+    let mut sim = Sim::new(s);
+    let alice = agent("alice", &["support"]);
+    let (created, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    sim.take(host_conn);
+    sim.take(customer_conn);
+    sim.node.message(
+        sim.now,
+        customer_conn,
+        ClientEnvelope {
+            id: Some(3),
+            msg: ClientMsg::Chat {
+                text: "note?".into(),
+                audience: Audience::Agents,
+            },
+        },
+    );
+    sim.drain();
+    assert!(matches!(
+        &sim.take(customer_conn)[..],
+        [ServerMsg::Error {
+            code: ErrorCode::Forbidden,
+            reference: Some(3),
+            ..
+        }]
+    ));
+    assert!(sim.take(host_conn).is_empty());
+    for t in ["one", "two", "three"] {
+        sim.send(
+            customer_conn,
+            ClientMsg::Chat {
+                text: t.into(),
+                audience: Audience::All,
+            },
+        );
+    }
+    sim.send(
+        customer_conn,
+        ClientMsg::Chat {
+            text: " ".into(),
+            audience: Audience::All,
+        },
+    );
+    sim.send(
+        customer_conn,
+        ClientMsg::Chat {
+            text: "x".repeat(4001),
+            audience: Audience::All,
+        },
+    );
+    let errors = sim
+        .take(customer_conn)
+        .iter()
+        .filter(|m| {
+            matches!(
+                m,
+                ServerMsg::Error {
+                    code: ErrorCode::InvalidField,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(errors, 2);
+    // A reconnect gets the last two messages in its welcome.
+    let again = sim.connect(&customer);
+    match &sim.take(again)[0] {
+        ServerMsg::Welcome { chat, .. } => {
+            let texts: Vec<&str> = chat.iter().map(|c| c.text.as_str()).collect();
+            assert_eq!(texts, ["two", "three"]);
+            assert_eq!(chat[1].seq, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    let _ = created;
+}

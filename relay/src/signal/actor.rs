@@ -1,0 +1,211 @@
+//! The task that owns the session core.
+//!
+//! It runs closures sent by handlers against the [`Node`], fires the node's timer, and
+//! after every step drains [`Node::poll_output`]: each `Send` is serialised once and
+//! queued on that connection's bounded channel; a full channel means a client that does
+//! not read, so the connection is closed (and counted) rather than letting memory grow.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use relay_codec::wire::{ErrorCode, Role};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::session::{ConnId, Node, Output, Stat};
+
+/// Messages queued per connection before it counts as not reading.
+pub const CONN_QUEUE: usize = 256;
+
+/// What the actor tells a connection's writer.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A JSON text message.
+    Text(String),
+    /// Close after what was queued before.
+    Close,
+}
+
+type Job = Box<dyn FnOnce(&mut Core) + Send>;
+
+/// What the actor owns.
+pub struct Core {
+    /// The session core.
+    pub node: Node,
+    /// Writers of the open connections.
+    pub conns: HashMap<ConnId, mpsc::Sender<Outbound>>,
+}
+
+/// A handle to the actor; cheap to clone.
+#[derive(Clone)]
+pub struct Actor {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// The actor has stopped (only at shutdown).
+#[derive(Debug, thiserror::Error)]
+#[error("the session core has stopped")]
+pub struct ActorGone;
+
+impl Actor {
+    /// Starts the actor task. `idle` is notified whenever the node is draining and has
+    /// no session left.
+    pub fn spawn(node: Node, metrics: Arc<Metrics>, idle: Arc<Notify>) -> Actor {
+        let (tx, rx) = mpsc::channel::<Job>(1024);
+        tokio::spawn(run(
+            Core {
+                node,
+                conns: HashMap::new(),
+            },
+            rx,
+            metrics,
+            idle,
+        ));
+        Actor { jobs: tx }
+    }
+
+    /// Runs `f` on the node with the current time and returns its result.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Node, Instant) -> R + Send + 'static,
+    ) -> Result<R, ActorGone> {
+        self.with_core(move |core| f(&mut core.node, Instant::now()))
+            .await
+    }
+
+    /// Runs `f` on the whole core (node and connection table).
+    pub async fn with_core<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core) -> R + Send + 'static,
+    ) -> Result<R, ActorGone> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |core| {
+            let _ = reply.send(f(core));
+        });
+        self.jobs.send(job).await.map_err(|_| ActorGone)?;
+        answer.await.map_err(|_| ActorGone)
+    }
+}
+
+async fn run(
+    mut core: Core,
+    mut jobs: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+    idle: Arc<Notify>,
+) {
+    loop {
+        let deadline = core.node.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            job = jobs.recv() => match job {
+                Some(job) => job(&mut core),
+                None => break,
+            },
+            _ = sleep => core.node.handle_timeout(Instant::now()),
+        }
+        flush(&mut core, &metrics);
+        if core.node.is_draining() && core.node.is_idle() {
+            idle.notify_one();
+        }
+    }
+}
+
+/// Delivers the node's outputs.
+fn flush(core: &mut Core, metrics: &Metrics) {
+    let mut census_changed = false;
+    while let Some(out) = core.node.poll_output() {
+        match out {
+            Output::Send { conn, msg } => {
+                let Some(tx) = core.conns.get(&conn) else {
+                    continue;
+                };
+                let text = match serde_json::to_string(&msg) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot serialise a server message");
+                        continue;
+                    }
+                };
+                if tx.try_send(Outbound::Text(text)).is_err() {
+                    // Not reading (or gone): drop the connection, not the node's memory.
+                    tracing::warn!(conn = conn.0, "closing a connection whose queue is full");
+                    metrics
+                        .messages_rejected_total
+                        .with_label_values(&["slow_consumer"])
+                        .inc();
+                    core.conns.remove(&conn);
+                    let now = Instant::now();
+                    core.node.disconnected(now, conn);
+                    core.node.console_closed(now, conn);
+                }
+            }
+            Output::Close { conn } => {
+                if let Some(tx) = core.conns.remove(&conn) {
+                    let _ = tx.try_send(Outbound::Close);
+                }
+            }
+            Output::Stat(stat) => {
+                census_changed = true;
+                count(metrics, stat);
+            }
+        }
+    }
+    if census_changed {
+        let census = core.node.census();
+        metrics.sessions_active.set(census.sessions as i64);
+        for (role, n) in ["host", "agent", "customer", "supervisor"]
+            .iter()
+            .zip(census.participants)
+        {
+            metrics
+                .participants_active
+                .with_label_values(&[role])
+                .set(n as i64);
+        }
+    }
+}
+
+fn role_label(role: Role) -> &'static str {
+    match role {
+        Role::Host => "host",
+        Role::Agent => "agent",
+        Role::Customer => "customer",
+        Role::Supervisor => "supervisor",
+    }
+}
+
+fn count(metrics: &Metrics, stat: Stat) {
+    match stat {
+        Stat::SessionCreated => metrics.sessions_created_total.inc(),
+        Stat::SessionEnded(reason) => metrics
+            .sessions_ended_total
+            .with_label_values(&[reason.as_str()])
+            .inc(),
+        Stat::ParticipantAdded(_) | Stat::ParticipantRemoved(_) => {}
+        Stat::Join { role, refused } => {
+            let outcome = refused.map(ErrorCode::as_str).unwrap_or("ok");
+            metrics
+                .joins_total
+                .with_label_values(&[role_label(role), outcome])
+                .inc();
+        }
+        Stat::KeyAttempt(outcome) => metrics
+            .support_key_attempts_total
+            .with_label_values(&[outcome.as_str()])
+            .inc(),
+        Stat::Lockout(scope) => metrics
+            .key_lockouts_total
+            .with_label_values(&[scope.as_str()])
+            .inc(),
+        Stat::Invitation(outcome) => metrics
+            .invitations_total
+            .with_label_values(&[outcome.as_str()])
+            .inc(),
+    }
+}

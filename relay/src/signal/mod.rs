@@ -1,0 +1,167 @@
+//! The IO shell of the control plane: HTTPS/WSS signalling with axum and rustls.
+//!
+//! One **actor task** owns the [`Node`](crate::session::Node). HTTP handlers and
+//! WebSocket tasks never touch it directly: they send it a closure to run
+//! ([`Actor::call`]), and the actor, after each closure or timer, drains the node's
+//! outputs: messages go to the per-connection bounded queues, statistics to Prometheus.
+//! So the core stays single-threaded and deterministic, and no lock is ever held across
+//! an `.await`.
+//!
+//! - [`http`]: the JSON API (`/v1/...`), errors, operational endpoints, the join page.
+//! - [`ws`]: the session and agent-console WebSockets.
+//! - [`actor`]: the task that owns the node, its timer and the connection table.
+
+pub mod actor;
+pub mod http;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use rand::SeedableRng;
+use tokio::sync::Notify;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::session::{Node, Settings, WallClock};
+use crate::throttle::ThrottleSettings;
+
+pub use actor::Actor;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The actor that owns the session core.
+    pub actor: Actor,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Agent token verification.
+    pub verifier: Arc<Verifier>,
+    /// How clients reach this node (`https://host:port`), for URLs handed out.
+    pub base_url: Arc<str>,
+    /// The node's configuration.
+    pub config: Arc<Config>,
+    /// Set once SIGTERM started the drain.
+    pub draining: Arc<AtomicBool>,
+    /// Source of connection ids.
+    pub next_conn: Arc<AtomicU64>,
+}
+
+/// The core's tunables from the configuration.
+pub fn settings_from(config: &Config) -> Settings {
+    let s = &config.session;
+    let l = &config.limits;
+    Settings {
+        key_ttl: s.key_ttl,
+        invitation_ttl: s.invitation_ttl,
+        customer_grace: s.customer_grace,
+        agent_grace: s.agent_grace,
+        max_duration: s.max_duration,
+        max_sessions_per_agent: s.max_sessions_per_agent,
+        max_monitored_sessions: s.max_monitored_sessions,
+        chat_history: s.chat_history,
+        throttle: ThrottleSettings {
+            per_address_failures: l.key_failures_per_address,
+            window: l.key_failure_window,
+            lockout_base: l.key_lockout_base,
+            lockout_max: l.key_lockout_max,
+            node_failures: l.key_failures_node,
+            max_tracked_addresses: 100_000,
+        },
+    }
+}
+
+/// How long open connections get to finish once the node has decided to exit.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the node until it has drained after SIGTERM/SIGINT. Prints
+/// `listening on <url>` as the first line on stdout once it accepts connections.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let verifier =
+        Arc::new(Verifier::from_config(&config).context("setting up token verification")?);
+    let tls = crate::tls::server_config(&config).context("setting up TLS")?;
+
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("binding {}", config.listen))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base_url: Arc<str> = config.base_url(bound).into();
+
+    let clock = WallClock {
+        instant: Instant::now(),
+        system: SystemTime::now(),
+    };
+    let rng = Box::new(rand::rngs::StdRng::from_os_rng());
+    let node = Node::new(settings_from(&config), clock, rng);
+    let idle = Arc::new(Notify::new());
+    let actor = Actor::spawn(node, metrics.clone(), idle.clone());
+
+    let state = AppState {
+        actor: actor.clone(),
+        metrics: metrics.clone(),
+        verifier,
+        base_url,
+        config: Arc::new(config.clone()),
+        draining: Arc::new(AtomicBool::new(false)),
+        next_conn: Arc::new(AtomicU64::new(1)),
+    };
+    let app = http::router(state.clone());
+
+    let handle = axum_server::Handle::new();
+    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    let server = {
+        let handle = handle.clone();
+        async move {
+            match tls {
+                Some(tls) => {
+                    let rustls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+                    axum_server::from_tcp_rustls(listener, rustls)
+                        .handle(handle)
+                        .serve(make)
+                        .await
+                }
+                None => {
+                    axum_server::from_tcp(listener)
+                        .handle(handle)
+                        .serve(make)
+                        .await
+                }
+            }
+        }
+    };
+    let server = tokio::spawn(server);
+
+    // Signals are hooked before the listening line, so a SIGTERM right after it drains.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    handle.listening().await;
+    println!("listening on {scheme}://{bound}");
+    tracing::info!(%bound, public = %state.base_url, "relay listening");
+
+    tokio::select! {
+        _ = sigterm.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    let deadline = config.drain.deadline;
+    tracing::info!(deadline = ?deadline, "draining: no new sessions; live sessions may finish");
+    state.draining.store(true, Ordering::SeqCst);
+    metrics.draining.set(1);
+    actor
+        .call(move |node, now| node.start_drain(now, deadline))
+        .await?;
+    // The actor notifies once the node is idle (every session ended, by itself or at
+    // the deadline). A second signal cuts the wait short.
+    tokio::select! {
+        _ = idle.notified() => {},
+        _ = sigterm.recv() => tracing::warn!("second signal: exiting without waiting"),
+    }
+    tracing::info!("drained; shutting down");
+    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, server).await;
+    Ok(())
+}

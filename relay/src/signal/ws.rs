@@ -1,0 +1,299 @@
+//! The WebSockets: one per participant (`/v1/sessions/{id}/ws`) and the agent console
+//! (`/v1/agent/ws`).
+//!
+//! Each connection has a bounded outbound queue filled by the actor and a writer task
+//! that empties it; the reader parses each text frame with the size limit and hands
+//! valid messages to the core. Bad input gets an `error` message and nothing else: the
+//! socket and the session stay up.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use relay_codec::wire::{self, ErrorCode, ServerMsg};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::AppState;
+use super::actor::{CONN_QUEUE, Outbound};
+use super::http::{ApiError, bearer};
+use crate::auth::AuthError;
+use crate::identity::AgentIdentity;
+use crate::session::{ConnId, SessionId};
+
+/// `?token=` of a WebSocket upgrade.
+#[derive(Debug, Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Session,
+    Console,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Session => "session",
+            Kind::Console => "console",
+        }
+    }
+}
+
+/// Frames above this are cut off by the WebSocket layer itself (the connection closes
+/// with 1009); frames between the configured limit and this get a polite
+/// `message_too_large` error and the socket stays up.
+fn frame_ceiling(limit: usize) -> usize {
+    (limit * 4).max(64 * 1024)
+}
+
+fn over_capacity(state: &AppState) -> Option<Response> {
+    let open: i64 = ["session", "console"]
+        .iter()
+        .map(|k| {
+            state
+                .metrics
+                .ws_connections_active
+                .with_label_values(&[k])
+                .get()
+        })
+        .sum();
+    (open >= state.config.limits.max_connections as i64).then(|| {
+        ApiError::new(
+            ErrorCode::Draining,
+            "this node has reached its connection limit; try again shortly",
+        )
+        .into_response()
+    })
+}
+
+/// `GET /v1/sessions/{id}/ws?token=…`: a participant's session WebSocket.
+pub async fn session(
+    State(state): State<AppState>,
+    Path(sid): Path<String>,
+    Query(q): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Some(resp) = over_capacity(&state) {
+        return resp;
+    }
+    let Some(token) = q.token.filter(|t| !t.is_empty()) else {
+        return ApiError::new(
+            ErrorCode::Unauthorized,
+            "`?token=<participant_token>` is required",
+        )
+        .into_response();
+    };
+    let limit = state.config.limits.max_message_bytes;
+    ws.max_message_size(frame_ceiling(limit))
+        .on_upgrade(move |socket| async move {
+            let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
+            let (tx, rx) = mpsc::channel(CONN_QUEUE);
+            let sid = SessionId::from_wire(&sid);
+            let registered = {
+                let tx = tx.clone();
+                state
+                    .actor
+                    .with_core(move |core| {
+                        core.conns.insert(conn, tx);
+                        let r = core.node.connect(Instant::now(), &sid, &token, conn);
+                        if r.is_err() {
+                            core.conns.remove(&conn);
+                        }
+                        r
+                    })
+                    .await
+            };
+            match registered {
+                Ok(Ok(())) => pump(state, conn, Kind::Session, socket, tx, rx).await,
+                Ok(Err(e)) => refuse(socket, e.code(), &e.to_string()).await,
+                Err(_) => refuse(socket, ErrorCode::Internal, "the node is shutting down").await,
+            }
+        })
+}
+
+/// `GET /v1/agent/ws`: an agent's console, authenticated by its JWT.
+pub async fn console(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Some(resp) = over_capacity(&state) {
+        return resp;
+    }
+    let token = bearer(&headers).map(str::to_owned).or(q.token);
+    let agent: AgentIdentity = match token
+        .ok_or(AuthError::Missing)
+        .and_then(|t| state.verifier.verify(&t))
+    {
+        Ok(a) => a,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let limit = state.config.limits.max_message_bytes;
+    ws.max_message_size(frame_ceiling(limit))
+        .on_upgrade(move |socket| async move {
+            let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
+            let (tx, rx) = mpsc::channel(CONN_QUEUE);
+            let registered = {
+                let tx = tx.clone();
+                state
+                    .actor
+                    .with_core(move |core| {
+                        core.conns.insert(conn, tx);
+                        core.node.console_opened(Instant::now(), conn, &agent);
+                    })
+                    .await
+            };
+            if registered.is_ok() {
+                pump(state, conn, Kind::Console, socket, tx, rx).await;
+            }
+        })
+}
+
+/// Sends one error and closes: for connections the core refused.
+async fn refuse(mut socket: WebSocket, code: ErrorCode, message: &str) {
+    let msg = ServerMsg::Error {
+        code,
+        message: message.to_owned(),
+        reference: None,
+    };
+    if let Ok(text) = serde_json::to_string(&msg) {
+        let _ = socket.send(Message::Text(text.into())).await;
+    }
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: 4000 + status_hint(code),
+            reason: code.as_str().into(),
+        })))
+        .await;
+}
+
+/// A short numeric hint in the close code (4401 unauthorized, 4410 gone, …).
+fn status_hint(code: ErrorCode) -> u16 {
+    super::http::status_of(code).as_u16()
+}
+
+fn error_text(code: ErrorCode, message: String, reference: Option<u64>) -> String {
+    serde_json::to_string(&ServerMsg::Error {
+        code,
+        message,
+        reference,
+    })
+    .unwrap_or_default()
+}
+
+/// Runs a registered connection until either side closes it.
+async fn pump(
+    state: AppState,
+    conn: ConnId,
+    kind: Kind,
+    socket: WebSocket,
+    tx: mpsc::Sender<Outbound>,
+    mut rx: mpsc::Receiver<Outbound>,
+) {
+    let gauge = state
+        .metrics
+        .ws_connections_active
+        .with_label_values(&[kind.label()]);
+    gauge.inc();
+    let (mut sink, mut stream) = socket.split();
+    let mut writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            match out {
+                Outbound::Text(text) => {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Outbound::Close => break,
+            }
+        }
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code: 1000,
+                reason: "".into(),
+            })))
+            .await;
+        let _ = sink.close().await;
+    });
+
+    let limit = state.config.limits.max_message_bytes;
+    loop {
+        let frame = tokio::select! {
+            frame = stream.next() => frame,
+            _ = &mut writer => break,
+        };
+        let bytes = match frame {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => {
+                reject(
+                    &state,
+                    &tx,
+                    ErrorCode::BadRequest,
+                    "only JSON text messages are accepted".into(),
+                    None,
+                );
+                continue;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+        };
+        match wire::parse_client_msg(bytes.as_bytes(), limit) {
+            Ok(envelope) => {
+                let sent = state
+                    .actor
+                    .call(move |node, now| node.message(now, conn, envelope))
+                    .await;
+                if sent.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                let reference = if bytes.len() <= limit {
+                    wire::peek_id(bytes.as_bytes())
+                } else {
+                    None
+                };
+                reject(&state, &tx, e.code(), e.to_string(), reference);
+            }
+        }
+    }
+
+    let _ = state
+        .actor
+        .with_core(move |core| {
+            core.conns.remove(&conn);
+            let now = Instant::now();
+            match kind {
+                Kind::Session => core.node.disconnected(now, conn),
+                Kind::Console => core.node.console_closed(now, conn),
+            }
+        })
+        .await;
+    drop(tx);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    gauge.dec();
+}
+
+/// Answers bad input on this connection only; counted, the session is untouched.
+fn reject(
+    state: &AppState,
+    tx: &mpsc::Sender<Outbound>,
+    code: ErrorCode,
+    message: String,
+    reference: Option<u64>,
+) {
+    state
+        .metrics
+        .messages_rejected_total
+        .with_label_values(&[code.as_str()])
+        .inc();
+    let _ = tx.try_send(Outbound::Text(error_text(code, message, reference)));
+}
