@@ -1230,3 +1230,63 @@ async fn relay_token_command_mints_working_tokens() -> Result<()> {
         .refused(403, ErrorCode::Forbidden)?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------
+// A client that stops reading
+// ---------------------------------------------------------------------------------
+
+/// An agent whose console stops reading is cut off instead of growing the relay's
+/// memory; the session, the customer and the agent's place in it are unaffected.
+#[tokio::test]
+async fn participant_that_stops_reading_is_cut_off_not_buffered() -> Result<()> {
+    let relay = RelayBuilder::new().start().await?;
+    let (s, mut host) = open_session(&relay).await?;
+    let (_, mut customer) = customer_joins(&relay, &s).await?;
+    // The host stops reading from here on; the customer chats a lot (~24 MB in all,
+    // far beyond the socket buffers and the relay's per-connection queue).
+    let big = "x".repeat(3900);
+    let mut cut_after = None;
+    for i in 0..6000 {
+        customer.chat(&big, "all").await?;
+        customer.recv_until(|m| is(m, "chat")).await?;
+        if i % 200 == 199
+            && relay
+                .metric("relay_messages_rejected_total{code=\"slow_consumer\"}")
+                .await?
+                .unwrap_or(0.0)
+                >= 1.0
+        {
+            cut_after = Some(i);
+            break;
+        }
+    }
+    ensure!(
+        cut_after.is_some(),
+        "the relay never gave up on the non-reading host"
+    );
+    // The customer is still served and sees the host as disconnected, not gone.
+    customer
+        .send_json(&json!({"type": "ping", "id": 9}))
+        .await?;
+    let pong = customer.recv_until(|m| is(m, "pong")).await?;
+    ensure!(pong["ref"] == 9, "{pong}");
+    let seen = customer.transcript_json();
+    ensure!(
+        seen.iter().any(|m| is(m, "participant_updated")
+            && m["participant"]["role"] == "host"
+            && m["participant"]["connected"] == false),
+        "the customer was not told the host disconnected"
+    );
+    ensure!(
+        !seen
+            .iter()
+            .any(|m| is(m, "participant_left") || is(m, "session_ended"))
+    );
+    // The host's socket ends (after what was already buffered), and the host gets its
+    // place back by reconnecting with the same token.
+    host.wait_closed(Duration::from_secs(30)).await?;
+    let mut again = relay.ws(&s.host.ws_url, "host again").await?;
+    let welcome = again.recv_type("welcome").await?;
+    ensure!(welcome["you"]["role"] == "host", "{welcome}");
+    Ok(())
+}

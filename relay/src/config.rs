@@ -206,7 +206,7 @@ pub struct LimitsConfig {
     pub key_lockout_max: Duration,
     /// Wrong support keys the whole node accepts within `key_failure_window`.
     pub key_failures_node: u32,
-    /// Most simultaneous client connections.
+    /// Most simultaneous WebSockets (session and console).
     pub max_connections: usize,
     /// Take the client address from the last `X-Forwarded-For` hop (only behind a
     /// proxy that sets it; otherwise clients could pick their own address).

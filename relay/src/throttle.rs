@@ -254,7 +254,7 @@ impl KeyThrottle {
         let victim = self
             .addresses
             .iter()
-            .filter(|(_, r)| !r.locked_until.is_some_and(|t| t > now))
+            .filter(|(_, r)| r.locked_until.is_none_or(|t| t <= now))
             .min_by_key(|(_, r)| r.last_seen)
             .or_else(|| self.addresses.iter().min_by_key(|(_, r)| r.last_seen))
             .map(|(k, _)| *k);

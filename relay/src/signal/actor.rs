@@ -34,7 +34,16 @@ pub struct Core {
     /// The session core.
     pub node: Node,
     /// Writers of the open connections.
-    pub conns: HashMap<ConnId, mpsc::Sender<Outbound>>,
+    pub conns: HashMap<ConnId, ConnHandle>,
+}
+
+/// How the actor reaches one connection.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    /// Its bounded outbound queue.
+    pub tx: mpsc::Sender<Outbound>,
+    /// Cuts the connection at once (its client stopped reading).
+    pub kill: Arc<Notify>,
 }
 
 /// A handle to the actor; cheap to clone.
@@ -122,7 +131,7 @@ fn flush(core: &mut Core, metrics: &Metrics) {
     while let Some(out) = core.node.poll_output() {
         match out {
             Output::Send { conn, msg } => {
-                let Some(tx) = core.conns.get(&conn) else {
+                let Some(handle) = core.conns.get(&conn) else {
                     continue;
                 };
                 let text = match serde_json::to_string(&msg) {
@@ -132,22 +141,26 @@ fn flush(core: &mut Core, metrics: &Metrics) {
                         continue;
                     }
                 };
-                if tx.try_send(Outbound::Text(text)).is_err() {
+                if handle.tx.try_send(Outbound::Text(text)).is_err() {
                     // Not reading (or gone): drop the connection, not the node's memory.
                     tracing::warn!(conn = conn.0, "closing a connection whose queue is full");
                     metrics
                         .messages_rejected_total
                         .with_label_values(&["slow_consumer"])
                         .inc();
-                    core.conns.remove(&conn);
+                    if let Some(handle) = core.conns.remove(&conn) {
+                        handle.kill.notify_one();
+                    }
                     let now = Instant::now();
                     core.node.disconnected(now, conn);
                     core.node.console_closed(now, conn);
                 }
             }
             Output::Close { conn } => {
-                if let Some(tx) = core.conns.remove(&conn) {
-                    let _ = tx.try_send(Outbound::Close);
+                if let Some(handle) = core.conns.remove(&conn) {
+                    if handle.tx.try_send(Outbound::Close).is_err() {
+                        handle.kill.notify_one();
+                    }
                 }
             }
             Output::Stat(stat) => {

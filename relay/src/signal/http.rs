@@ -208,14 +208,16 @@ async fn json<T: DeserializeOwned>(body: Body, limit: usize) -> ApiResult<T> {
 /// node sits behind a trusted proxy.
 fn client_ip(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
     if state.config.limits.trust_forwarded_for {
-        if let Some(ip) = headers
+        // The rightmost hop is the one our proxy added; anything left of it is what
+        // the client claimed and cannot be trusted.
+        let last_hop = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-            .last()
-        {
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|s| s.trim().parse::<IpAddr>().ok());
+        if let Some(ip) = last_hop {
             return ip;
         }
     }

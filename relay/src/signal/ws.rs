@@ -6,6 +6,7 @@
 //! valid messages to the core. Bad input gets an `error` message and nothing else: the
 //! socket and the session stay up.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -16,10 +17,10 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use relay_codec::wire::{self, ErrorCode, ServerMsg};
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::AppState;
-use super::actor::{CONN_QUEUE, Outbound};
+use super::actor::{CONN_QUEUE, ConnHandle, Outbound};
 use super::http::{ApiError, bearer};
 use crate::auth::AuthError;
 use crate::identity::AgentIdentity;
@@ -30,6 +31,9 @@ use crate::session::{ConnId, SessionId};
 pub struct TokenQuery {
     token: Option<String>,
 }
+
+/// How long a closing handshake may wait on a client that does not read.
+const WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -95,13 +99,17 @@ pub async fn session(
         .on_upgrade(move |socket| async move {
             let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
             let (tx, rx) = mpsc::channel(CONN_QUEUE);
+            let kill = Arc::new(Notify::new());
             let sid = SessionId::from_wire(&sid);
             let registered = {
-                let tx = tx.clone();
+                let handle = ConnHandle {
+                    tx: tx.clone(),
+                    kill: kill.clone(),
+                };
                 state
                     .actor
                     .with_core(move |core| {
-                        core.conns.insert(conn, tx);
+                        core.conns.insert(conn, handle);
                         let r = core.node.connect(Instant::now(), &sid, &token, conn);
                         if r.is_err() {
                             core.conns.remove(&conn);
@@ -111,7 +119,7 @@ pub async fn session(
                     .await
             };
             match registered {
-                Ok(Ok(())) => pump(state, conn, Kind::Session, socket, tx, rx).await,
+                Ok(Ok(())) => pump(state, conn, Kind::Session, socket, (tx, rx, kill)).await,
                 Ok(Err(e)) => refuse(socket, e.code(), &e.to_string()).await,
                 Err(_) => refuse(socket, ErrorCode::Internal, "the node is shutting down").await,
             }
@@ -141,18 +149,22 @@ pub async fn console(
         .on_upgrade(move |socket| async move {
             let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
             let (tx, rx) = mpsc::channel(CONN_QUEUE);
+            let kill = Arc::new(Notify::new());
             let registered = {
-                let tx = tx.clone();
+                let handle = ConnHandle {
+                    tx: tx.clone(),
+                    kill: kill.clone(),
+                };
                 state
                     .actor
                     .with_core(move |core| {
-                        core.conns.insert(conn, tx);
+                        core.conns.insert(conn, handle);
                         core.node.console_opened(Instant::now(), conn, &agent);
                     })
                     .await
             };
             if registered.is_ok() {
-                pump(state, conn, Kind::Console, socket, tx, rx).await;
+                pump(state, conn, Kind::Console, socket, (tx, rx, kill)).await;
             }
         })
 }
@@ -195,8 +207,11 @@ async fn pump(
     conn: ConnId,
     kind: Kind,
     socket: WebSocket,
-    tx: mpsc::Sender<Outbound>,
-    mut rx: mpsc::Receiver<Outbound>,
+    (tx, mut rx, kill): (
+        mpsc::Sender<Outbound>,
+        mpsc::Receiver<Outbound>,
+        Arc<Notify>,
+    ),
 ) {
     let gauge = state
         .metrics
@@ -205,23 +220,26 @@ async fn pump(
     gauge.inc();
     let (mut sink, mut stream) = socket.split();
     let mut writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            match out {
-                Outbound::Text(text) => {
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        return;
-                    }
+        let write = async {
+            while let Some(Outbound::Text(text)) = rx.recv().await {
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    return;
                 }
-                Outbound::Close => break,
             }
-        }
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
+            // `Close` from the core, or every sender gone: close politely, but do not
+            // wait long on a client that does not read.
+            let close = sink.send(Message::Close(Some(CloseFrame {
                 code: 1000,
                 reason: "".into(),
-            })))
-            .await;
-        let _ = sink.close().await;
+            })));
+            let _ = tokio::time::timeout(WRITE_GRACE, close).await;
+        };
+        // A client that stopped reading is cut at once, even mid-send: dropping the
+        // socket closes the TCP connection.
+        tokio::select! {
+            _ = write => {},
+            _ = kill.notified() => {},
+        }
     });
 
     let limit = state.config.limits.max_message_bytes;
