@@ -140,7 +140,7 @@ async fn agent_joins(
 }
 
 async fn eventually_metric(relay: &Relay, query: &str, want: f64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = relay.metric(query).await?;
         if got == Some(want) {
@@ -999,7 +999,9 @@ async fn supervisor_monitors_silently() -> Result<()> {
 
 #[tokio::test]
 async fn drain_on_sigterm() -> Result<()> {
-    let mut relay = RelayBuilder::new().drain_deadline("3s").start().await?;
+    // Generous times: the machine may be busy; only "not before the deadline" is tight,
+    // and load can only make things later.
+    let mut relay = RelayBuilder::new().drain_deadline("6s").start().await?;
     let (s, mut host) = open_session(&relay).await?;
     let (_, mut customer) = customer_joins(&relay, &s).await?;
 
@@ -1011,7 +1013,7 @@ async fn drain_on_sigterm() -> Result<()> {
             break;
         }
         ensure!(
-            signalled.elapsed() < Duration::from_secs(2),
+            signalled.elapsed() < Duration::from_secs(5),
             "/readyz still answers {} after SIGTERM",
             ready.status
         );
@@ -1028,13 +1030,13 @@ async fn drain_on_sigterm() -> Result<()> {
 
     for ws in [&mut host, &mut customer] {
         let ended = ws
-            .recv_until_within(Duration::from_secs(10), |x| is(x, "session_ended"))
+            .recv_until_within(Duration::from_secs(20), |x| is(x, "session_ended"))
             .await?;
         ensure!(ended["reason"] == "node_shutdown", "{ended}");
     }
     ensure!(
-        signalled.elapsed() >= Duration::from_secs(2),
-        "sessions ended {:?} after SIGTERM, before the 3 s drain deadline",
+        signalled.elapsed() >= Duration::from_secs(6),
+        "sessions ended {:?} after SIGTERM, before the 6 s drain deadline",
         signalled.elapsed()
     );
     let status = relay.wait_exit(Duration::from_secs(15)).await?;
