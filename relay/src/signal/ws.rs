@@ -20,11 +20,11 @@ use serde::Deserialize;
 use tokio::sync::{Notify, mpsc};
 
 use super::AppState;
-use super::actor::{CONN_QUEUE, ConnHandle, Outbound};
+use super::actor::{ActorGone, CONN_QUEUE, ConnHandle, Outbound};
 use super::http::{ApiError, bearer};
 use crate::auth::AuthError;
 use crate::identity::AgentIdentity;
-use crate::session::{ConnId, SessionId};
+use crate::session::{ConnId, Node, SessionId};
 
 /// `?token=` of a WebSocket upgrade.
 #[derive(Debug, Deserialize)]
@@ -97,29 +97,13 @@ pub async fn session(
     let limit = state.config.limits.max_message_bytes;
     ws.max_message_size(frame_ceiling(limit))
         .on_upgrade(move |socket| async move {
-            let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
-            let (tx, rx) = mpsc::channel(CONN_QUEUE);
-            let kill = Arc::new(Notify::new());
             let sid = SessionId::from_wire(&sid);
-            let registered = {
-                let handle = ConnHandle {
-                    tx: tx.clone(),
-                    kill: kill.clone(),
-                };
-                state
-                    .actor
-                    .with_core(move |core| {
-                        core.conns.insert(conn, handle);
-                        let r = core.node.connect(Instant::now(), &sid, &token, conn);
-                        if r.is_err() {
-                            core.conns.remove(&conn);
-                        }
-                        r
-                    })
-                    .await
-            };
+            let registered = register(&state, move |node, now, conn| {
+                node.connect(now, &sid, &token, conn)
+            })
+            .await;
             match registered {
-                Ok(Ok(())) => pump(state, conn, Kind::Session, socket, (tx, rx, kill)).await,
+                Ok(Ok(channel)) => pump(state, Kind::Session, socket, channel).await,
                 Ok(Err(e)) => refuse(socket, e.code(), &e.to_string()).await,
                 Err(_) => refuse(socket, ErrorCode::Internal, "the node is shutting down").await,
             }
@@ -147,26 +131,50 @@ pub async fn console(
     let limit = state.config.limits.max_message_bytes;
     ws.max_message_size(frame_ceiling(limit))
         .on_upgrade(move |socket| async move {
-            let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
-            let (tx, rx) = mpsc::channel(CONN_QUEUE);
-            let kill = Arc::new(Notify::new());
-            let registered = {
-                let handle = ConnHandle {
-                    tx: tx.clone(),
-                    kill: kill.clone(),
-                };
-                state
-                    .actor
-                    .with_core(move |core| {
-                        core.conns.insert(conn, handle);
-                        core.node.console_opened(Instant::now(), conn, &agent);
-                    })
-                    .await
-            };
-            if registered.is_ok() {
-                pump(state, conn, Kind::Console, socket, (tx, rx, kill)).await;
+            let registered = register(&state, move |node, now, conn| {
+                node.console_opened(now, conn, &agent);
+                Ok::<(), ()>(())
+            })
+            .await;
+            if let Ok(Ok(channel)) = registered {
+                pump(state, Kind::Console, socket, channel).await;
             }
         })
+}
+
+/// A registered connection: its id, its outbound queue and its kill switch.
+struct Channel {
+    conn: ConnId,
+    tx: mpsc::Sender<Outbound>,
+    rx: mpsc::Receiver<Outbound>,
+    kill: Arc<Notify>,
+}
+
+/// Gives a new connection an id and a queue, and lets the core accept it with `open`
+/// (in the same actor step, so nothing the core sends in reply is lost).
+async fn register<E: Send + 'static>(
+    state: &AppState,
+    open: impl FnOnce(&mut Node, Instant, ConnId) -> Result<(), E> + Send + 'static,
+) -> Result<Result<Channel, E>, ActorGone> {
+    let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = mpsc::channel(CONN_QUEUE);
+    let kill = Arc::new(Notify::new());
+    let handle = ConnHandle {
+        tx: tx.clone(),
+        kill: kill.clone(),
+    };
+    let accepted = state
+        .actor
+        .with_core(move |core| {
+            core.conns.insert(conn, handle);
+            let r = open(&mut core.node, Instant::now(), conn);
+            if r.is_err() {
+                core.conns.remove(&conn);
+            }
+            r
+        })
+        .await?;
+    Ok(accepted.map(|()| Channel { conn, tx, rx, kill }))
 }
 
 /// Sends one error and closes: for connections the core refused.
@@ -202,17 +210,13 @@ fn error_text(code: ErrorCode, message: String, reference: Option<u64>) -> Strin
 }
 
 /// Runs a registered connection until either side closes it.
-async fn pump(
-    state: AppState,
-    conn: ConnId,
-    kind: Kind,
-    socket: WebSocket,
-    (tx, mut rx, kill): (
-        mpsc::Sender<Outbound>,
-        mpsc::Receiver<Outbound>,
-        Arc<Notify>,
-    ),
-) {
+async fn pump(state: AppState, kind: Kind, socket: WebSocket, channel: Channel) {
+    let Channel {
+        conn,
+        tx,
+        mut rx,
+        kill,
+    } = channel;
     let gauge = state
         .metrics
         .ws_connections_active
