@@ -170,6 +170,25 @@ fn build_relay(layout: &TargetLayout, target_dir: &Path) -> Result<Option<PathBu
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    // Cargo gives this test process the variables of *its* crate (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, …). Build scripts such as ring's track some of them, so
+    // passing them on would rebuild those crates here and again in the next
+    // `cargo test`: build with a neutral environment instead.
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key_str.starts_with(p))
+            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*key_str);
+        if per_crate {
+            cmd.env_remove(&key);
+        }
+    }
     match layout.profile_dir.as_str() {
         "debug" => {}
         "release" => {
