@@ -196,10 +196,13 @@ fn role_label(role: Role) -> &'static str {
 fn count(metrics: &Metrics, stat: Stat) {
     match stat {
         Stat::SessionCreated => metrics.sessions_created_total.inc(),
-        Stat::SessionEnded(reason) => metrics
-            .sessions_ended_total
-            .with_label_values(&[reason.as_str()])
-            .inc(),
+        Stat::SessionEnded(reason) => {
+            tracing::info!(reason = reason.as_str(), "session ended");
+            metrics
+                .sessions_ended_total
+                .with_label_values(&[reason.as_str()])
+                .inc()
+        }
         Stat::ParticipantAdded(_) | Stat::ParticipantRemoved(_) => {}
         Stat::Join { role, refused } => {
             let outcome = refused.map(ErrorCode::as_str).unwrap_or("ok");
@@ -212,10 +215,14 @@ fn count(metrics: &Metrics, stat: Stat) {
             .support_key_attempts_total
             .with_label_values(&[outcome.as_str()])
             .inc(),
-        Stat::Lockout(scope) => metrics
-            .key_lockouts_total
-            .with_label_values(&[scope.as_str()])
-            .inc(),
+        Stat::Lockout(scope) => {
+            // The address is not logged: it is the customer's, and the metric suffices.
+            tracing::warn!(scope = scope.as_str(), "support-key lock-out started");
+            metrics
+                .key_lockouts_total
+                .with_label_values(&[scope.as_str()])
+                .inc()
+        }
         Stat::Invitation(outcome) => metrics
             .invitations_total
             .with_label_values(&[outcome.as_str()])

@@ -18,6 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use relay_codec::wire::{self, ErrorCode, ServerMsg};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc};
+use tracing::Instrument;
 
 use super::AppState;
 use super::actor::{ActorGone, CONN_QUEUE, ConnHandle, Outbound};
@@ -211,12 +212,18 @@ fn error_text(code: ErrorCode, message: String, reference: Option<u64>) -> Strin
 
 /// Runs a registered connection until either side closes it.
 async fn pump(state: AppState, kind: Kind, socket: WebSocket, channel: Channel) {
+    let span = tracing::info_span!("ws", kind = kind.label(), conn = channel.conn.0);
+    pump_in(state, kind, socket, channel).instrument(span).await
+}
+
+async fn pump_in(state: AppState, kind: Kind, socket: WebSocket, channel: Channel) {
     let Channel {
         conn,
         tx,
         mut rx,
         kill,
     } = channel;
+    tracing::debug!("connected");
     let gauge = state
         .metrics
         .ws_connections_active
