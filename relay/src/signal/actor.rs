@@ -27,7 +27,11 @@ pub enum Outbound {
     Close,
 }
 
-type Job = Box<dyn FnOnce(&mut Core) + Send>;
+/// A closure to run on the core; it returns the delivery of its answer, which the actor
+/// calls only after flushing the outputs the closure caused. So a caller that gets its
+/// answer knows that metrics are updated and messages to others are queued.
+type Job = Box<dyn FnOnce(&mut Core) -> Reply + Send>;
+type Reply = Box<dyn FnOnce() + Send>;
 
 /// What the actor owns.
 pub struct Core {
@@ -90,7 +94,10 @@ impl Actor {
     ) -> Result<R, ActorGone> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |core| {
-            let _ = reply.send(f(core));
+            let answer = f(core);
+            Box::new(move || {
+                let _ = reply.send(answer);
+            })
         });
         self.jobs.send(job).await.map_err(|_| ActorGone)?;
         answer.await.map_err(|_| ActorGone)
@@ -111,14 +118,18 @@ async fn run(
                 None => std::future::pending().await,
             }
         };
+        let mut reply = None;
         tokio::select! {
             job = jobs.recv() => match job {
-                Some(job) => job(&mut core),
+                Some(job) => reply = Some(job(&mut core)),
                 None => break,
             },
             _ = sleep => core.node.handle_timeout(Instant::now()),
         }
         flush(&mut core, &metrics);
+        if let Some(reply) = reply {
+            reply();
+        }
         if core.node.is_draining() && core.node.is_idle() {
             idle.notify_one();
         }

@@ -161,6 +161,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         _ = sigterm.recv() => tracing::warn!("second signal: exiting without waiting"),
     }
     tracing::info!("drained; shutting down");
+    // The last `session_ended` messages are queued but perhaps not yet written, and the
+    // HTTP server does not track upgraded connections: wait for the session sockets.
+    let sockets = metrics
+        .ws_connections_active
+        .with_label_values(&["session"]);
+    let waited = Instant::now();
+    while sockets.get() > 0 && waited.elapsed() < SHUTDOWN_GRACE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, server).await;
     Ok(())

@@ -254,10 +254,14 @@ async fn pump_in(state: AppState, kind: Kind, socket: WebSocket, channel: Channe
     });
 
     let limit = state.config.limits.max_message_bytes;
+    let mut writer_done = false;
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
         };
         let bytes = match frame {
             Some(Ok(Message::Text(text))) => text,
@@ -307,7 +311,9 @@ async fn pump_in(state: AppState, kind: Kind, socket: WebSocket, channel: Channe
         })
         .await;
     drop(tx);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    if !writer_done {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    }
     gauge.dec();
 }
 
