@@ -112,10 +112,20 @@ pub struct InvitationCreated {
 pub struct Census {
     /// Live sessions.
     pub sessions: usize,
-    /// Participants by role: host, agent, customer, supervisor.
+    /// Participants by role, in the order of [`Census::ROLES`].
     pub participants: [usize; 4],
     /// Open agent consoles.
     pub consoles: usize,
+}
+
+impl Census {
+    /// The roles `participants` counts, in its order.
+    pub const ROLES: [Role; 4] = [Role::Host, Role::Agent, Role::Customer, Role::Supervisor];
+
+    /// Participants per role.
+    pub fn by_role(&self) -> impl Iterator<Item = (Role, usize)> + '_ {
+        Self::ROLES.into_iter().zip(self.participants)
+    }
 }
 
 /// Which participant or console a connection carries.
@@ -224,14 +234,9 @@ fn clean_name(name: &str) -> Result<String, SessionError> {
     Ok(name.to_owned())
 }
 
-/// The session-count slot of the roles.
+/// The slot of `role` in [`Census::participants`].
 fn role_slot(role: Role) -> usize {
-    match role {
-        Role::Host => 0,
-        Role::Agent => 1,
-        Role::Customer => 2,
-        Role::Supervisor => 3,
-    }
+    Census::ROLES.iter().position(|r| *r == role).unwrap_or(0)
 }
 
 impl Node {
@@ -551,11 +556,8 @@ impl Node {
                 ConnTarget::Participant(..) => None,
             })
             .collect();
-        let mut delivered = 0;
         for (conn, agent) in consoles {
-            if self.deliver_invitation(session, &iid, conn, &agent) {
-                delivered += 1;
-            }
+            self.deliver_invitation(session, &iid, conn, &agent);
         }
         if let Some(s) = self.sessions.get(session) {
             s.tell_agents(
@@ -569,12 +571,12 @@ impl Node {
         }
         self.stat(Stat::Invitation(InvitationOutcome::Sent));
         self.reschedule(session);
+        // Distinct agents, however many consoles each has open.
         let delivered_to = self
             .sessions
             .get(session)
             .and_then(|s| s.invitations.iter().find(|i| i.id == iid))
-            .map(|i| i.delivered.len())
-            .unwrap_or(delivered);
+            .map_or(0, |i| i.delivered.len());
         Ok(InvitationCreated {
             invitation_id: iid,
             delivered_to,
@@ -684,7 +686,6 @@ impl Node {
         };
         // The winner is told nothing on its consoles (it has its answer); everyone else
         // it reached loses it.
-        let _ = inv;
         self.close_invitation(
             now,
             &session,
@@ -1185,27 +1186,27 @@ impl Node {
         Ok((sid.clone(), inv.clone()))
     }
 
-    /// Sends invitation `iid` to console `conn` if it is for that agent. Returns
-    /// whether it did.
+    /// Sends invitation `iid` to console `conn` if it is for that agent, and notes it
+    /// as delivered to that agent.
     fn deliver_invitation(
         &mut self,
         sid: &SessionId,
         iid: &InvitationId,
         conn: ConnId,
         agent: &AgentIdentity,
-    ) -> bool {
+    ) {
         let Some(s) = self.sessions.get_mut(sid) else {
-            return false;
+            return;
         };
         if s.has_account(&agent.agent_id) {
-            return false;
+            return;
         }
         let from = s.host_name().to_owned();
         let Some(inv) = s.invitations.iter_mut().find(|i| i.id == *iid) else {
-            return false;
+            return;
         };
         if !inv.addressed_to(agent) {
-            return false;
+            return;
         }
         inv.delivered.insert(agent.agent_id.clone());
         let info = invitation_info(&self.clock, &s.id, &s.portal, &from, inv);
@@ -1213,7 +1214,6 @@ impl Node {
             conn,
             msg: ServerMsg::Invitation(info),
         });
-        true
     }
 
     /// Closes an open invitation: tells the session's agents its new `state`, and

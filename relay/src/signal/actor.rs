@@ -183,13 +183,10 @@ fn flush(core: &mut Core, metrics: &Metrics) {
     if census_changed {
         let census = core.node.census();
         metrics.sessions_active.set(census.sessions as i64);
-        for (role, n) in ["host", "agent", "customer", "supervisor"]
-            .iter()
-            .zip(census.participants)
-        {
+        for (role, n) in census.by_role() {
             metrics
                 .participants_active
-                .with_label_values(&[role])
+                .with_label_values(&[role_label(role)])
                 .set(n as i64);
         }
     }
