@@ -6,7 +6,13 @@
 //!
 //! - [`wire`]: the JSON signalling messages spoken over the relay's HTTP API and
 //!   WebSockets, with the stable error codes clients match on.
+//! - [`input`]: the binary remote-control events (mouse, wheel, keys, Ctrl+Alt+Del,
+//!   clipboard) agents send to the customer over the `input` data channel.
+//! - [`keyframe`]: where a keyframe starts in a VP8, VP9, H.264 or AV1 RTP payload, for
+//!   the relay's fan-out to start new or recovering subscribers cleanly.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod input;
+pub mod keyframe;
 pub mod wire;

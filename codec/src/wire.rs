@@ -466,11 +466,33 @@ pub enum ClientMsg {
     Leave {},
     /// Application-level keep-alive for clients that cannot send WebSocket pings.
     Ping {},
+    /// An SDP offer for this participant's one peer connection with the relay (first
+    /// negotiation, or a renegotiation after `renegotiate`). The relay answers with
+    /// `answer`.
+    Offer {
+        /// The offer's SDP.
+        sdp: String,
+    },
+    /// A trickled ICE candidate of the client (an empty `candidate` ends the list).
+    Candidate(IceCandidate),
 }
 
 impl ClientMsg {
     /// The `type` tags this enum accepts, to tell unknown types from malformed ones.
-    pub const TYPES: [&'static str; 3] = ["chat", "leave", "ping"];
+    pub const TYPES: [&'static str; 5] = ["chat", "leave", "ping", "offer", "candidate"];
+}
+
+/// One trickled ICE candidate, as `RTCIceCandidateInit` has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceCandidate {
+    /// The `candidate:` attribute value (without `a=`); empty for end-of-candidates.
+    pub candidate: String,
+    /// The media section's `mid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    /// The media section's index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mline_index: Option<u16>,
 }
 
 /// A client message with its optional correlation id.
@@ -547,6 +569,17 @@ pub enum ServerMsg {
         /// Why.
         reason: EndReason,
     },
+    /// The relay's SDP answer to the participant's last `offer`.
+    Answer {
+        /// The answer's SDP.
+        sdp: String,
+    },
+    /// A trickled ICE candidate of the relay.
+    Candidate(IceCandidate),
+    /// The relay has media for you that your peer connection does not carry yet (the
+    /// customer started publishing, or changed codec): send a new `offer` on the same
+    /// peer connection.
+    Renegotiate {},
     /// Reply to `ping`.
     Pong {
         /// The ping's `id`.

@@ -337,7 +337,9 @@ mod tests {
         let cfg = args.load_config_with(None).expect("config");
         assert_eq!(
             cfg.listen,
-            "127.0.0.1:9100".parse().expect("addr"),
+            "127.0.0.1:9100"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr"),
             "flag wins"
         );
         assert_eq!(cfg.session.key_ttl, Duration::from_secs(1800), "flag wins");

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +49,8 @@ pub struct Config {
     pub drain: DrainConfig,
     /// Logging (`[log]`).
     pub log: LogConfig,
+    /// WebRTC media plane (`[media]`).
+    pub media: MediaConfig,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             drain: DrainConfig::default(),
             log: LogConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -246,6 +249,41 @@ impl Default for DrainConfig {
     }
 }
 
+/// The WebRTC media plane (`[media]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// The address media sockets bind (one UDP socket per peer connection). A concrete
+    /// address binds that interface only; `0.0.0.0` binds every non-loopback interface.
+    pub bind_ip: IpAddr,
+    /// First UDP port of the media port range (inclusive).
+    pub udp_port_min: u16,
+    /// Last UDP port of the media port range (inclusive); the range bounds how many peer
+    /// connections the node can hold at once.
+    pub udp_port_max: u16,
+    /// The public address to announce in ICE host candidates instead of the bound one
+    /// (an edge node behind 1:1 NAT).
+    pub public_ip: Option<IpAddr>,
+    /// RTP packets queued per agent before that agent drops to the next keyframe.
+    pub agent_queue_packets: usize,
+    /// How long keyframe requests to the customer are coalesced.
+    #[serde(with = "humantime_serde")]
+    pub keyframe_window: Duration,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            bind_ip: IpAddr::from([127, 0, 0, 1]),
+            udp_port_min: 40000,
+            udp_port_max: 40999,
+            public_ip: None,
+            agent_queue_packets: 512,
+            keyframe_window: Duration::from_millis(300),
+        }
+    }
+}
+
 /// Logging (`[log]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -363,6 +401,23 @@ impl Config {
                 "session.max_sessions_per_agent must be between 1 and {MAX_SESSIONS_PER_AGENT} (got {})",
                 s.max_sessions_per_agent
             ));
+        }
+
+        let m = &self.media;
+        if m.udp_port_min == 0 || m.udp_port_min > m.udp_port_max {
+            return invalid(format!(
+                "media.udp_port_min..media.udp_port_max must be a non-empty range of non-zero ports (got {}..{})",
+                m.udp_port_min, m.udp_port_max
+            ));
+        }
+        if !(16..=65536).contains(&m.agent_queue_packets) {
+            return invalid(format!(
+                "media.agent_queue_packets must be between 16 and 65536 (got {})",
+                m.agent_queue_packets
+            ));
+        }
+        if m.keyframe_window.is_zero() || m.keyframe_window > Duration::from_secs(5) {
+            return invalid("media.keyframe_window must be more than 0 and at most 5s");
         }
 
         let l = &self.limits;
@@ -592,7 +647,10 @@ mod tests {
             "#,
         )
         .expect("parses");
-        assert_eq!(cfg.listen, "[::1]:9443".parse().expect("addr"));
+        assert_eq!(
+            cfg.listen,
+            "[::1]:9443".parse::<SocketAddr>().expect("addr")
+        );
         assert_eq!(cfg.tls.mode, TlsMode::Files);
         assert_eq!(cfg.session.key_ttl, Duration::from_secs(1800));
         assert_eq!(cfg.session.agent_grace, Duration::from_secs(120));

@@ -6,9 +6,13 @@
 //! - [`session`]: the sans-IO core of the control plane. It owns every session, its
 //!   roster, invitations, permissions and timers, takes inputs stamped with an explicit
 //!   `Instant` and returns outputs (messages to deliver, statistics). No tokio, no sockets.
+//! - [`fanout`]: the sans-IO media fan-out of one session: which agent gets which packet,
+//!   dropping a slow agent to the next keyframe, and coalesced keyframe requests.
 //! - [`throttle`]: the sans-IO support-key brute-force guard (per address and node-wide).
 //! - [`signal`]: the IO shell: HTTPS/WSS signalling with axum and rustls, driving the core
 //!   from one task and routing its outputs to WebSockets.
+//! - [`transport`]: the media plane's IO shell: WebRTC peer connections (the `webrtc`
+//!   crate), the customer's track readers and the agents' writers around the fan-out.
 //! - [`auth`], [`config`], [`cli`], [`tls`], [`metrics`]: tokens, configuration, the
 //!   command line, certificates and Prometheus metrics.
 //! - [`identity`]: who an authenticated agent is.
@@ -16,9 +20,11 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod fanout;
 pub mod identity;
 pub mod metrics;
 pub mod session;
 pub mod signal;
 pub mod throttle;
 pub mod tls;
+pub mod transport;

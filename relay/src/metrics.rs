@@ -5,7 +5,10 @@
 //! that users look for (roles, end reasons, outcomes) are created up front, so they read
 //! `0` from the first scrape instead of appearing only after the first event.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use relay_codec::wire::{EndReason, ErrorCode};
 
 /// Participant roles (`role` label).
@@ -25,6 +28,16 @@ pub const INVITATION_OUTCOMES: [&str; 6] = [
 ];
 /// WebSocket kinds (`kind` label of `relay_ws_connections_active`).
 pub const WS_KINDS: [&str; 2] = ["session", "console"];
+/// Why frames were dropped for an agent (`reason` label of `relay_frames_dropped_total`).
+pub const DROP_REASONS: [&str; 2] = ["queue_full", "awaiting_keyframe"];
+/// Outcomes of keyframe requests (`outcome` label of `relay_keyframe_requests_total`).
+pub const KEYFRAME_OUTCOMES: [&str; 3] = ["sent", "coalesced", "no_publisher"];
+/// Outcomes of agents' input events (`outcome` label of `relay_input_events_total`).
+pub const INPUT_OUTCOMES: [&str; 4] =
+    ["delivered", "refused_view_only", "malformed", "no_customer"];
+/// Outcomes of peer-connection negotiations (`outcome` label of
+/// `relay_negotiations_total`).
+pub const NEGOTIATION_OUTCOMES: [&str; 3] = ["ok", "bad_offer", "no_port"];
 /// The codes of malformed client messages, pre-created in `relay_messages_rejected_total`.
 const MESSAGE_ERRORS: [ErrorCode; 4] = [
     ErrorCode::BadRequest,
@@ -62,6 +75,25 @@ pub struct Metrics {
     pub http_requests_total: IntCounterVec,
     /// `relay_draining`: 1 while the node drains before shutdown, else 0.
     pub draining: IntGauge,
+    /// RTP packets sent to agents (one per agent per packet).
+    pub rtp_packets_forwarded_total: IntCounter,
+    /// Complete video frames sent to agents (one per agent per frame).
+    pub frames_forwarded_total: IntCounter,
+    /// Frames not sent to an agent, by reason.
+    pub frames_dropped_total: IntCounterVec,
+    /// Keyframe requests towards the customer, by outcome.
+    pub keyframe_requests_total: IntCounterVec,
+    /// Agents' input events, by outcome.
+    pub input_events_total: IntCounterVec,
+    /// Time from a packet's arrival from the customer to its hand-off to an agent's
+    /// peer connection.
+    pub forward_latency_seconds: Histogram,
+    /// Packets waiting in each agent's send queue.
+    pub agent_queue_depth: IntGaugeVec,
+    /// Open WebRTC peer connections.
+    pub peer_connections_active: IntGauge,
+    /// Offers answered, by outcome.
+    pub negotiations_total: IntCounterVec,
     /// `relay_build_info{version}`: always 1; carries the version as a label.
     pub build_info: IntGaugeVec,
 }
@@ -163,6 +195,64 @@ impl Metrics {
                 "relay_draining",
                 "1 while the node drains before shutting down (no new sessions), else 0.",
             ),
+            rtp_packets_forwarded_total: counter(
+                "relay_rtp_packets_forwarded_total",
+                "RTP packets handed to agents' peer connections (one per agent per packet).",
+            ),
+            frames_forwarded_total: counter(
+                "relay_frames_forwarded_total",
+                "Complete video frames handed to agents (one per agent per frame).",
+            ),
+            frames_dropped_total: counter_vec(
+                "relay_frames_dropped_total",
+                "Frames not sent to an agent, by reason (queue_full: its queue overflowed; \
+                 awaiting_keyframe: it waits for the next keyframe after joining or a drop).",
+                &["reason"],
+            ),
+            keyframe_requests_total: counter_vec(
+                "relay_keyframe_requests_total",
+                "Keyframe requests towards the customer, by outcome (sent; coalesced into \
+                 one already sent; no_publisher).",
+                &["outcome"],
+            ),
+            input_events_total: counter_vec(
+                "relay_input_events_total",
+                "Input events from agents, by outcome (delivered, refused_view_only, \
+                 malformed, no_customer).",
+                &["outcome"],
+            ),
+            forward_latency_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "relay_forward_latency_seconds",
+                        "Time inside the relay from a packet's arrival from the customer to \
+                         its hand-off to an agent's peer connection.",
+                    )
+                    .buckets(vec![
+                        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025,
+                        0.05, 0.1,
+                    ]),
+                )
+                .expect("valid metric name");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric name");
+                h
+            },
+            agent_queue_depth: gauge_vec(
+                "relay_agent_queue_depth",
+                "RTP packets waiting in an agent's send queue, by session and participant.",
+                &["session", "participant"],
+            ),
+            peer_connections_active: gauge(
+                "relay_peer_connections_active",
+                "Open WebRTC peer connections (one per participant with media).",
+            ),
+            negotiations_total: counter_vec(
+                "relay_negotiations_total",
+                "Offers from participants, by outcome (ok, bad_offer, no_port).",
+                &["outcome"],
+            ),
             build_info: gauge_vec(
                 "relay_build_info",
                 "Always 1; the version label says which relay build runs.",
@@ -195,6 +285,18 @@ impl Metrics {
                 .with_label_values(&[code.as_str()]);
         }
         m.http_requests_total.with_label_values(&["200"]);
+        for reason in DROP_REASONS {
+            m.frames_dropped_total.with_label_values(&[reason]);
+        }
+        for outcome in KEYFRAME_OUTCOMES {
+            m.keyframe_requests_total.with_label_values(&[outcome]);
+        }
+        for outcome in INPUT_OUTCOMES {
+            m.input_events_total.with_label_values(&[outcome]);
+        }
+        for outcome in NEGOTIATION_OUTCOMES {
+            m.negotiations_total.with_label_values(&[outcome]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);

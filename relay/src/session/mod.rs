@@ -47,7 +47,7 @@ mod tests;
 
 use std::time::Duration;
 
-use relay_codec::wire::{EndReason, ErrorCode, Role, ServerMsg};
+use relay_codec::wire::{EndReason, ErrorCode, IceCandidate, Permission, Role, ServerMsg};
 
 pub use ids::{
     ConnId, InvitationId, ParticipantId, Random, Secret, SecretDigest, SessionId, SupportKey,
@@ -104,6 +104,57 @@ pub enum Output {
     },
     /// Count something.
     Stat(Stat),
+    /// Tell the media plane (peer connections, fan-out) what changed.
+    Media(MediaEvent),
+}
+
+/// What the media plane learns from the control plane. The session core is the one
+/// source of truth for who is in a session and with which rights; the media plane
+/// mirrors it from these events and never decides a permission itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaEvent {
+    /// A participant is in the session with these rights: sent when it joins and
+    /// whenever its role or permission changes.
+    Member {
+        /// The session.
+        session: SessionId,
+        /// The participant.
+        participant: ParticipantId,
+        /// Its role now.
+        role: Role,
+        /// Its permission now (`Control` lets its input reach the customer).
+        permission: Permission,
+    },
+    /// A participant left the session (its peer connection must close).
+    Left {
+        /// The session.
+        session: SessionId,
+        /// The participant.
+        participant: ParticipantId,
+    },
+    /// Signalling from a participant for its peer connection.
+    Signal {
+        /// The session.
+        session: SessionId,
+        /// The participant.
+        participant: ParticipantId,
+        /// The offer or candidate.
+        signal: Signal,
+    },
+    /// The session ended: every peer connection of it closes.
+    SessionEnded {
+        /// The session.
+        session: SessionId,
+    },
+}
+
+/// A participant's WebRTC signalling, as received on its WebSocket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// An SDP offer.
+    Offer(String),
+    /// A trickled ICE candidate.
+    Candidate(IceCandidate),
 }
 
 /// Countable events, for the shell's metrics.

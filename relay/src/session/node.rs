@@ -27,7 +27,8 @@ use super::invitation::Invitation;
 use super::participant::Participant;
 use super::state::{ChatRecord, SessionState};
 use super::{
-    InvitationOutcome, KeyOutcome, MAX_AGENTS, MAX_KEY_TTL, Output, SessionError, Settings, Stat,
+    InvitationOutcome, KeyOutcome, MAX_AGENTS, MAX_KEY_TTL, MediaEvent, Output, SessionError,
+    Settings, Signal, Stat,
 };
 use crate::identity::AgentIdentity;
 use crate::throttle::{KeyThrottle, Verdict};
@@ -385,6 +386,12 @@ impl Node {
         self.links.insert(link.digest(), id.clone());
         self.tokens
             .insert(token.digest(), (id.clone(), host_id.clone()));
+        self.outputs.push_back(Output::Media(MediaEvent::Member {
+            session: id.clone(),
+            participant: host_id.clone(),
+            role: Role::Host,
+            permission: Permission::Control,
+        }));
         self.sessions.insert(id.clone(), state);
         self.stat(Stat::SessionCreated);
         self.stat(Stat::ParticipantAdded(Role::Host));
@@ -1006,6 +1013,8 @@ impl Node {
                 msg: ServerMsg::Pong { reference },
             }),
             ClientMsg::Leave {} => self.remove_participant(now, &sid, &pid, LeaveReason::Left),
+            ClientMsg::Offer { sdp } => self.signal(&sid, &pid, Signal::Offer(sdp)),
+            ClientMsg::Candidate(c) => self.signal(&sid, &pid, Signal::Candidate(c)),
             ClientMsg::Chat { text, audience } => {
                 if let Err(e) = self.chat(now, &sid, &pid, text, audience) {
                     self.outputs.push_back(Output::Send {
@@ -1015,6 +1024,29 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Hands a participant's WebRTC signalling to the media plane.
+    fn signal(&mut self, sid: &SessionId, pid: &ParticipantId, signal: Signal) {
+        self.outputs.push_back(Output::Media(MediaEvent::Signal {
+            session: sid.clone(),
+            participant: pid.clone(),
+            signal,
+        }));
+    }
+
+    /// Sends `msg` to a participant if it is connected (the media plane's answers and
+    /// candidates). Returns whether it was queued.
+    pub fn deliver(&mut self, sid: &SessionId, pid: &ParticipantId, msg: ServerMsg) -> bool {
+        let conn = self
+            .sessions
+            .get(sid)
+            .and_then(|s| s.participant(pid))
+            .and_then(|p| p.conn);
+        if let Some(conn) = conn {
+            self.outputs.push_back(Output::Send { conn, msg });
+        }
+        conn.is_some()
     }
 
     /// `conn` closed. A participant keeps its place for its grace period.
@@ -1387,6 +1419,10 @@ impl Node {
             self.deadlines.remove(&(t, sid.clone()));
         }
         self.ended.insert(now, sid.clone(), reason);
+        self.outputs
+            .push_back(Output::Media(MediaEvent::SessionEnded {
+                session: sid.clone(),
+            }));
         self.stat(Stat::SessionEnded(reason));
     }
 

@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use relay_codec::wire::{Audience, ChatMessage, LeaveReason, Role, RosterEntry, ServerMsg};
 
-use super::Output;
 use super::ids::{ParticipantId, SecretDigest, SessionId, SupportKey};
 use super::invitation::Invitation;
 use super::participant::Participant;
+use super::{MediaEvent, Output};
 
 /// A chat message as stored, with everything any recipient might be shown.
 #[derive(Debug, Clone)]
@@ -168,6 +168,22 @@ impl SessionState {
             Some(s) => s.id.clone(),
             None => return,
         };
+        let rights = |p: &Participant| (p.role, p.permission);
+        match after {
+            Some(a) if before.map(rights) != Some(rights(a)) => {
+                out.push_back(Output::Media(MediaEvent::Member {
+                    session: self.id.clone(),
+                    participant: a.id.clone(),
+                    role: a.role,
+                    permission: a.permission,
+                }))
+            }
+            None => out.push_back(Output::Media(MediaEvent::Left {
+                session: self.id.clone(),
+                participant: subject.clone(),
+            })),
+            _ => {}
+        }
         for viewer in &self.participants {
             let Some(conn) = viewer.conn else { continue };
             let was = before.and_then(|s| s.seen_by(viewer.role));

@@ -78,6 +78,7 @@ struct Sim {
     inbox: HashMap<ConnId, Vec<ServerMsg>>,
     closed: Vec<ConnId>,
     stats: Vec<Stat>,
+    media: Vec<MediaEvent>,
 }
 
 impl Sim {
@@ -96,6 +97,7 @@ impl Sim {
             inbox: HashMap::new(),
             closed: Vec::new(),
             stats: Vec::new(),
+            media: Vec::new(),
         }
     }
 
@@ -111,6 +113,7 @@ impl Sim {
                 }
                 Output::Close { conn } => self.closed.push(conn),
                 Output::Stat(s) => self.stats.push(s),
+                Output::Media(m) => self.media.push(m),
             }
         }
     }
@@ -1087,4 +1090,90 @@ fn chat_rules_and_history() {
         other => panic!("{other:?}"),
     }
     let _ = created;
+}
+
+#[test]
+fn media_plane_mirrors_members_rights_signalling_and_the_end() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let (created, _host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let b = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Masked, Permission::View)
+        .unwrap();
+    let members: Vec<(ParticipantId, Role, Permission)> = sim
+        .media
+        .drain(..)
+        .filter_map(|m| match m {
+            MediaEvent::Member {
+                participant,
+                role,
+                permission,
+                ..
+            } => Some((participant, role, permission)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        members,
+        vec![
+            (
+                created.host.participant_id.clone(),
+                Role::Host,
+                Permission::Control
+            ),
+            (
+                customer.participant_id.clone(),
+                Role::Customer,
+                Permission::View
+            ),
+            (b.participant_id.clone(), Role::Agent, Permission::View),
+        ]
+    );
+
+    // A connection change is not a rights change; a permission change is.
+    let b_conn = sim.connect(&b);
+    assert!(sim.media.is_empty(), "{:?}", sim.media);
+    let control = UpdateParticipantRequest {
+        permission: Some(Permission::Control),
+        visibility: None,
+    };
+    sim.node
+        .update_participant(sim.now, &alice, &sid, &b.participant_id, &control)
+        .unwrap();
+    sim.drain();
+    assert_eq!(
+        sim.media.drain(..).collect::<Vec<_>>(),
+        vec![MediaEvent::Member {
+            session: sid.clone(),
+            participant: b.participant_id.clone(),
+            role: Role::Agent,
+            permission: Permission::Control,
+        }]
+    );
+
+    // Signalling reaches the media plane attributed to its sender.
+    sim.send(customer_conn, ClientMsg::Offer { sdp: "v=0".into() });
+    assert_eq!(
+        sim.media.drain(..).collect::<Vec<_>>(),
+        vec![MediaEvent::Signal {
+            session: sid.clone(),
+            participant: customer.participant_id.clone(),
+            signal: Signal::Offer("v=0".into()),
+        }]
+    );
+
+    sim.send(b_conn, ClientMsg::Leave {});
+    assert_eq!(
+        sim.media.drain(..).collect::<Vec<_>>(),
+        vec![MediaEvent::Left {
+            session: sid.clone(),
+            participant: b.participant_id.clone(),
+        }]
+    );
+    sim.send(customer_conn, ClientMsg::Leave {});
+    assert!(sim.media.contains(&MediaEvent::SessionEnded {
+        session: sid.clone()
+    }));
 }

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::session::{ConnId, Node, Output, Stat};
+use crate::transport::MediaPlane;
 
 /// Messages queued per connection before it counts as not reading.
 pub const CONN_QUEUE: usize = 256;
@@ -39,6 +40,8 @@ pub struct Core {
     pub node: Node,
     /// Writers of the open connections.
     pub conns: HashMap<ConnId, ConnHandle>,
+    /// Where media events go.
+    pub media: MediaPlane,
 }
 
 /// How the actor reaches one connection.
@@ -64,12 +67,13 @@ pub struct ActorGone;
 impl Actor {
     /// Starts the actor task. `idle` is notified whenever the node is draining and has
     /// no session left.
-    pub fn spawn(node: Node, metrics: Arc<Metrics>, idle: Arc<Notify>) -> Actor {
+    pub fn spawn(node: Node, media: MediaPlane, metrics: Arc<Metrics>, idle: Arc<Notify>) -> Actor {
         let (tx, rx) = mpsc::channel::<Job>(1024);
         tokio::spawn(run(
             Core {
                 node,
                 conns: HashMap::new(),
+                media,
             },
             rx,
             metrics,
@@ -174,6 +178,7 @@ fn flush(core: &mut Core, metrics: &Metrics) {
                     }
                 }
             }
+            Output::Media(event) => core.media.handle(event),
             Output::Stat(stat) => {
                 census_changed = true;
                 count(metrics, stat);

@@ -100,7 +100,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let rng = Box::new(rand::rngs::StdRng::from_os_rng());
     let node = Node::new(settings_from(&config), clock, rng);
     let idle = Arc::new(Notify::new());
-    let actor = Actor::spawn(node, metrics.clone(), idle.clone());
+    let media = crate::transport::MediaPlane::new(&config.media, metrics.clone());
+    let actor = Actor::spawn(node, media.clone(), metrics.clone(), idle.clone());
+    media.attach(actor.clone());
 
     let state = AppState {
         actor: actor.clone(),

@@ -1,0 +1,146 @@
+//! The media plane's IO shell: WebRTC peer connections (the `webrtc` crate) around the
+//! sans-IO [`fanout`](crate::fanout) core.
+//!
+//! Every participant negotiates one peer connection with the relay over its session
+//! WebSocket (the client offers, the relay answers; see `docs/protocol.md`). The session
+//! core decides who is in a session and with which rights and tells this plane through
+//! [`MediaEvent`]s; this plane never decides a permission itself.
+//!
+//! - [`MediaPlane`]: the node-wide handle the signalling actor feeds. One task per
+//!   session with media ([`session`]) processes that session's events in order:
+//!   negotiations, members, departures.
+//! - The hot path does not go through that task: the customer's track reader routes each
+//!   RTP packet through the session's [`Fanout`](crate::fanout::Fanout) (behind a short
+//!   `std` mutex, never held across an `.await`) into each agent's bounded queue; one
+//!   writer task per agent empties its queue into its peer connection. See
+//!   `docs/architecture.md` for the data path and its copies.
+//! - [`ports`]: the media UDP port range. [`feedback`]: the interceptor that lets agents'
+//!   PLI/FIR and receiver reports reach the fan-out.
+
+pub mod feedback;
+mod peer;
+pub mod ports;
+mod session;
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
+use crate::config::MediaConfig;
+use crate::metrics::Metrics;
+use crate::session::{MediaEvent, SessionId};
+use crate::signal::Actor;
+
+use ports::PortPool;
+use session::{Event, SessionMedia};
+
+/// Events queued per session before further signalling from its clients is dropped
+/// (and counted): a client flooding candidates must not grow the node's memory.
+const SESSION_EVENT_QUEUE: usize = 1024;
+
+/// Tunables of the media plane, from `[media]`.
+#[derive(Debug, Clone)]
+pub struct MediaSettings {
+    /// Address media sockets bind.
+    pub bind_ip: IpAddr,
+    /// Announced instead of the bound address (1:1 NAT).
+    pub public_ip: Option<IpAddr>,
+    /// RTP packets queued per agent.
+    pub agent_queue_packets: usize,
+    /// Keyframe-request coalescing window.
+    pub keyframe_window: Duration,
+}
+
+impl MediaSettings {
+    /// From the node's configuration.
+    pub fn from_config(c: &MediaConfig) -> MediaSettings {
+        MediaSettings {
+            bind_ip: c.bind_ip,
+            public_ip: c.public_ip,
+            agent_queue_packets: c.agent_queue_packets,
+            keyframe_window: c.keyframe_window,
+        }
+    }
+}
+
+/// The node's media plane; cheap to clone.
+#[derive(Clone)]
+pub struct MediaPlane {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: MediaSettings,
+    metrics: Arc<Metrics>,
+    ports: PortPool,
+    actor: OnceLock<Actor>,
+    sessions: DashMap<SessionId, mpsc::Sender<Event>>,
+}
+
+impl MediaPlane {
+    /// A media plane with no session yet.
+    pub fn new(config: &MediaConfig, metrics: Arc<Metrics>) -> MediaPlane {
+        MediaPlane {
+            inner: Arc::new(Inner {
+                settings: MediaSettings::from_config(config),
+                metrics,
+                ports: PortPool::new(config.bind_ip, config.udp_port_min, config.udp_port_max),
+                actor: OnceLock::new(),
+                sessions: DashMap::new(),
+            }),
+        }
+    }
+
+    /// Connects the plane to the actor that delivers its answers to participants.
+    pub fn attach(&self, actor: Actor) {
+        let _ = self.inner.actor.set(actor);
+    }
+
+    /// Takes one event from the session core. Never blocks: the actor calls it while
+    /// flushing outputs.
+    pub fn handle(&self, event: MediaEvent) {
+        let session = match &event {
+            MediaEvent::Member { session, .. }
+            | MediaEvent::Left { session, .. }
+            | MediaEvent::Signal { session, .. }
+            | MediaEvent::SessionEnded { session } => session.clone(),
+        };
+        if let MediaEvent::SessionEnded { .. } = event {
+            if let Some((_, tx)) = self.inner.sessions.remove(&session) {
+                // The task closes every peer connection and ends; if its queue is full
+                // it still ends once its sender is dropped here.
+                let _ = tx.try_send(Event::Control(event));
+            }
+            return;
+        }
+        let tx = self
+            .inner
+            .sessions
+            .entry(session.clone())
+            .or_insert_with(|| self.spawn_session(session.clone()))
+            .clone();
+        if tx.try_send(Event::Control(event)).is_err() {
+            tracing::warn!(session = %session.as_str(), "media event queue full; event dropped");
+            self.inner
+                .metrics
+                .messages_rejected_total
+                .with_label_values(&["media_queue_full"])
+                .inc();
+        }
+    }
+
+    /// Media UDP ports still free.
+    pub fn ports_available(&self) -> usize {
+        self.inner.ports.available()
+    }
+
+    fn spawn_session(&self, id: SessionId) -> mpsc::Sender<Event> {
+        let (tx, rx) = mpsc::channel(SESSION_EVENT_QUEUE);
+        let media = SessionMedia::new(id, self.inner.clone(), tx.downgrade());
+        tokio::spawn(media.run(rx));
+        tx
+    }
+}

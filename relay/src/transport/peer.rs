@@ -1,0 +1,103 @@
+//! Building one peer connection and receiving its events.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rtc::interceptor::Slot;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::transport::RTCIceCandidateType;
+use tokio::sync::{Notify, mpsc};
+use webrtc::data_channel::DataChannel;
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
+    RTCPeerConnectionState, Registry,
+};
+
+use super::MediaSettings;
+use super::feedback::{self, AppFeedback};
+use super::session::Event;
+use crate::session::ParticipantId;
+
+/// What a peer connection reports to its session's task.
+#[derive(Clone)]
+pub(super) struct PeerEvents {
+    pub participant: ParticipantId,
+    pub events: mpsc::WeakSender<Event>,
+    /// Notified once ICE gathering completes (a stored permit if nobody waits yet).
+    pub gathered: Arc<Notify>,
+}
+
+impl PeerEvents {
+    async fn send(&self, event: Event) {
+        if let Some(tx) = self.events.upgrade() {
+            let _ = tx.send(event).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for PeerEvents {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathered.notify_one();
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        tracing::debug!(participant = %self.participant.as_str(), %state, "peer connection state");
+        let event = match state {
+            RTCPeerConnectionState::Connected => Event::Connected(self.participant.clone()),
+            RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                Event::Failed(self.participant.clone())
+            }
+            _ => return,
+        };
+        self.send(event).await;
+    }
+
+    async fn on_data_channel(&self, channel: Arc<dyn DataChannel>) {
+        self.send(Event::DataChannel(self.participant.clone(), channel))
+            .await;
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        self.send(Event::Track(self.participant.clone(), track))
+            .await;
+    }
+}
+
+/// A new peer connection bound to `addr`, with every codec the relay forwards, the
+/// default interceptors (NACK responder and generator, RTCP reports, TWCC receiver) and
+/// [`AppFeedback`] on top.
+pub(super) async fn build(
+    settings: &MediaSettings,
+    addr: SocketAddr,
+    handler: PeerEvents,
+) -> Result<Arc<dyn PeerConnection>, webrtc::error::Error> {
+    let mut media_engine = MediaEngine::default();
+    media_engine.register_default_codecs()?;
+    let registry = register_default_interceptors(Registry::new(), &mut media_engine)?
+        .with(Slot::from(feedback::SLOT), AppFeedback::default());
+    let mut setting_engine = SettingEngineBuilder::new();
+    if let Some(ip) = settings.public_ip {
+        setting_engine =
+            setting_engine.with_nat_1to1_ips(vec![ip.to_string()], RTCIceCandidateType::Host);
+    }
+    if addr.ip().is_loopback() {
+        setting_engine = setting_engine.with_include_loopback_candidate(true);
+    }
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(media_engine)
+        .with_interceptor_registry(registry)
+        .with_setting_engine(setting_engine.build())
+        .with_handler(Arc::new(handler))
+        .with_udp_addrs(vec![addr])
+        .build()
+        .await?;
+    Ok(Arc::new(pc))
+}

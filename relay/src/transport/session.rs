@@ -1,0 +1,842 @@
+//! One session's media: its task (negotiations, members, departures, in order) and
+//! the state the hot path shares with it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use relay_codec::keyframe::{VideoCodec, is_keyframe_start};
+use relay_codec::wire::{ErrorCode, Permission, Role, ServerMsg};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDescription};
+
+use super::Inner;
+use super::peer::{self, PeerEvents};
+use super::ports::Lease;
+use crate::fanout::{
+    Delivery, DropReason, Fanout, FanoutCounters, FanoutOutput, FanoutSettings, FanoutStat,
+    MediaKind, PacketInfo, SubscriberId,
+};
+use crate::session::{MediaEvent, ParticipantId, SessionId, Signal};
+
+/// The data channel agents send input events on and the customer receives them on.
+pub const INPUT_LABEL: &str = "input";
+
+/// How long the relay waits for its own ICE candidates before answering anyway.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest the session task sleeps between fan-out timer checks.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What the session task processes, in order.
+pub(crate) enum Event {
+    /// From the session core.
+    Control(MediaEvent),
+    /// A participant's peer connection is up.
+    Connected(ParticipantId),
+    /// A participant's peer connection failed or closed.
+    Failed(ParticipantId),
+    /// A participant opened a data channel.
+    DataChannel(ParticipantId, Arc<dyn DataChannel>),
+    /// A participant's track arrived (only the customer's are used).
+    Track(ParticipantId, Arc<dyn TrackRemote>),
+}
+
+/// One packet on its way to one agent: the payload is shared by every agent.
+struct Forward {
+    kind: MediaKind,
+    packet: rtp::Packet,
+    keyframe_start: bool,
+    arrived: Instant,
+}
+
+/// A customer's published track.
+#[derive(Clone)]
+struct Published {
+    kind: MediaKind,
+    codec: RTCRtpCodec,
+}
+
+/// The fan-out core and the agents' queues, under one short lock.
+struct Plane {
+    fanout: Fanout,
+    sinks: HashMap<SubscriberId, mpsc::Sender<Forward>>,
+    reported: FanoutCounters,
+}
+
+/// What the hot path shares with the session task.
+struct Shared {
+    id: SessionId,
+    inner: Arc<Inner>,
+    plane: Mutex<Plane>,
+    /// The customer's `input` channel, once open.
+    customer_input: Mutex<Option<Arc<dyn DataChannel>>>,
+    /// The customer's video track and its SSRC, for keyframe requests.
+    customer_video: Mutex<Option<(Arc<dyn TrackRemote>, u32)>>,
+    /// Every participant's rights, mirrored from the session core.
+    grants: Mutex<HashMap<ParticipantId, (Role, Permission)>>,
+    /// Wakes the keyframe-request task.
+    keyframe: Notify,
+    /// Sequence numbers of the input events the customer receives: the relay numbers
+    /// them itself, so two agents' own counters cannot tell the customer that two
+    /// (possibly masked) agents are sending.
+    input_seq: AtomicU32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Runs `f` on the fan-out, then turns its outputs into keyframe requests and
+    /// metrics.
+    fn with_plane<R>(&self, f: impl FnOnce(&mut Plane) -> R) -> R {
+        let mut plane = lock(&self.plane);
+        let r = f(&mut plane);
+        let m = &self.inner.metrics;
+        while let Some(out) = plane.fanout.poll_output() {
+            match out {
+                FanoutOutput::RequestKeyframe => self.keyframe.notify_one(),
+                FanoutOutput::Stat(FanoutStat::KeyframeRequest(o)) => m
+                    .keyframe_requests_total
+                    .with_label_values(&[o.as_str()])
+                    .inc(),
+            }
+        }
+        let now = *plane.fanout.counters();
+        let d = now.since(&plane.reported);
+        plane.reported = now;
+        drop(plane);
+        if d != FanoutCounters::default() {
+            m.rtp_packets_forwarded_total.inc_by(d.packets_forwarded);
+            m.frames_forwarded_total.inc_by(d.frames_forwarded);
+            for reason in [DropReason::QueueFull, DropReason::AwaitingKeyframe] {
+                let n = d.frames_dropped(reason, MediaKind::Video)
+                    + d.frames_dropped(reason, MediaKind::Audio);
+                if n > 0 {
+                    m.frames_dropped_total
+                        .with_label_values(&[reason.as_str()])
+                        .inc_by(n);
+                }
+            }
+        }
+        r
+    }
+
+    async fn tell(&self, participant: &ParticipantId, msg: ServerMsg) {
+        let Some(actor) = self.inner.actor.get() else {
+            return;
+        };
+        let (sid, pid) = (self.id.clone(), participant.clone());
+        let _ = actor
+            .call(move |node, _| node.deliver(&sid, &pid, msg))
+            .await;
+    }
+}
+
+/// One participant's peer connection.
+struct Peer {
+    role: Role,
+    pc: Arc<dyn PeerConnection>,
+    lease: Lease,
+    gathered: Arc<Notify>,
+    negotiated: bool,
+    connected: bool,
+    /// Local tracks towards an agent, by kind, with their SSRC and codec.
+    tracks: Vec<LocalTrack>,
+    subscriber: Option<SubscriberId>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+#[derive(Clone)]
+struct LocalTrack {
+    kind: MediaKind,
+    mime: String,
+    ssrc: u32,
+    track: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+}
+
+/// The session task's state.
+pub(crate) struct SessionMedia {
+    shared: Arc<Shared>,
+    events: mpsc::WeakSender<Event>,
+    peers: HashMap<ParticipantId, Peer>,
+    published: Vec<Published>,
+    next_subscriber: u64,
+    customer: Option<ParticipantId>,
+}
+
+impl SessionMedia {
+    pub(super) fn new(
+        id: SessionId,
+        inner: Arc<Inner>,
+        events: mpsc::WeakSender<Event>,
+    ) -> SessionMedia {
+        let window = inner.settings.keyframe_window;
+        let settings = FanoutSettings {
+            keyframe_window: window,
+            keyframe_retry: FanoutSettings::default().keyframe_retry.max(window),
+        };
+        SessionMedia {
+            shared: Arc::new(Shared {
+                id,
+                inner,
+                plane: Mutex::new(Plane {
+                    fanout: Fanout::new(settings),
+                    sinks: HashMap::new(),
+                    reported: FanoutCounters::default(),
+                }),
+                customer_input: Mutex::new(None),
+                customer_video: Mutex::new(None),
+                grants: Mutex::new(HashMap::new()),
+                keyframe: Notify::new(),
+                input_seq: AtomicU32::new(1),
+            }),
+            events,
+            peers: HashMap::new(),
+            published: Vec::new(),
+            next_subscriber: 1,
+            customer: None,
+        }
+    }
+
+    /// Processes the session's events until it ends.
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let span = tracing::info_span!("media", session = %self.shared.id.as_str());
+        let _enter = span.enter();
+        drop(_enter);
+        let requester = tokio::spawn(request_keyframes(self.shared.clone()));
+        loop {
+            let due = lock(&self.shared.plane).fanout.poll_timeout();
+            let wake = Instant::now() + TICK;
+            let wake = due.map_or(wake, |d| d.min(wake));
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(Event::Control(MediaEvent::SessionEnded { .. })) | None => break,
+                    Some(event) => self.on_event(event).await,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    self.shared.with_plane(|p| p.fanout.handle_timeout(Instant::now()));
+                }
+            }
+        }
+        requester.abort();
+        let all: Vec<ParticipantId> = self.peers.keys().cloned().collect();
+        for pid in all {
+            self.close_peer(&pid).await;
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Control(MediaEvent::Member {
+                participant,
+                role,
+                permission,
+                ..
+            }) => {
+                if role == Role::Customer {
+                    self.customer = Some(participant.clone());
+                }
+                lock(&self.shared.grants).insert(participant, (role, permission));
+            }
+            Event::Control(MediaEvent::Left { participant, .. }) => {
+                lock(&self.shared.grants).remove(&participant);
+                self.close_peer(&participant).await;
+            }
+            Event::Control(MediaEvent::Signal {
+                participant,
+                signal,
+                ..
+            }) => match signal {
+                Signal::Offer(sdp) => self.on_offer(participant, sdp).await,
+                Signal::Candidate(c) => {
+                    if let Some(peer) = self.peers.get(&participant) {
+                        let init = RTCIceCandidateInit {
+                            candidate: c.candidate,
+                            sdp_mid: c.sdp_mid,
+                            sdp_mline_index: c.sdp_mline_index,
+                            ..Default::default()
+                        };
+                        if let Err(e) = peer.pc.add_ice_candidate(init).await {
+                            self.refuse(&participant, ErrorCode::InvalidField, &e.to_string())
+                                .await;
+                        }
+                    }
+                }
+            },
+            Event::Control(MediaEvent::SessionEnded { .. }) => {}
+            Event::Connected(pid) => {
+                if let Some(peer) = self.peers.get_mut(&pid) {
+                    peer.connected = true;
+                }
+                self.subscribe(&pid);
+            }
+            Event::Failed(pid) => {
+                let known = self.peers.get(&pid).is_some_and(|p| p.connected);
+                if known {
+                    tracing::info!(participant = %pid.as_str(), "peer connection lost");
+                    self.close_peer(&pid).await;
+                }
+            }
+            Event::DataChannel(pid, channel) => self.on_data_channel(pid, channel).await,
+            Event::Track(pid, track) => self.on_track(pid, track).await,
+        }
+    }
+
+    fn role_of(&self, pid: &ParticipantId) -> Option<Role> {
+        lock(&self.shared.grants).get(pid).map(|g| g.0)
+    }
+
+    async fn refuse(&self, pid: &ParticipantId, code: ErrorCode, message: &str) {
+        self.shared
+            .tell(
+                pid,
+                ServerMsg::Error {
+                    code,
+                    message: message.to_owned(),
+                    reference: None,
+                },
+            )
+            .await;
+    }
+
+    /// Answers an offer, creating the participant's peer connection on its first one.
+    async fn on_offer(&mut self, pid: ParticipantId, sdp: String) {
+        let metrics = self.shared.inner.metrics.clone();
+        let Some(role) = self.role_of(&pid) else {
+            return;
+        };
+        if !self.peers.contains_key(&pid) {
+            let Some((lease, addr)) = self.shared.inner.ports.acquire() else {
+                metrics
+                    .negotiations_total
+                    .with_label_values(&["no_port"])
+                    .inc();
+                tracing::warn!("no free media port; offer refused");
+                self.refuse(
+                    &pid,
+                    ErrorCode::Draining,
+                    "this node has no free media port; try again shortly",
+                )
+                .await;
+                return;
+            };
+            let gathered = Arc::new(Notify::new());
+            let handler = PeerEvents {
+                participant: pid.clone(),
+                events: self.events.clone(),
+                gathered: gathered.clone(),
+            };
+            match peer::build(&self.shared.inner.settings, addr, handler).await {
+                Ok(pc) => {
+                    metrics.peer_connections_active.inc();
+                    self.peers.insert(
+                        pid.clone(),
+                        Peer {
+                            role,
+                            pc,
+                            lease,
+                            gathered,
+                            negotiated: false,
+                            connected: false,
+                            tracks: Vec::new(),
+                            subscriber: None,
+                            tasks: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.shared.inner.ports.release(lease);
+                    tracing::error!(error = %e, "cannot create a peer connection");
+                    self.refuse(&pid, ErrorCode::Internal, "cannot create a peer connection")
+                        .await;
+                    return;
+                }
+            }
+        }
+        match self.negotiate(&pid, sdp).await {
+            Ok(answer) => {
+                metrics.negotiations_total.with_label_values(&["ok"]).inc();
+                self.shared
+                    .tell(&pid, ServerMsg::Answer { sdp: answer })
+                    .await;
+                self.subscribe(&pid);
+            }
+            Err(e) => {
+                metrics
+                    .negotiations_total
+                    .with_label_values(&["bad_offer"])
+                    .inc();
+                tracing::info!(error = %e, "offer refused");
+                self.refuse(
+                    &pid,
+                    ErrorCode::InvalidField,
+                    &format!("offer refused: {e}"),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn negotiate(&mut self, pid: &ParticipantId, sdp: String) -> Result<String, String> {
+        let published = self.published.clone();
+        let peer = self.peers.get_mut(pid).ok_or("no peer connection")?;
+        let offer = RTCSessionDescription::offer(sdp).map_err(|e| e.to_string())?;
+        peer.pc
+            .set_remote_description(offer)
+            .await
+            .map_err(|e| e.to_string())?;
+        if peer.role != Role::Customer {
+            for p in &published {
+                if peer.tracks.iter().any(|t| t.kind == p.kind) {
+                    continue;
+                }
+                let ssrc = rand::random::<u32>();
+                let kind = match p.kind {
+                    MediaKind::Video => RtpCodecKind::Video,
+                    MediaKind::Audio => RtpCodecKind::Audio,
+                };
+                let name = format!("relay-{}", p.kind.as_str());
+                let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+                    "relay".to_owned(),
+                    name.clone(),
+                    name,
+                    kind,
+                    vec![RTCRtpEncodingParameters {
+                        rtp_coding_parameters: RTCRtpCodingParameters {
+                            ssrc: Some(ssrc),
+                            ..Default::default()
+                        },
+                        codec: p.codec.clone(),
+                        ..Default::default()
+                    }],
+                )));
+                let sender = peer
+                    .pc
+                    .add_track(track.clone() as Arc<dyn TrackLocal>)
+                    .await
+                    .map_err(|e| format!("cannot add the {} track: {e}", p.kind.as_str()))?;
+                peer.tracks.push(LocalTrack {
+                    kind: p.kind,
+                    mime: p.codec.mime_type.clone(),
+                    ssrc,
+                    track,
+                    sender,
+                });
+            }
+        }
+        let answer = peer
+            .pc
+            .create_answer(None)
+            .await
+            .map_err(|e| e.to_string())?;
+        peer.pc
+            .set_local_description(answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !peer.negotiated {
+            // The first answer carries every candidate: the relay gathers host
+            // candidates only, which takes no network round trip.
+            let _ = tokio::time::timeout(GATHER_TIMEOUT, peer.gathered.notified()).await;
+            peer.negotiated = true;
+        }
+        let local = peer
+            .pc
+            .local_description()
+            .await
+            .ok_or("no local description")?;
+        Ok(local.sdp)
+    }
+
+    /// Starts forwarding to an agent once its connection is up and carries tracks.
+    fn subscribe(&mut self, pid: &ParticipantId) {
+        let Some(peer) = self.peers.get_mut(pid) else {
+            return;
+        };
+        if peer.role == Role::Customer
+            || !peer.connected
+            || peer.tracks.is_empty()
+            || peer.subscriber.is_some()
+        {
+            return;
+        }
+        let id = SubscriberId(self.next_subscriber);
+        self.next_subscriber += 1;
+        let (tx, rx) = mpsc::channel(self.shared.inner.settings.agent_queue_packets);
+        let tracks = peer.tracks.clone();
+        for t in &tracks {
+            peer.tasks.push(tokio::spawn(read_feedback(
+                self.shared.clone(),
+                id,
+                t.track.clone(),
+            )));
+        }
+        let gauge = self
+            .shared
+            .inner
+            .metrics
+            .agent_queue_depth
+            .with_label_values(&[self.shared.id.as_str(), pid.as_str()]);
+        peer.tasks.push(tokio::spawn(write_agent(
+            self.shared.clone(),
+            rx,
+            tracks,
+            gauge,
+        )));
+        peer.subscriber = Some(id);
+        self.shared.with_plane(|p| {
+            p.sinks.insert(id, tx);
+            p.fanout.add_subscriber(Instant::now(), id);
+        });
+        tracing::debug!(participant = %pid.as_str(), "agent receives media");
+    }
+
+    async fn on_data_channel(&mut self, pid: ParticipantId, channel: Arc<dyn DataChannel>) {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        let label = channel.label().await.unwrap_or_default();
+        if label != INPUT_LABEL {
+            tracing::debug!(%label, "ignoring a data channel");
+            return;
+        }
+        if peer.role == Role::Customer {
+            *lock(&self.shared.customer_input) = Some(channel);
+        } else {
+            peer.tasks
+                .push(tokio::spawn(read_input(self.shared.clone(), pid, channel)));
+        }
+    }
+
+    async fn on_track(&mut self, pid: ParticipantId, track: Arc<dyn TrackRemote>) {
+        if self.customer.as_ref() != Some(&pid) {
+            tracing::info!("ignoring a track from a participant that is not the customer");
+            return;
+        }
+        let Some(&ssrc) = track.ssrcs().await.first() else {
+            return;
+        };
+        let Some(codec) = track.codec(ssrc).await else {
+            return;
+        };
+        let kind = match track.kind().await {
+            RtpCodecKind::Audio => MediaKind::Audio,
+            _ => MediaKind::Video,
+        };
+        let video_codec = VideoCodec::from_mime(&codec.mime_type);
+        if kind == MediaKind::Video {
+            if video_codec.is_none() {
+                tracing::warn!(mime = %codec.mime_type, "unsupported video codec");
+                return;
+            }
+            *lock(&self.shared.customer_video) = Some((track.clone(), ssrc));
+        }
+        tracing::info!(kind = kind.as_str(), mime = %codec.mime_type, "customer publishes");
+        self.published.retain(|p| p.kind != kind);
+        self.published.push(Published {
+            kind,
+            codec: codec.clone(),
+        });
+        if let Some(peer) = self.peers.get_mut(&pid) {
+            peer.tasks.push(tokio::spawn(read_customer(
+                self.shared.clone(),
+                track,
+                kind,
+                video_codec,
+            )));
+        }
+        if kind == MediaKind::Video {
+            self.shared
+                .with_plane(|p| p.fanout.set_publisher(Instant::now(), true));
+        }
+        // Agents whose connection lacks this track renegotiate to get it.
+        let stale: Vec<ParticipantId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.role != Role::Customer && !p.tracks.iter().any(|t| t.kind == kind))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for agent in stale {
+            self.shared.tell(&agent, ServerMsg::Renegotiate {}).await;
+        }
+    }
+
+    async fn close_peer(&mut self, pid: &ParticipantId) {
+        let Some(peer) = self.peers.remove(pid) else {
+            return;
+        };
+        if let Some(id) = peer.subscriber {
+            self.shared.with_plane(|p| {
+                p.sinks.remove(&id);
+                p.fanout.remove_subscriber(id);
+            });
+            let _ = self
+                .shared
+                .inner
+                .metrics
+                .agent_queue_depth
+                .remove_label_values(&[self.shared.id.as_str(), pid.as_str()]);
+        }
+        if peer.role == Role::Customer {
+            *lock(&self.shared.customer_input) = None;
+            *lock(&self.shared.customer_video) = None;
+            self.published.clear();
+            self.shared
+                .with_plane(|p| p.fanout.set_publisher(Instant::now(), false));
+        }
+        for task in &peer.tasks {
+            task.abort();
+        }
+        let _ = peer.pc.close().await;
+        self.shared.inner.ports.release(peer.lease);
+        self.shared.inner.metrics.peer_connections_active.dec();
+    }
+}
+
+/// Sends a PLI to the customer each time the fan-out asks for a keyframe.
+async fn request_keyframes(shared: Arc<Shared>) {
+    loop {
+        shared.keyframe.notified().await;
+        let target = lock(&shared.customer_video).clone();
+        if let Some((track, media_ssrc)) = target {
+            let pli = PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc,
+            };
+            if let Err(e) = track.write_rtcp(vec![Box::new(pli)]).await {
+                tracing::debug!(error = %e, "keyframe request not sent");
+            }
+        }
+    }
+}
+
+/// The hot path: every RTP packet of one customer track, routed to the agents' queues.
+async fn read_customer(
+    shared: Arc<Shared>,
+    track: Arc<dyn TrackRemote>,
+    kind: MediaKind,
+    codec: Option<VideoCodec>,
+) {
+    while let Some(event) = track.poll().await {
+        let TrackRemoteEvent::OnRtpPacket(mut packet) = event else {
+            continue;
+        };
+        let arrived = Instant::now();
+        // The customer leg's header extensions mean nothing on the agents' legs; they
+        // are removed once here, so the per-agent header copies below allocate nothing.
+        packet.header.extension = false;
+        packet.header.extensions.clear();
+        let keyframe_start = match (kind, codec) {
+            (MediaKind::Video, Some(c)) => is_keyframe_start(c, &packet.payload),
+            _ => false,
+        };
+        let info = PacketInfo {
+            kind,
+            keyframe_start,
+            frame_end: packet.header.marker,
+        };
+        shared.with_plane(|plane| {
+            let Plane { fanout, sinks, .. } = plane;
+            fanout.route(arrived, &info, |id| {
+                let Some(sink) = sinks.get(&id) else {
+                    return Delivery::Full;
+                };
+                let forward = Forward {
+                    kind,
+                    packet: packet.clone(),
+                    keyframe_start,
+                    arrived,
+                };
+                match sink.try_send(forward) {
+                    Ok(()) => Delivery::Queued,
+                    Err(_) => Delivery::Full,
+                }
+            });
+        });
+    }
+}
+
+/// Per-agent RTP header rewriting: its own SSRC and payload type, and sequence numbers
+/// without the holes left by packets it skipped.
+struct Rewrite {
+    ssrc: u32,
+    payload_type: u8,
+    offset: u16,
+    next_in: Option<u16>,
+}
+
+impl Rewrite {
+    fn apply(&mut self, header: &mut rtp::header::Header, keyframe_start: bool) {
+        let seq = header.sequence_number;
+        if keyframe_start && self.next_in.is_some_and(|n| n != seq) {
+            // Resuming after a drop: continue right after the last packet sent.
+            let last_out = self
+                .next_in
+                .unwrap_or(seq)
+                .wrapping_sub(1)
+                .wrapping_add(self.offset);
+            self.offset = last_out.wrapping_add(1).wrapping_sub(seq);
+        }
+        self.next_in = Some(seq.wrapping_add(1));
+        header.sequence_number = seq.wrapping_add(self.offset);
+        header.ssrc = self.ssrc;
+        header.payload_type = self.payload_type;
+    }
+}
+
+/// Empties one agent's queue into its peer connection.
+async fn write_agent(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Forward>,
+    tracks: Vec<LocalTrack>,
+    depth: prometheus::IntGauge,
+) {
+    let mut lanes = Vec::new();
+    for LocalTrack {
+        kind,
+        mime,
+        ssrc,
+        track,
+        sender,
+    } in tracks
+    {
+        let payload_type = match sender.get_parameters().await {
+            Ok(p) => p
+                .rtp_parameters
+                .codecs
+                .iter()
+                .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
+                .map(|c| c.payload_type),
+            Err(_) => None,
+        };
+        let Some(payload_type) = payload_type else {
+            tracing::warn!(%mime, "agent did not negotiate the customer's codec");
+            continue;
+        };
+        lanes.push((
+            kind,
+            track,
+            Rewrite {
+                ssrc,
+                payload_type,
+                offset: 0,
+                next_in: None,
+            },
+        ));
+    }
+    let latency = shared.inner.metrics.forward_latency_seconds.clone();
+    while let Some(mut f) = rx.recv().await {
+        depth.set(rx.len() as i64);
+        let Some((_, track, rewrite)) = lanes.iter_mut().find(|l| l.0 == f.kind) else {
+            continue;
+        };
+        rewrite.apply(&mut f.packet.header, f.keyframe_start);
+        let mut result = track.write_rtp(f.packet.clone()).await;
+        // Right after negotiation the sender may not be bound yet: wait briefly.
+        let mut tries = 0;
+        while result.is_err() && tries < 50 {
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            result = track.write_rtp(f.packet.clone()).await;
+        }
+        if result.is_err() {
+            continue;
+        }
+        latency.observe(f.arrived.elapsed().as_secs_f64());
+    }
+    depth.set(0);
+}
+
+/// An agent's RTCP feedback: PLI/FIR become coalesced keyframe requests, receiver
+/// reports feed its statistics.
+async fn read_feedback(shared: Arc<Shared>, id: SubscriberId, track: Arc<TrackLocalStaticRTP>) {
+    while let Some(event) = track.poll().await {
+        let TrackLocalEvent::OnRtcpPacket(packets) = event else {
+            continue;
+        };
+        for packet in packets {
+            let any = packet.as_any();
+            if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+                shared.with_plane(|p| p.fanout.keyframe_requested(Instant::now(), id));
+            } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                for r in &rr.reports {
+                    shared.with_plane(|p| {
+                        p.fanout
+                            .receiver_report(id, r.fraction_lost, r.total_lost, r.jitter)
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// An agent's input events: checked against its permission, one by one, and forwarded
+/// unchanged to the customer.
+async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn DataChannel>) {
+    let metrics = shared.inner.metrics.clone();
+    let count = |outcome: &str| {
+        metrics
+            .input_events_total
+            .with_label_values(&[outcome])
+            .inc()
+    };
+    let mut last_warning: Option<Instant> = None;
+    while let Some(event) = channel.poll().await {
+        let DataChannelEvent::OnMessage(msg) = event else {
+            continue;
+        };
+        if msg.is_string || relay_codec::input::decode(&msg.data).is_err() {
+            count("malformed");
+            continue;
+        }
+        let grant = lock(&shared.grants).get(&pid).copied();
+        let allowed = matches!(grant, Some((Role::Host | Role::Agent, Permission::Control)));
+        if !allowed {
+            count("refused_view_only");
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_warning = Some(Instant::now());
+                shared
+                    .tell(
+                        &pid,
+                        ServerMsg::Error {
+                            code: ErrorCode::Forbidden,
+                            message: "you have view-only permission: your input is not delivered"
+                                .to_owned(),
+                            reference: None,
+                        },
+                    )
+                    .await;
+            }
+            continue;
+        }
+        let customer = lock(&shared.customer_input).clone();
+        let Some(customer) = customer else {
+            count("no_customer");
+            continue;
+        };
+        let mut data: BytesMut = msg.data;
+        let seq = shared.input_seq.fetch_add(1, Ordering::Relaxed);
+        data[relay_codec::input::SEQ_RANGE].copy_from_slice(&seq.to_le_bytes());
+        match customer.send(data).await {
+            Ok(()) => count("delivered"),
+            Err(_) => count("no_customer"),
+        }
+    }
+}
