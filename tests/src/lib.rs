@@ -272,6 +272,9 @@ fn file_tail(path: &Path, n: usize) -> String {
 // Starting a relay
 // ---------------------------------------------------------------------------------
 
+/// Media port blocks handed out in this test process.
+static MEDIA_PORT_BLOCKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Configuration of a relay to start. Every key of `relay.toml` is written out with the
 /// documented defaults; the knobs below change one each. Durations are humantime
 /// strings (`"2s"`, `"10m"`).
@@ -318,10 +321,21 @@ impl RelayBuilder {
             [log]
             level = "info"
         };
+        // Each relay gets its own block of media ports, so relays started by tests
+        // running in parallel never race for the same port.
+        let block = MEDIA_PORT_BLOCKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = 20_000 + ((std::process::id() as u64 * 7 + block) % 190) * 100;
         RelayBuilder {
             config,
             extra: Vec::new(),
         }
+        .set("media", "udp_port_min", base as i64)
+        .set("media", "udp_port_max", (base + 99) as i64)
+    }
+
+    /// `media.agent_queue_packets`: RTP packets queued per agent.
+    pub fn agent_queue_packets(self, n: i64) -> Self {
+        self.set("media", "agent_queue_packets", n)
     }
 
     fn set(mut self, section: &str, key: &str, value: impl Into<toml::Value>) -> Self {

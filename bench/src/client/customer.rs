@@ -1,0 +1,485 @@
+//! The customer: shares its screen (frames from a [`FrameSource`]) with the relay and
+//! receives agents' input events on its `input` data channel.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use relay_codec::input::{InputError, InputEvent, decode};
+use relay_codec::wire::{ClientMsg, ServerMsg};
+use rtc::interceptor::Registry;
+use rtc::media::Sample;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionState};
+use webrtc::rtp_transceiver::RtpSender;
+
+use super::codec::{VideoCodec, frame_digest};
+use super::peer::{
+    self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
+};
+use super::rtcp::{KeyframeRequestKind, keyframe_requests, with_keyframe_request_marker};
+use super::signalling::{Signalling, SignallingSender, SignallingTasks, Transcript, Welcome};
+use super::source::FrameSource;
+use super::{ClientError, INPUT_LABEL};
+
+/// How a [`Customer`] connects and publishes.
+#[derive(Debug, Clone)]
+pub struct CustomerOptions {
+    /// Frames per second to publish.
+    pub fps: f64,
+    /// Local UDP address for the peer connection (one host candidate).
+    pub bind: SocketAddr,
+    /// How long to wait for the relay's `welcome`.
+    pub welcome_timeout: Duration,
+}
+
+impl Default for CustomerOptions {
+    /// 15 fps, `127.0.0.1:0`, 10 s.
+    fn default() -> Self {
+        CustomerOptions {
+            fps: 15.0,
+            bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            welcome_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A frame the customer handed to its video track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentFrame {
+    /// Publishing order, from 0.
+    pub index: u64,
+    /// [`Frame::index`](super::Frame::index) of the source frame (files loop, so
+    /// several sent frames share one).
+    pub source_index: u64,
+    /// [`frame_digest`] of the frame.
+    pub digest: [u8; 32],
+    /// Whether it is a keyframe.
+    pub is_keyframe: bool,
+    /// Whether it was sent because of a keyframe request.
+    pub requested: bool,
+    /// Bytes in the frame.
+    pub size: usize,
+    /// When it was handed to the track (just before packetization).
+    pub sent_at: Instant,
+}
+
+/// An input event that arrived on the customer's `input` channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedInput {
+    /// The decoded event, or why the bytes are not one.
+    pub event: Result<InputEvent, InputError>,
+    /// When it arrived.
+    pub received_at: Instant,
+}
+
+/// A keyframe request (RTCP PLI or FIR) the relay sent to the customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyframeRequest {
+    /// PLI or FIR.
+    pub kind: KeyframeRequestKind,
+    /// When it reached the application.
+    pub received_at: Instant,
+}
+
+#[derive(Default)]
+struct Records {
+    sent: Vec<SentFrame>,
+    inputs: Vec<ReceivedInput>,
+    keyframe_requests: Vec<KeyframeRequest>,
+    publish_error: Option<String>,
+}
+
+/// A customer connected to a session: one peer connection carrying one `sendonly`
+/// video track and the `input` data channel.
+///
+/// [`Customer::connect`] reads `welcome`, builds the peer connection (the source's codec
+/// only), sends the offer and returns; the answer and candidates are applied in the
+/// background. Once the connection is up the source's frames are published at
+/// [`CustomerOptions::fps`]. A keyframe request from the relay makes the next frame
+/// the source's next keyframe. Everything sent and received is recorded; dropping the
+/// customer stops it (call [`Customer::close`] to leave cleanly).
+pub struct Customer {
+    welcome: Welcome,
+    codec: VideoCodec,
+    pc: Arc<dyn PeerConnection>,
+    shared: Arc<PeerShared>,
+    signal: SignallingSender,
+    transcript: Transcript,
+    state: watch::Receiver<RTCPeerConnectionState>,
+    input_open: watch::Receiver<bool>,
+    records: Arc<Mutex<Records>>,
+    messages: Arc<Mutex<Vec<DataChannelMessage>>>,
+    others: tokio::sync::Mutex<mpsc::Receiver<ServerMsg>>,
+    publishing: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+    _signalling: SignallingTasks,
+}
+
+impl Drop for Customer {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Customer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Customer")
+            .field("participant_id", &self.welcome.you.participant_id)
+            .field("codec", &self.codec)
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Customer {
+    /// Connects to the session WebSocket `ws_url` (from `POST /v1/join`) and starts
+    /// negotiating; see the type's documentation.
+    pub async fn connect(
+        ws_url: &str,
+        tls: Arc<rustls::ClientConfig>,
+        source: FrameSource,
+        options: CustomerOptions,
+    ) -> Result<Self, ClientError> {
+        if !(options.fps.is_finite() && options.fps > 0.0) {
+            return Err(ClientError::Protocol(format!("bad fps {}", options.fps)));
+        }
+        let mut signalling = Signalling::connect(ws_url, tls).await?;
+        let welcome = signalling.welcome(options.welcome_timeout).await?;
+        let (signal, incoming, transcript, signalling_tasks) = signalling.into_parts();
+
+        let codec = source.codec();
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_codec(codec.rtp_codec_parameters(), RtpCodecKind::Video)?;
+        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        let registry = with_keyframe_request_marker(registry);
+
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let records = Arc::new(Mutex::new(Records::default()));
+        let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
+        let on_data_channel = {
+            // Channels the relay opens are recorded too: nothing should arrive there.
+            let messages = Arc::clone(&messages);
+            move |dc| {
+                tokio::spawn(peer::record_data_channel(
+                    dc,
+                    Arc::clone(&messages),
+                    None,
+                    |_| {},
+                ));
+            }
+        };
+        let shared = Arc::new(PeerShared {
+            signal: signal.clone(),
+            state_tx,
+            first_mid: Mutex::new(None),
+            stats: Mutex::new(NegotiationStats::default()),
+            on_track: None,
+            on_data_channel: Box::new(on_data_channel),
+        });
+        let pc =
+            peer::build_peer_connection(options.bind, media_engine, registry, Arc::clone(&shared))
+                .await?;
+
+        let ssrc = rand::random::<u32>();
+        let track = Arc::new(TrackLocalStaticSample::new(
+            Instant::now(),
+            MediaStreamTrack::new(
+                "screen".to_owned(),
+                "screen-video".to_owned(),
+                "screen".to_owned(),
+                RtpCodecKind::Video,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: codec.rtp_codec_parameters().rtp_codec,
+                    ..Default::default()
+                }],
+            ),
+        )?);
+        // add_track binds the track at once, so its RTCP feedback can be polled from now.
+        let sender = pc
+            .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+            .await?;
+        let input = pc.create_data_channel(INPUT_LABEL, None).await?;
+
+        let keyframe_wanted = Arc::new(AtomicBool::new(false));
+        let publishing = Arc::new(AtomicBool::new(true));
+        let (open_tx, input_open) = watch::channel(false);
+        let (others_tx, others_rx) = mpsc::channel(OTHER_MESSAGES_QUEUE);
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(watch_keyframe_requests(
+            Arc::clone(&track),
+            Arc::clone(&records),
+            Arc::clone(&keyframe_wanted),
+        )));
+        tasks.push(tokio::spawn({
+            let records = Arc::clone(&records);
+            peer::record_data_channel(input, Arc::clone(&messages), Some(open_tx), move |msg| {
+                lock(&records).inputs.push(ReceivedInput {
+                    event: decode(&msg.data),
+                    received_at: msg.received_at,
+                });
+            })
+        }));
+        tasks.push(tokio::spawn(peer::run_negotiation(
+            Arc::clone(&pc),
+            Arc::clone(&shared),
+            incoming,
+            others_tx,
+            |_| {},
+        )));
+        tasks.push(tokio::spawn(publish(Publisher {
+            track,
+            sender,
+            ssrc,
+            source,
+            fps: options.fps,
+            state: state.clone(),
+            records: Arc::clone(&records),
+            keyframe_wanted,
+            publishing: Arc::clone(&publishing),
+        })));
+
+        Ok(Customer {
+            welcome,
+            codec,
+            pc,
+            shared,
+            signal,
+            transcript,
+            state,
+            input_open,
+            records,
+            messages,
+            others: tokio::sync::Mutex::new(others_rx),
+            publishing,
+            tasks,
+            _signalling: signalling_tasks,
+        })
+    }
+
+    /// The relay's `welcome`.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The codec published (the source's).
+    pub fn codec(&self) -> VideoCodec {
+        self.codec
+    }
+
+    /// The peer connection, for statistics and anything this type does not cover.
+    pub fn peer_connection(&self) -> &Arc<dyn PeerConnection> {
+        &self.pc
+    }
+
+    /// Waits until the peer connection is connected (ICE and DTLS done).
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), ClientError> {
+        peer::wait_connected(self.state.clone(), timeout).await
+    }
+
+    /// Waits until the `input` data channel is open.
+    pub async fn wait_input_open(&self, timeout: Duration) -> Result<(), ClientError> {
+        peer::wait_open(self.input_open.clone(), timeout, "the input data channel").await
+    }
+
+    /// The peer connection's state now.
+    pub fn connection_state(&self) -> RTCPeerConnectionState {
+        *self.state.borrow()
+    }
+
+    /// Stops (`false`) or resumes (`true`) publishing frames; the track stays.
+    pub fn set_publishing(&self, on: bool) {
+        self.publishing.store(on, Ordering::Relaxed);
+    }
+
+    /// Every frame handed to the track so far.
+    pub fn sent_frames(&self) -> Vec<SentFrame> {
+        lock(&self.records).sent.clone()
+    }
+
+    /// How many frames were handed to the track.
+    pub fn frames_sent(&self) -> usize {
+        lock(&self.records).sent.len()
+    }
+
+    /// Why publishing stopped, if it did (a write to the track failed).
+    pub fn publish_error(&self) -> Option<String> {
+        lock(&self.records).publish_error.clone()
+    }
+
+    /// Input events received on the `input` channel, decoded, in arrival order.
+    pub fn input_events(&self) -> Vec<ReceivedInput> {
+        lock(&self.records).inputs.clone()
+    }
+
+    /// Every data-channel message received, raw, on any channel (for leak checks).
+    pub fn data_channel_messages(&self) -> Vec<DataChannelMessage> {
+        lock(&self.messages).clone()
+    }
+
+    /// Keyframe requests (PLI/FIR) received from the relay.
+    pub fn keyframe_requests(&self) -> Vec<KeyframeRequest> {
+        lock(&self.records).keyframe_requests.clone()
+    }
+
+    /// How many keyframe requests were received.
+    pub fn keyframe_request_count(&self) -> usize {
+        lock(&self.records).keyframe_requests.len()
+    }
+
+    /// Offer/answer counters and errors.
+    pub fn negotiation(&self) -> NegotiationStats {
+        lock(&self.shared.stats).clone()
+    }
+
+    /// Every text frame the relay sent on the session WebSocket.
+    pub fn transcript(&self) -> Transcript {
+        self.transcript.clone()
+    }
+
+    /// Sends a message on the session WebSocket (chat, leave, ping).
+    pub async fn send(&self, msg: &ClientMsg) -> Result<(), ClientError> {
+        self.signal.send(msg).await
+    }
+
+    /// The next message from the relay that is not part of media negotiation (chat,
+    /// roster changes, errors, `session_ended`), within `timeout`.
+    pub async fn next_message(&self, timeout: Duration) -> Result<ServerMsg, ClientError> {
+        let mut others = self.others.lock().await;
+        match tokio::time::timeout(timeout, others.recv()).await {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(ClientError::SignallingClosed),
+            Err(_) => Err(ClientError::Timeout("a relay message")),
+        }
+    }
+
+    /// Stops publishing, closes the peer connection and the WebSocket (without `leave`).
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.set_publishing(false);
+        let closed = self.pc.close().await;
+        let _ = self.signal.close().await;
+        // Give the writer a moment to send the close frame before the tasks are aborted.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        closed.map_err(ClientError::from)
+    }
+}
+
+/// Counts the keyframe requests delivered to the track and raises `keyframe_wanted`.
+async fn watch_keyframe_requests(
+    track: Arc<TrackLocalStaticSample>,
+    records: Arc<Mutex<Records>>,
+    keyframe_wanted: Arc<AtomicBool>,
+) {
+    while let Some(event) = track.poll().await {
+        let TrackLocalEvent::OnRtcpPacket(packets) = event else {
+            continue;
+        };
+        let kinds = keyframe_requests(&packets);
+        if kinds.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        lock(&records)
+            .keyframe_requests
+            .extend(kinds.into_iter().map(|kind| KeyframeRequest {
+                kind,
+                received_at: now,
+            }));
+        keyframe_wanted.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Publisher {
+    track: Arc<TrackLocalStaticSample>,
+    sender: Arc<dyn RtpSender>,
+    ssrc: u32,
+    source: FrameSource,
+    fps: f64,
+    state: watch::Receiver<RTCPeerConnectionState>,
+    records: Arc<Mutex<Records>>,
+    keyframe_wanted: Arc<AtomicBool>,
+    publishing: Arc<AtomicBool>,
+}
+
+/// Waits for the connection, then writes one frame per tick; a pending keyframe request
+/// makes the frame the source's next keyframe.
+async fn publish(mut p: Publisher) {
+    if p.state
+        .wait_for(|s| *s == RTCPeerConnectionState::Connected)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let fail = |records: &Mutex<Records>, what: String| {
+        tracing::warn!(error = %what, "customer: publishing stopped");
+        lock(records).publish_error = Some(what);
+    };
+    // write_sample stamps this on every packet; the core refuses any other.
+    let payload_type = match p.sender.get_parameters().await {
+        Ok(params) => match params.rtp_parameters.codecs.first() {
+            Some(codec) => codec.payload_type,
+            None => return fail(&p.records, "the sender has no negotiated codec".into()),
+        },
+        Err(e) => return fail(&p.records, format!("sender parameters: {e}")),
+    };
+    let interval = Duration::from_secs_f64(1.0 / p.fps);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let codec = p.source.codec();
+    let mut index = 0u64;
+    loop {
+        ticker.tick().await;
+        if !p.publishing.load(Ordering::Relaxed) {
+            continue;
+        }
+        let requested = p.keyframe_wanted.swap(false, Ordering::Relaxed);
+        let frame = if requested {
+            p.source.next_keyframe()
+        } else {
+            p.source.next_frame()
+        };
+        let sent_at = Instant::now();
+        let sample = Sample {
+            data: frame.data.clone(),
+            duration: interval,
+            ..Sample::new(sent_at)
+        };
+        let record = SentFrame {
+            index,
+            source_index: frame.index,
+            digest: frame_digest(codec, &frame.data),
+            is_keyframe: frame.is_keyframe,
+            requested,
+            size: frame.data.len(),
+            sent_at,
+        };
+        // Recorded before the write, so a receiver can never see a frame the record
+        // does not hold yet.
+        lock(&p.records).sent.push(record);
+        index += 1;
+        if let Err(e) = p
+            .track
+            .write_sample(p.ssrc, payload_type, &sample, &[])
+            .await
+        {
+            return fail(&p.records, format!("write_sample: {e}"));
+        }
+    }
+}

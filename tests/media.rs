@@ -1,0 +1,383 @@
+//! End-to-end tests of the media plane: the real `relay` binary on loopback, real
+//! `webrtc` peers (the native client of `relay-bench`), real encoded frames from the
+//! committed fixtures. Each test asserts what a participant would notice: frames that
+//! arrive whole and in order, input that arrives or never does, a masked agent the
+//! customer never learns of, a stalled agent that does not hurt the others.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use relay_bench::client::{
+    Agent, AgentOptions, Customer, CustomerOptions, FrameSource, ReceivedFrame, SentFrame,
+    tls_trusting_pem_file,
+};
+use relay_codec::input::{InputEvent, InputKind};
+use relay_e2e::wire::{ErrorCode, InviteTarget, Permission, Visibility};
+use relay_e2e::{ExpectRefusal, Relay, RelayBuilder};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// A session with a host, seven invited agents and a customer publishing `fixture`.
+struct Session {
+    relay: Relay,
+    customer: Customer,
+    /// Host first, then the invited agents in invitation order.
+    agents: Vec<(String, Agent)>,
+    masked_id: String,
+}
+
+/// Names of the agents: index 1 is masked, index 2 is view-only.
+const NAMES: [&str; 8] = [
+    "Alice Host",
+    "Mallory Masked",
+    "Victor Viewonly",
+    "Agent Three",
+    "Agent Four",
+    "Agent Five",
+    "Agent Six",
+    "Agent Seven",
+];
+
+async fn eight_agents_and_a_customer(fixture_name: &str) -> Result<Session> {
+    relay_e2e::install_crypto();
+    let relay = RelayBuilder::new().start().await?;
+    let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
+    let host_jwt = relay.token("a0", NAMES[0], &["support"], false);
+    let session = relay
+        .create_session(&host_jwt, "support", Visibility::Visible)
+        .await?;
+    let sid = session.session_id.clone();
+    let mut urls = vec![(NAMES[0].to_owned(), session.host.ws_url.clone())];
+    let mut masked_id = String::new();
+    for (i, name) in NAMES.iter().enumerate().skip(1) {
+        let id = format!("a{i}");
+        let jwt = relay.token(&id, name, &["support"], false);
+        let visibility = if i == 1 {
+            Visibility::Masked
+        } else {
+            Visibility::Visible
+        };
+        let permission = if i == 2 {
+            Permission::View
+        } else {
+            Permission::Control
+        };
+        let inv = relay
+            .invite(
+                &host_jwt,
+                &sid,
+                InviteTarget::Agent(id.clone()),
+                visibility,
+                permission,
+                None,
+            )
+            .await?;
+        let creds = relay.accept(&jwt, &inv.invitation_id).await?;
+        if i == 1 {
+            masked_id = creds.participant_id.clone();
+        }
+        urls.push((name.to_string(), creds.ws_url));
+    }
+    // A ninth agent is refused: eight is the limit.
+    relay
+        .invite(
+            &host_jwt,
+            &sid,
+            InviteTarget::Agent("a8".into()),
+            Visibility::Visible,
+            Permission::View,
+            None,
+        )
+        .await
+        .refused(409, ErrorCode::SessionFull)?;
+
+    // Agents connect together, before there is media (they renegotiate when it comes).
+    let connects = urls.iter().map(|(name, url)| {
+        let tls = tls.clone();
+        async move {
+            let agent = Agent::connect(url, tls, AgentOptions::default())
+                .await
+                .with_context(|| format!("{name} connects"))?;
+            agent
+                .wait_connected(WAIT)
+                .await
+                .with_context(|| format!("{name}'s peer connection"))?;
+            anyhow::Ok((name.clone(), agent))
+        }
+    });
+    let agents = futures_util::future::try_join_all(connects).await?;
+
+    let carol = relay.join("Carol Customer", &session.support_key).await?;
+    let source = FrameSource::open(fixture(fixture_name))?;
+    let customer = Customer::connect(&carol.ws_url, tls, source, CustomerOptions::default())
+        .await
+        .context("customer connects")?;
+    customer
+        .wait_connected(WAIT)
+        .await
+        .context("customer's peer connection")?;
+    customer
+        .wait_input_open(WAIT)
+        .await
+        .context("customer's input channel")?;
+    Ok(Session {
+        relay,
+        customer,
+        agents,
+        masked_id,
+    })
+}
+
+/// Maps each received frame to the index of the frame the customer sent with the same
+/// digest most recently before it arrived (the fixture loops, so digests repeat).
+fn sent_indices(sent: &[SentFrame], received: &[ReceivedFrame]) -> Result<Vec<u64>> {
+    let mut by_digest: HashMap<[u8; 32], Vec<&SentFrame>> = HashMap::new();
+    for s in sent {
+        by_digest.entry(s.digest).or_default().push(s);
+    }
+    received
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            by_digest
+                .get(&r.digest)
+                .and_then(|v| v.iter().rev().find(|s| s.sent_at <= r.received_at))
+                .map(|s| s.index)
+                .with_context(|| format!("received frame #{i} matches no frame the customer sent"))
+        })
+        .collect()
+}
+
+/// Every frame from the first one received on, complete (digest equal to the source's)
+/// and in order, with none missing.
+fn assert_complete_and_in_order(
+    name: &str,
+    sent: &[SentFrame],
+    frames: &[ReceivedFrame],
+) -> Result<()> {
+    ensure!(
+        frames.len() >= 20,
+        "{name} received only {} frames",
+        frames.len()
+    );
+    ensure!(
+        frames[0].is_keyframe,
+        "{name}'s first frame is not a keyframe"
+    );
+    let idx = sent_indices(sent, frames).with_context(|| name.to_owned())?;
+    for w in idx.windows(2) {
+        ensure!(
+            w[1] == w[0] + 1,
+            "{name}: after sent frame {} came sent frame {} (frames missing or out of order)",
+            w[0],
+            w[1]
+        );
+    }
+    Ok(())
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn moves(range: std::ops::Range<u32>, x: u16) -> Vec<InputEvent> {
+    range
+        .map(|i| InputEvent {
+            seq: i,
+            kind: InputKind::MouseMove { x, y: i as u16 },
+        })
+        .collect()
+}
+
+async fn fan_out_to_eight_agents(fixture_name: &str) -> Result<()> {
+    let s = eight_agents_and_a_customer(fixture_name).await?;
+    for (name, agent) in &s.agents {
+        agent
+            .wait_frames(45, WAIT)
+            .await
+            .with_context(|| format!("{name} receives frames"))?;
+    }
+
+    // Input: the host (control) sends a burst, the view-only agent another; only the
+    // host's arrive, all of them, in order, renumbered by the relay without gaps.
+    let (host, viewer) = (&s.agents[0].1, &s.agents[2].1);
+    host.wait_input_open(WAIT).await?;
+    viewer.wait_input_open(WAIT).await?;
+    let from_host = moves(0..100, 1111);
+    let from_viewer = moves(0..20, 2222);
+    for e in &from_viewer {
+        viewer.send_input(e).await?;
+    }
+    for e in &from_host {
+        host.send_input(e).await?;
+    }
+    wait_until("the host's input", || {
+        s.customer.input_events().len() >= from_host.len()
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<InputEvent> = s
+        .customer
+        .input_events()
+        .into_iter()
+        .map(|r| r.event)
+        .collect::<std::result::Result<_, _>>()?;
+    ensure!(
+        got.iter()
+            .map(|e| &e.kind)
+            .eq(from_host.iter().map(|e| &e.kind)),
+        "the customer got {} events, not exactly the host's 100 in order",
+        got.len()
+    );
+    ensure!(got.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    let refused = s
+        .relay
+        .metric("relay_input_events_total{outcome=\"refused_view_only\"}")
+        .await?;
+    ensure!(
+        refused == Some(20.0),
+        "refused view-only events: {refused:?}"
+    );
+    ensure!(
+        viewer.transcript().messages().iter().any(|m| matches!(
+            m,
+            relay_e2e::wire::ServerMsg::Error {
+                code: ErrorCode::Forbidden,
+                ..
+            }
+        )),
+        "the view-only agent was not told its input is refused"
+    );
+
+    // Let more frames flow, then stop the customer and compare.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.customer.set_publishing(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = s.customer.sent_frames();
+    for (name, agent) in &s.agents {
+        assert_complete_and_in_order(name, &sent, &agent.frames())?;
+    }
+
+    // Keyframe requests of agents joining together were coalesced.
+    let requests_sent = s
+        .relay
+        .metric("relay_keyframe_requests_total{outcome=\"sent\"}")
+        .await?
+        .unwrap_or(0.0);
+    let coalesced = s
+        .relay
+        .metric("relay_keyframe_requests_total{outcome=\"coalesced\"}")
+        .await?
+        .unwrap_or(0.0);
+    ensure!(
+        requests_sent <= 3.0 && coalesced >= 5.0,
+        "8 agents joining caused {requests_sent} keyframe requests ({coalesced} coalesced)"
+    );
+    ensure!(
+        s.customer.keyframe_request_count() <= 4,
+        "the customer got {} keyframe requests",
+        s.customer.keyframe_request_count()
+    );
+
+    // The customer never learns of the masked agent: not in signalling, not on data
+    // channels.
+    for text in s.customer.transcript().texts() {
+        ensure!(
+            !text.contains(NAMES[1]) && !text.contains(&s.masked_id) && !text.contains("\"a1\""),
+            "the customer saw the masked agent: {text}"
+        );
+    }
+    for msg in s.customer.data_channel_messages() {
+        let text = String::from_utf8_lossy(&msg.data);
+        ensure!(!text.contains(NAMES[1]) && !text.contains(&s.masked_id));
+    }
+    let forwarded = s.relay.metric("relay_rtp_packets_forwarded_total").await?;
+    ensure!(forwarded.unwrap_or(0.0) > 0.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vp8_reaches_eight_agents_whole_and_in_order_with_input_and_masking() -> Result<()> {
+    fan_out_to_eight_agents("screen-vp8.ivf").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h264_reaches_eight_agents_whole_and_in_order_with_input_and_masking() -> Result<()> {
+    fan_out_to_eight_agents("screen-h264.h264").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_agent_recovers_at_a_keyframe_and_the_others_lose_nothing() -> Result<()> {
+    let s = eight_agents_and_a_customer("screen-vp8.ivf").await?;
+    for (name, agent) in &s.agents {
+        agent
+            .wait_frames(20, WAIT)
+            .await
+            .with_context(|| format!("{name} receives frames"))?;
+    }
+    let stalled = &s.agents[3].1;
+    let host = &s.agents[0].1;
+    let packets = host.receive_stats().rtp_packets;
+    stalled.pause();
+    let paused_at = Instant::now();
+    // More than the client's own track queue holds, so the stalled agent loses packets.
+    wait_until("the host to receive 400 more packets", || {
+        host.receive_stats().rtp_packets >= packets + 400
+    })
+    .await?;
+    stalled.resume();
+    let resumed_at = Instant::now();
+    // It gets back to a whole picture: a keyframe sent after it resumed (what it reads
+    // first is what its own client queued while it was stalled).
+    let fresh_keyframe = |frames: &[ReceivedFrame], sent: &[SentFrame]| {
+        frames.iter().position(|f| {
+            f.is_keyframe
+                && f.received_at > resumed_at
+                && sent
+                    .iter()
+                    .rev()
+                    .find(|x| x.digest == f.digest && x.sent_at <= f.received_at)
+                    .is_some_and(|x| x.sent_at > resumed_at)
+        })
+    };
+    wait_until("a fresh keyframe at the stalled agent", || {
+        fresh_keyframe(&stalled.frames(), &s.customer.sent_frames()).is_some()
+    })
+    .await?;
+    wait_until("25 frames after the recovery", || {
+        let frames = stalled.frames();
+        fresh_keyframe(&frames, &s.customer.sent_frames())
+            .is_some_and(|start| frames.len() - start >= 25)
+    })
+    .await?;
+    s.customer.set_publishing(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = s.customer.sent_frames();
+    for (i, (name, agent)) in s.agents.iter().enumerate() {
+        if i == 3 {
+            continue;
+        }
+        assert_complete_and_in_order(name, &sent, &agent.frames())?;
+    }
+    // From its recovery keyframe on, the stalled agent's frames are whole and in order.
+    let frames = stalled.frames();
+    let start = fresh_keyframe(&frames, &sent).context("recovery keyframe")?;
+    assert_complete_and_in_order("the stalled agent after recovery", &sent, &frames[start..])?;
+    ensure!(paused_at < resumed_at);
+    Ok(())
+}
