@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::config::MediaConfig;
 use crate::metrics::Metrics;
@@ -139,8 +140,10 @@ impl MediaPlane {
 
     fn spawn_session(&self, id: SessionId) -> mpsc::Sender<Event> {
         let (tx, rx) = mpsc::channel(SESSION_EVENT_QUEUE);
+        let id_for_span = id.as_str().to_owned();
         let media = SessionMedia::new(id, self.inner.clone(), tx.downgrade());
-        tokio::spawn(media.run(rx));
+        let span = tracing::info_span!("media", session = %id_for_span);
+        tokio::spawn(media.run(rx).instrument(span));
         tx
     }
 }

@@ -218,9 +218,6 @@ impl SessionMedia {
 
     /// Processes the session's events until it ends.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
-        let span = tracing::info_span!("media", session = %self.shared.id.as_str());
-        let _enter = span.enter();
-        drop(_enter);
         let requester = tokio::spawn(request_keyframes(self.shared.clone()));
         loop {
             let due = lock(&self.shared.plane).fanout.poll_timeout();
@@ -685,14 +682,10 @@ struct Rewrite {
 impl Rewrite {
     fn apply(&mut self, header: &mut rtp::header::Header, keyframe_start: bool) {
         let seq = header.sequence_number;
-        if keyframe_start && self.next_in.is_some_and(|n| n != seq) {
-            // Resuming after a drop: continue right after the last packet sent.
-            let last_out = self
-                .next_in
-                .unwrap_or(seq)
-                .wrapping_sub(1)
-                .wrapping_add(self.offset);
-            self.offset = last_out.wrapping_add(1).wrapping_sub(seq);
+        if let Some(next_in) = self.next_in.filter(|&n| keyframe_start && n != seq) {
+            // Resuming after a drop: continue right after the last packet sent, whose
+            // outgoing number was `next_in - 1 + offset`.
+            self.offset = next_in.wrapping_add(self.offset).wrapping_sub(seq);
         }
         self.next_in = Some(seq.wrapping_add(1));
         header.sequence_number = seq.wrapping_add(self.offset);
@@ -739,26 +732,35 @@ async fn write_agent(
                 offset: 0,
                 next_in: None,
             },
+            false,
         ));
     }
     let latency = shared.inner.metrics.forward_latency_seconds.clone();
     while let Some(mut f) = rx.recv().await {
         depth.set(rx.len() as i64);
-        let Some((_, track, rewrite)) = lanes.iter_mut().find(|l| l.0 == f.kind) else {
+        let Some((_, track, rewrite, bound)) = lanes.iter_mut().find(|l| l.0 == f.kind) else {
             continue;
         };
         rewrite.apply(&mut f.packet.header, f.keyframe_start);
-        let mut result = track.write_rtp(f.packet.clone()).await;
-        // Right after negotiation the sender may not be bound yet: wait briefly.
-        let mut tries = 0;
-        while result.is_err() && tries < 50 {
-            tries += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            result = track.write_rtp(f.packet.clone()).await;
-        }
+        let result = if *bound {
+            track.write_rtp(f.packet).await
+        } else {
+            // Right after negotiation the sender may not be bound yet: until its first
+            // write succeeds, wait briefly and retry (only then is the packet cloned).
+            let mut result = track.write_rtp(f.packet.clone()).await;
+            for _ in 0..50 {
+                if result.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                result = track.write_rtp(f.packet.clone()).await;
+            }
+            result
+        };
         if result.is_err() {
             continue;
         }
+        *bound = true;
         latency.observe(f.arrived.elapsed().as_secs_f64());
     }
     depth.set(0);
@@ -838,5 +840,40 @@ async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn Da
             Ok(()) => count("delivered"),
             Err(_) => count("no_customer"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rewrite;
+    use rtc::rtp::header::Header;
+
+    fn out(r: &mut Rewrite, seq: u16, keyframe_start: bool) -> u16 {
+        let mut h = Header {
+            sequence_number: seq,
+            ..Default::default()
+        };
+        r.apply(&mut h, keyframe_start);
+        assert_eq!((h.ssrc, h.payload_type), (7, 96));
+        h.sequence_number
+    }
+
+    #[test]
+    fn sequence_numbers_close_the_hole_left_by_a_drop_and_keep_upstream_gaps() {
+        let mut r = Rewrite {
+            ssrc: 7,
+            payload_type: 96,
+            offset: 0,
+            next_in: None,
+        };
+        assert_eq!(out(&mut r, 65534, true), 65534);
+        assert_eq!(out(&mut r, 65535, false), 65535);
+        // Packets 0..=9 skipped (waiting for a keyframe): the keyframe follows on.
+        assert_eq!(out(&mut r, 10, true), 0);
+        assert_eq!(out(&mut r, 11, false), 1);
+        // An upstream loss inside a frame stays visible, so the agent can NACK it.
+        assert_eq!(out(&mut r, 13, false), 3);
+        // A keyframe right after the previous packet changes nothing.
+        assert_eq!(out(&mut r, 14, true), 4);
     }
 }
