@@ -381,3 +381,422 @@ async fn a_stalled_agent_recovers_at_a_keyframe_and_the_others_lose_nothing() ->
     ensure!(paused_at < resumed_at);
     Ok(())
 }
+
+// ----- chat and file transfer on data channels ---------------------------------------
+
+/// A smaller session for the data-channel tests: a host, a masked agent with control,
+/// a view-only agent and a customer, every one with open `chat` and `files` channels
+/// that the relay has taken into use.
+struct Small {
+    relay: Relay,
+    customer: Customer,
+    host: Agent,
+    masked: Agent,
+    viewer: Agent,
+    masked_id: String,
+}
+
+/// Names in [`Small`]: the masked agent's must never reach the customer.
+const HOST: &str = "Alice Host";
+const MASKED: &str = "Mallory Masked";
+const VIEWER: &str = "Victor Viewonly";
+
+async fn host_masked_viewer_and_customer(
+    builder: RelayBuilder,
+    auto_accept: bool,
+) -> Result<Small> {
+    relay_e2e::install_crypto();
+    let relay = builder.start().await?;
+    let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
+    let host_jwt = relay.token("a0", HOST, &["support"], false);
+    let session = relay
+        .create_session(&host_jwt, "support", Visibility::Visible)
+        .await?;
+    let sid = session.session_id.clone();
+    let mut creds = Vec::new();
+    for (id, name, visibility, permission) in [
+        ("a1", MASKED, Visibility::Masked, Permission::Control),
+        ("a2", VIEWER, Visibility::Visible, Permission::View),
+    ] {
+        let jwt = relay.token(id, name, &["support"], false);
+        let inv = relay
+            .invite(
+                &host_jwt,
+                &sid,
+                InviteTarget::Agent(id.into()),
+                visibility,
+                permission,
+                None,
+            )
+            .await?;
+        creds.push(relay.accept(&jwt, &inv.invitation_id).await?);
+    }
+    let masked_id = creds[0].participant_id.clone();
+    let options = AgentOptions {
+        auto_accept_files: auto_accept,
+        ..AgentOptions::default()
+    };
+    let urls = [&session.host.ws_url, &creds[0].ws_url, &creds[1].ws_url];
+    let agents = futures_util::future::try_join_all(urls.into_iter().map(|url| {
+        let (tls, options) = (tls.clone(), options.clone());
+        async move { Agent::connect(url, tls, options).await }
+    }))
+    .await?;
+    let carol = relay.join("Carol Customer", &session.support_key).await?;
+    let customer = Customer::connect(
+        &carol.ws_url,
+        tls,
+        FrameSource::open(fixture("screen-vp8.ivf"))?,
+        CustomerOptions {
+            auto_accept_files: auto_accept,
+            ..CustomerOptions::default()
+        },
+    )
+    .await?;
+    // No screen needed here: less work for the machine.
+    customer.set_publishing(false);
+    let [host, masked, viewer]: [Agent; 3] = agents
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("three agents"))?;
+    for (name, chat, files) in [
+        ("the customer", customer.chat(), customer.files()),
+        (HOST, host.chat(), host.files()),
+        (MASKED, masked.chat(), masked.files()),
+        (VIEWER, viewer.chat(), viewer.files()),
+    ] {
+        chat.wait_open(WAIT)
+            .await
+            .with_context(|| format!("{name}'s chat channel"))?;
+        files
+            .wait_open(WAIT)
+            .await
+            .with_context(|| format!("{name}'s files channel"))?;
+    }
+    // The relay takes a channel into use a moment after the client sees it open.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let chat = relay
+            .metric("relay_data_channels_open{label=\"chat\"}")
+            .await?;
+        let files = relay
+            .metric("relay_data_channels_open{label=\"files\"}")
+            .await?;
+        if chat == Some(4.0) && files == Some(4.0) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the relay uses {chat:?} chat and {files:?} files channels, not 4 each"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Small {
+        relay,
+        customer,
+        host,
+        masked,
+        viewer,
+        masked_id,
+    })
+}
+
+/// Fails if anything the customer received names the masked agent.
+fn assert_customer_never_sees_the_masked_agent(s: &Small) -> Result<()> {
+    for text in s.customer.transcript().texts() {
+        ensure!(
+            !text.contains(MASKED) && !text.contains(&s.masked_id) && !text.contains("\"a1\""),
+            "the customer's WebSocket named the masked agent: {text}"
+        );
+    }
+    for msg in s.customer.data_channel_messages() {
+        let text = String::from_utf8_lossy(&msg.data);
+        ensure!(
+            !text.contains(MASKED) && !text.contains(&s.masked_id),
+            "the customer's {} channel named the masked agent: {text}",
+            msg.label
+        );
+    }
+    Ok(())
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    use rand::Rng;
+    let mut v = vec![0u8; n];
+    rand::rng().fill(&mut v[..]);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_on_data_channels_reaches_the_right_people_once_and_never_names_the_masked_agent()
+-> Result<()> {
+    use relay_e2e::wire::{Audience, ClientMsg, ServerMsg};
+    let s = host_masked_viewer_and_customer(RelayBuilder::new(), false).await?;
+    s.masked
+        .chat()
+        .send("masked says hi", Audience::All)
+        .await?;
+    s.viewer
+        .chat()
+        .send("agents only: old driver", Audience::Agents)
+        .await?;
+    s.customer
+        .chat()
+        .send("customer here", Audience::All)
+        .await?;
+    // Chat sent on the WebSocket reaches open chat channels too.
+    s.host
+        .send(&ClientMsg::Chat {
+            text: "host on the socket".into(),
+            audience: Audience::All,
+        })
+        .await?;
+
+    for (name, chat) in [
+        (HOST, s.host.chat()),
+        (MASKED, s.masked.chat()),
+        (VIEWER, s.viewer.chat()),
+    ] {
+        chat.wait_messages(4, WAIT)
+            .await
+            .with_context(|| format!("{name}'s chat"))?;
+    }
+    s.customer.chat().wait_messages(3, WAIT).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The customer: three messages, no note, the masked agent's without a name.
+    let got = s.customer.chat().messages();
+    let texts: Vec<&str> = got.iter().map(|c| c.text.as_str()).collect();
+    ensure!(texts.len() == 3, "the customer got {texts:?}");
+    ensure!(
+        !texts.contains(&"agents only: old driver"),
+        "a note reached the customer"
+    );
+    let from_masked = got
+        .iter()
+        .find(|c| c.text == "masked says hi")
+        .context("the masked agent's chat")?;
+    ensure!(from_masked.from.is_none() && from_masked.from_name.is_none());
+    // Agents see everything, with names.
+    let host_view = s.host.chat().messages();
+    ensure!(
+        host_view
+            .iter()
+            .any(|c| c.text == "masked says hi" && c.from_name.as_deref() == Some(MASKED)),
+        "the host does not see who said it: {host_view:?}"
+    );
+    // Exactly once: on the channel, never on the WebSocket as well.
+    for (name, transcript) in [
+        ("the customer", s.customer.transcript()),
+        (HOST, s.host.transcript()),
+        (MASKED, s.masked.transcript()),
+        (VIEWER, s.viewer.transcript()),
+    ] {
+        let on_socket = transcript
+            .messages()
+            .into_iter()
+            .filter(|m| matches!(m, ServerMsg::Chat(_)))
+            .count();
+        ensure!(
+            on_socket == 0,
+            "{name} got {on_socket} chat messages on the WebSocket too"
+        );
+    }
+    for (name, chat, n) in [
+        (HOST, s.host.chat(), 4),
+        (MASKED, s.masked.chat(), 4),
+        (VIEWER, s.viewer.chat(), 4),
+    ] {
+        ensure!(chat.messages().len() == n, "{name}: {:?}", chat.messages());
+    }
+
+    // Bad input on the channel: counted, answered on the WebSocket, nothing else lost.
+    s.customer.chat().send_raw("{not json").await?;
+    let limit = 16 * 1024;
+    s.customer
+        .chat()
+        .send_raw(&format!(
+            r#"{{"type":"chat","text":"{}","id":9}}"#,
+            "x".repeat(limit)
+        ))
+        .await?;
+    s.customer.chat().send("still here", Audience::All).await?;
+    s.host.chat().wait_messages(5, WAIT).await?;
+    wait_until("the customer's two errors", || {
+        s.customer
+            .transcript()
+            .messages()
+            .iter()
+            .filter(|m| matches!(m, ServerMsg::Error { .. }))
+            .count()
+            >= 2
+    })
+    .await?;
+    let errors: Vec<ErrorCode> = s
+        .customer
+        .transcript()
+        .messages()
+        .into_iter()
+        .filter_map(|m| match m {
+            ServerMsg::Error { code, .. } => Some(code),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        errors == [ErrorCode::BadRequest, ErrorCode::MessageTooLarge],
+        "errors: {errors:?}"
+    );
+    let too_large = s
+        .relay
+        .metric("relay_messages_rejected_total{code=\"message_too_large\"}")
+        .await?;
+    ensure!(
+        too_large == Some(1.0),
+        "message_too_large counted {too_large:?}"
+    );
+    let received = s
+        .relay
+        .metric("relay_chat_data_channel_total{outcome=\"received\"}")
+        .await?;
+    ensure!(
+        received == Some(4.0),
+        "chat received on channels: {received:?}"
+    );
+
+    assert_customer_never_sees_the_masked_agent(&s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_one_mib_file_goes_from_an_agent_to_the_customer_and_back_to_every_agent_byte_exact()
+-> Result<()> {
+    use relay_bench::client::{OutgoingState, file_sha256};
+    let s = host_masked_viewer_and_customer(RelayBuilder::new(), true).await?;
+
+    // The masked agent (control) sends the customer a file.
+    let to_customer = random_bytes(1024 * 1024 + 123);
+    let id = s
+        .masked
+        .files()
+        .offer("driver.zip", to_customer.clone(), Some("application/zip"))
+        .await?;
+    ensure!(s.masked.files().wait_outgoing(id, WAIT).await? == OutgoingState::Sent);
+    s.customer.files().wait_received(1, WAIT).await?;
+    let got = &s.customer.files().received()[0];
+    ensure!(got.offer.name == "driver.zip" && got.offer.mime.as_deref() == Some("application/zip"));
+    ensure!(got.data == to_customer, "the customer's copy differs");
+    ensure!(got.sha256 == file_sha256(&to_customer));
+
+    // The customer sends a file: every agent gets it (the view-only one too).
+    let to_agents = random_bytes(1024 * 1024);
+    let id = s
+        .customer
+        .files()
+        .offer("screenshot.png", to_agents.clone(), None)
+        .await?;
+    ensure!(s.customer.files().wait_outgoing(id, WAIT).await? == OutgoingState::Sent);
+    for (name, agent) in [(HOST, &s.host), (MASKED, &s.masked), (VIEWER, &s.viewer)] {
+        agent
+            .files()
+            .wait_received(1, WAIT)
+            .await
+            .with_context(|| format!("{name} receives the customer's file"))?;
+        let got = &agent.files().received()[0];
+        ensure!(
+            got.sha256 == file_sha256(&to_agents) && got.data == to_agents,
+            "{name}'s copy differs"
+        );
+    }
+    ensure!(
+        s.host.files().offers().len() == 1,
+        "the host was offered its colleague's file to the customer"
+    );
+
+    let completed = s
+        .relay
+        .metric("relay_file_transfers_total{outcome=\"completed\"}")
+        .await?;
+    ensure!(completed == Some(4.0), "completed transfers: {completed:?}");
+    let bytes = s.relay.metric("relay_file_bytes_forwarded_total").await?;
+    let expected = (to_customer.len() + 3 * to_agents.len()) as f64;
+    ensure!(
+        bytes == Some(expected),
+        "bytes forwarded {bytes:?}, expected {expected}"
+    );
+
+    assert_customer_never_sees_the_masked_agent(&s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_view_only_offer_and_offers_above_the_size_limit_are_refused() -> Result<()> {
+    use relay_bench::client::OutgoingState;
+    use relay_codec::files::CancelReason;
+    let builder = RelayBuilder::new().extra_toml("[limits]\nmax_file_bytes = 100000\n");
+    let s = host_masked_viewer_and_customer(builder, true).await?;
+
+    let refused = |state: OutgoingState, reason: CancelReason| {
+        ensure!(
+            state == OutgoingState::Cancelled(reason),
+            "expected a refusal ({reason:?}), got {state:?}"
+        );
+        Ok(())
+    };
+    // A view-only agent may not send the customer files.
+    let id = s
+        .viewer
+        .files()
+        .offer("innocent.txt", random_bytes(1000), None)
+        .await?;
+    refused(
+        s.viewer.files().wait_outgoing(id, WAIT).await?,
+        CancelReason::Forbidden,
+    )?;
+    // Above `limits.max_file_bytes`, either way.
+    let id = s
+        .host
+        .files()
+        .offer("big.iso", random_bytes(100_001), None)
+        .await?;
+    refused(
+        s.host.files().wait_outgoing(id, WAIT).await?,
+        CancelReason::TooLarge,
+    )?;
+    let id = s
+        .customer
+        .files()
+        .offer("big.mov", random_bytes(150_000), None)
+        .await?;
+    refused(
+        s.customer.files().wait_outgoing(id, WAIT).await?,
+        CancelReason::TooLarge,
+    )?;
+    // At the limit it goes through: the refusals were about the rules, not a broken path.
+    let ok = random_bytes(100_000);
+    let id = s.host.files().offer("fits.bin", ok.clone(), None).await?;
+    ensure!(s.host.files().wait_outgoing(id, WAIT).await? == OutgoingState::Sent);
+    s.customer.files().wait_received(1, WAIT).await?;
+    let offers = s.customer.files().offers();
+    ensure!(
+        offers.len() == 1 && offers[0].name == "fits.bin",
+        "the customer was offered {offers:?}"
+    );
+    ensure!(s.customer.files().received()[0].data == ok);
+    for agent in [&s.host, &s.masked, &s.viewer] {
+        ensure!(
+            agent.files().offers().is_empty(),
+            "an agent was offered a refused file"
+        );
+    }
+    for (outcome, n) in [
+        ("refused_forbidden", 1.0),
+        ("refused_too_large", 2.0),
+        ("completed", 1.0),
+    ] {
+        let got = s
+            .relay
+            .metric(&format!(
+                "relay_file_transfers_total{{outcome=\"{outcome}\"}}"
+            ))
+            .await?;
+        ensure!(got == Some(n), "{outcome}: {got:?}, expected {n}");
+    }
+    Ok(())
+}

@@ -48,17 +48,59 @@ pub enum VideoCodec {
 }
 
 impl VideoCodec {
-    /// The codec of an SDP/WebRTC MIME type such as `video/VP8`, ignoring ASCII case.
+    /// Every codec, in the order a client prefers them.
+    pub const ALL: [VideoCodec; 4] = [
+        VideoCodec::Vp8,
+        VideoCodec::Vp9,
+        VideoCodec::H264,
+        VideoCodec::Av1,
+    ];
+
+    /// The SDP/WebRTC MIME type, e.g. `video/VP8`.
+    pub fn mime_type(self) -> &'static str {
+        match self {
+            VideoCodec::Vp8 => "video/VP8",
+            VideoCodec::Vp9 => "video/VP9",
+            VideoCodec::H264 => "video/H264",
+            VideoCodec::Av1 => "video/AV1",
+        }
+    }
+
+    /// The codec of a MIME type such as `video/VP8`, or of a bare encoding name as in an
+    /// `a=rtpmap` line (`VP8`, `h264`), ignoring ASCII case.
     pub fn from_mime(mime: &str) -> Option<Self> {
-        [
-            ("video/VP8", VideoCodec::Vp8),
-            ("video/VP9", VideoCodec::Vp9),
-            ("video/H264", VideoCodec::H264),
-            ("video/AV1", VideoCodec::Av1),
-        ]
-        .into_iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(mime))
-        .map(|(_, codec)| codec)
+        let (kind, name) = mime.rsplit_once('/').unwrap_or(("video", mime));
+        if !kind.eq_ignore_ascii_case("video") {
+            return None;
+        }
+        Self::ALL.into_iter().find(|c| {
+            c.mime_type()
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+    }
+
+    /// The codec an IVF file declares with its FourCC (`VP80`, `VP90`, `AV01`).
+    pub fn from_ivf_fourcc(fourcc: &[u8; 4]) -> Option<Self> {
+        match fourcc {
+            b"VP80" => Some(VideoCodec::Vp8),
+            b"VP90" => Some(VideoCodec::Vp9),
+            b"AV01" => Some(VideoCodec::Av1),
+            _ => None,
+        }
+    }
+
+    /// Whether a whole encoded frame of this codec is a keyframe; see
+    /// [`crate::frame::is_keyframe`].
+    pub fn is_keyframe(self, frame: &[u8]) -> bool {
+        crate::frame::is_keyframe(self, frame)
+    }
+}
+
+impl std::fmt::Display for VideoCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.mime_type())
     }
 }
 
@@ -209,6 +251,18 @@ fn av1(p: &[u8]) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mime_types_round_trip() {
+        for codec in VideoCodec::ALL {
+            assert_eq!(VideoCodec::from_mime(codec.mime_type()), Some(codec));
+        }
+        assert_eq!(VideoCodec::from_mime("video/h264"), Some(VideoCodec::H264));
+        assert_eq!(VideoCodec::from_mime("VP9"), Some(VideoCodec::Vp9));
+        assert_eq!(VideoCodec::from_mime("video/H265"), None);
+        assert_eq!(VideoCodec::from_mime("audio/VP8"), None);
+    }
+
     use proptest::prelude::*;
 
     fn check(codec: VideoCodec, cases: &[(&[u8], bool, &str)]) {

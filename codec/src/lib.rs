@@ -8,11 +8,17 @@
 //!   WebSockets, with the stable error codes clients match on.
 //! - [`input`]: the binary remote-control events (mouse, wheel, keys, Ctrl+Alt+Del,
 //!   clipboard) agents send to the customer over the `input` data channel.
+//! - [`files`]: the binary file-transfer messages (offer, accept, chunks, credit,
+//!   completion) on the `files` data channel, in both directions.
+//! - [`frame`]: whole encoded frames: keyframe detection, H.264 NAL units, AV1 OBUs
+//!   and the digest that identifies a frame across packetization.
 //! - [`keyframe`]: where a keyframe starts in a VP8, VP9, H.264 or AV1 RTP payload, for
 //!   the relay's fan-out to start new or recovering subscribers cleanly.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod files;
+pub mod frame;
 pub mod input;
 pub mod keyframe;
 pub mod wire;

@@ -24,6 +24,8 @@ pub const MAX_SESSIONS_PER_AGENT: usize = 8;
 pub const MIN_MESSAGE_BYTES: usize = 1024;
 /// The largest accepted `limits.max_message_bytes` (1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// The largest accepted `limits.max_file_bytes` (16 GiB).
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 
 /// The whole configuration of a relay node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +213,8 @@ pub struct LimitsConfig {
     pub key_failures_node: u32,
     /// Most simultaneous WebSockets (session and console).
     pub max_connections: usize,
+    /// Largest file that may be offered on a `files` data channel (1 ..= 16 GiB).
+    pub max_file_bytes: u64,
     /// Take the client address from the last `X-Forwarded-For` hop (only behind a
     /// proxy that sets it; otherwise clients could pick their own address).
     pub trust_forwarded_for: bool,
@@ -226,6 +230,7 @@ impl Default for LimitsConfig {
             key_lockout_max: Duration::from_secs(3600),
             key_failures_node: 300,
             max_connections: 10_000,
+            max_file_bytes: 100 * 1024 * 1024,
             trust_forwarded_for: false,
         }
     }
@@ -440,6 +445,12 @@ impl Config {
         }
         if l.max_connections == 0 {
             return invalid("limits.max_connections must be at least 1");
+        }
+        if !(1..=MAX_FILE_BYTES).contains(&l.max_file_bytes) {
+            return invalid(format!(
+                "limits.max_file_bytes must be between 1 and {MAX_FILE_BYTES} (got {})",
+                l.max_file_bytes
+            ));
         }
         for (key, d) in [
             ("limits.key_failure_window", l.key_failure_window),
@@ -706,6 +717,22 @@ mod tests {
                 .validate()
                 .expect("bounds are inclusive");
         }
+    }
+
+    #[test]
+    fn file_size_limits() {
+        assert_eq!(Config::default().limits.max_file_bytes, 100 * 1024 * 1024);
+        for n in [0, MAX_FILE_BYTES + 1] {
+            let m = invalid_message(&with(|c| c.limits.max_file_bytes = n));
+            assert!(m.contains("limits.max_file_bytes"), "{m}");
+        }
+        for n in [1, MAX_FILE_BYTES] {
+            with(|c| c.limits.max_file_bytes = n)
+                .validate()
+                .expect("bounds are inclusive");
+        }
+        let cfg = Config::from_toml_str("[limits]\nmax_file_bytes = 1024\n").expect("parses");
+        assert_eq!(cfg.limits.max_file_bytes, 1024);
     }
 
     #[test]

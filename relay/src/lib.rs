@@ -8,6 +8,8 @@
 //!   `Instant` and returns outputs (messages to deliver, statistics). No tokio, no sockets.
 //! - [`fanout`]: the sans-IO media fan-out of one session: which agent gets which packet,
 //!   dropping a slow agent to the next keyframe, and coalesced keyframe requests.
+//! - [`transfer`]: the sans-IO file-transfer core of one session: who may send a file
+//!   to whom, receivers' answers, credit-based flow control and the size limit.
 //! - [`throttle`]: the sans-IO support-key brute-force guard (per address and node-wide).
 //! - [`signal`]: the IO shell: HTTPS/WSS signalling with axum and rustls, driving the core
 //!   from one task and routing its outputs to WebSockets.
@@ -27,4 +29,5 @@ pub mod session;
 pub mod signal;
 pub mod throttle;
 pub mod tls;
+pub mod transfer;
 pub mod transport;

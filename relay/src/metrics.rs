@@ -38,6 +38,22 @@ pub const INPUT_OUTCOMES: [&str; 4] =
 /// Outcomes of peer-connection negotiations (`outcome` label of
 /// `relay_negotiations_total`).
 pub const NEGOTIATION_OUTCOMES: [&str; 3] = ["ok", "bad_offer", "no_port"];
+/// Outcomes of file transfers (`outcome` label of `relay_file_transfers_total`): the
+/// labels of [`crate::transfer::Outcome`].
+pub const FILE_TRANSFER_OUTCOMES: [&str; 7] = [
+    "completed",
+    "declined",
+    "cancelled",
+    "refused_forbidden",
+    "refused_too_large",
+    "no_receivers",
+    "protocol_error",
+];
+/// What became of chat on `chat` data channels (`outcome` label of
+/// `relay_chat_data_channel_total`).
+pub const CHAT_CHANNEL_OUTCOMES: [&str; 3] = ["received", "delivered", "fallback_websocket"];
+/// Data channels tracked in `relay_data_channels_open{label}`.
+pub const DATA_CHANNEL_LABELS: [&str; 2] = ["chat", "files"];
 /// The codes of malformed client messages, pre-created in `relay_messages_rejected_total`.
 const MESSAGE_ERRORS: [ErrorCode; 4] = [
     ErrorCode::BadRequest,
@@ -94,6 +110,14 @@ pub struct Metrics {
     pub peer_connections_active: IntGauge,
     /// Offers answered, by outcome.
     pub negotiations_total: IntCounterVec,
+    /// File transfers, one per receiver's part (or per refused offer), by outcome.
+    pub file_transfers_total: IntCounterVec,
+    /// File bytes handed to receivers' `files` channels (one per receiver per byte).
+    pub file_bytes_forwarded_total: IntCounter,
+    /// Chat messages on `chat` data channels, by outcome.
+    pub chat_data_channel_total: IntCounterVec,
+    /// `chat` and `files` data channels in use, by label.
+    pub data_channels_open: IntGaugeVec,
     /// `relay_build_info{version}`: always 1; carries the version as a label.
     pub build_info: IntGaugeVec,
 }
@@ -253,6 +277,29 @@ impl Metrics {
                 "Offers from participants, by outcome (ok, bad_offer, no_port).",
                 &["outcome"],
             ),
+            file_transfers_total: counter_vec(
+                "relay_file_transfers_total",
+                "File transfers on data channels, counted once per receiver's part (or once \
+                 per refused offer), by outcome (completed, declined, cancelled, \
+                 refused_forbidden, refused_too_large, no_receivers, protocol_error).",
+                &["outcome"],
+            ),
+            file_bytes_forwarded_total: counter(
+                "relay_file_bytes_forwarded_total",
+                "File bytes handed to receivers' files channels (one per receiver per byte).",
+            ),
+            chat_data_channel_total: counter_vec(
+                "relay_chat_data_channel_total",
+                "Chat messages on chat data channels, by outcome (received: handed to the \
+                 session; delivered: sent on a channel; fallback_websocket: meant for a \
+                 channel that was gone or full, sent on the WebSocket instead).",
+                &["outcome"],
+            ),
+            data_channels_open: gauge_vec(
+                "relay_data_channels_open",
+                "Participants' chat and files data channels in use, by label.",
+                &["label"],
+            ),
             build_info: gauge_vec(
                 "relay_build_info",
                 "Always 1; the version label says which relay build runs.",
@@ -297,6 +344,15 @@ impl Metrics {
         for outcome in NEGOTIATION_OUTCOMES {
             m.negotiations_total.with_label_values(&[outcome]);
         }
+        for outcome in FILE_TRANSFER_OUTCOMES {
+            m.file_transfers_total.with_label_values(&[outcome]);
+        }
+        for outcome in CHAT_CHANNEL_OUTCOMES {
+            m.chat_data_channel_total.with_label_values(&[outcome]);
+        }
+        for label in DATA_CHANNEL_LABELS {
+            m.data_channels_open.with_label_values(&[label]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -331,6 +387,10 @@ mod tests {
             "relay_messages_rejected_total",
             "relay_http_requests_total",
             "relay_draining",
+            "relay_file_transfers_total",
+            "relay_file_bytes_forwarded_total",
+            "relay_chat_data_channel_total",
+            "relay_data_channels_open",
             "relay_build_info",
         ] {
             assert!(
@@ -349,6 +409,8 @@ mod tests {
             "relay_draining 0",
             "relay_messages_rejected_total{code=\"message_too_large\"} 0",
             "relay_http_requests_total{status=\"200\"} 0",
+            "relay_file_transfers_total{outcome=\"refused_too_large\"} 0",
+            "relay_chat_data_channel_total{outcome=\"fallback_websocket\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }
@@ -356,6 +418,15 @@ mod tests {
             "relay_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         )));
+    }
+
+    #[test]
+    fn file_outcome_labels_are_the_cores() {
+        let core: Vec<&str> = crate::transfer::Outcome::ALL
+            .iter()
+            .map(|o| o.as_str())
+            .collect();
+        assert_eq!(core, FILE_TRANSFER_OUTCOMES);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The agent (host, invited agent or supervisor): receives the customer's screen and
-//! sends input events on its `input` data channel.
+//! The agent (host, invited agent or supervisor): receives the customer's screen,
+//! sends input events on its `input` data channel, and chats and exchanges files on its
+//! `chat` and `files` channels.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,7 +23,8 @@ use webrtc::data_channel::DataChannel;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionState};
 
-use super::codec::{CodecDepacketizer, VIDEO_CLOCK_RATE, VideoCodec, frame_digest};
+use super::channels::{CHAT_LABEL, ChatChannel, FILES_LABEL, FileTransfers};
+use super::codec::{ClientCodec, CodecDepacketizer, VIDEO_CLOCK_RATE, VideoCodec, frame_digest};
 use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
@@ -47,14 +49,17 @@ pub struct AgentOptions {
     pub bind: SocketAddr,
     /// How long to wait for the relay's `welcome`.
     pub welcome_timeout: Duration,
+    /// Accept every file offered on the `files` channel at once.
+    pub auto_accept_files: bool,
 }
 
 impl Default for AgentOptions {
-    /// `127.0.0.1:0`, 10 s.
+    /// `127.0.0.1:0`, 10 s, offers wait for an answer.
     fn default() -> Self {
         AgentOptions {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             welcome_timeout: Duration::from_secs(10),
+            auto_accept_files: false,
         }
     }
 }
@@ -138,6 +143,8 @@ pub struct Agent {
     messages: Arc<Mutex<Vec<DataChannelMessage>>>,
     receive: Arc<ReceiveContext>,
     others: tokio::sync::Mutex<mpsc::Receiver<ServerMsg>>,
+    chat: Arc<ChatChannel>,
+    files: Arc<FileTransfers>,
     tasks: Vec<JoinHandle<()>>,
     _signalling: SignallingTasks,
 }
@@ -226,10 +233,21 @@ impl Agent {
         )
         .await?;
         let input = pc.create_data_channel(INPUT_LABEL, None).await?;
+        let (chat, chat_reader) = ChatChannel::new(
+            pc.create_data_channel(CHAT_LABEL, None).await?,
+            Arc::clone(&messages),
+        );
+        let (files, files_reader) = FileTransfers::new(
+            pc.create_data_channel(FILES_LABEL, None).await?,
+            Arc::clone(&messages),
+            options.auto_accept_files,
+        );
 
         let (open_tx, input_open) = watch::channel(false);
         let (others_tx, others_rx) = mpsc::channel(OTHER_MESSAGES_QUEUE);
         let tasks = vec![
+            tokio::spawn(chat_reader),
+            tokio::spawn(files_reader),
             tokio::spawn(peer::record_data_channel(
                 Arc::clone(&input),
                 Arc::clone(&messages),
@@ -260,6 +278,8 @@ impl Agent {
             messages,
             receive,
             others: tokio::sync::Mutex::new(others_rx),
+            chat,
+            files,
             tasks,
             _signalling: signalling_tasks,
         })
@@ -365,6 +385,17 @@ impl Agent {
         lock(&self.messages).clone()
     }
 
+    /// The `chat` data channel: send chat there, read what the relay delivers there.
+    pub fn chat(&self) -> &Arc<ChatChannel> {
+        &self.chat
+    }
+
+    /// The `files` data channel: offer files to the customer, answer its offers, read
+    /// received files.
+    pub fn files(&self) -> &Arc<FileTransfers> {
+        &self.files
+    }
+
     /// Every text frame the relay sent on the session WebSocket.
     pub fn transcript(&self) -> Transcript {
         self.transcript.clone()
@@ -402,7 +433,7 @@ fn video_payload_types(sdp: &str) -> HashMap<u8, VideoCodec> {
             let rest = line.trim_end().strip_prefix("a=rtpmap:")?;
             let (pt, encoding) = rest.split_once(' ')?;
             let name = encoding.split('/').next()?;
-            Some((pt.parse().ok()?, VideoCodec::from_mime_type(name)?))
+            Some((pt.parse().ok()?, VideoCodec::from_mime(name)?))
         })
         .collect()
 }
@@ -472,7 +503,7 @@ impl Assembler {
 async fn receive_track(track: Arc<dyn TrackRemote>, ctx: Arc<ReceiveContext>) {
     let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
     let fallback = match track.codec(ssrc).await {
-        Some(codec) => VideoCodec::from_mime_type(&codec.mime_type),
+        Some(codec) => VideoCodec::from_mime(&codec.mime_type),
         None => None,
     };
     *lock(&ctx.current) = Some((Arc::clone(&track), ssrc));

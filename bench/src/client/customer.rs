@@ -1,5 +1,6 @@
-//! The customer: shares its screen (frames from a [`FrameSource`]) with the relay and
-//! receives agents' input events on its `input` data channel.
+//! The customer: shares its screen (frames from a [`FrameSource`]) with the relay,
+//! receives agents' input events on its `input` data channel, and chats and exchanges
+//! files on its `chat` and `files` channels.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,8 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionState};
 use webrtc::rtp_transceiver::RtpSender;
 
-use super::codec::{VideoCodec, frame_digest};
+use super::channels::{CHAT_LABEL, ChatChannel, FILES_LABEL, FileTransfers};
+use super::codec::{ClientCodec, VideoCodec, frame_digest};
 use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
@@ -40,15 +42,18 @@ pub struct CustomerOptions {
     pub bind: SocketAddr,
     /// How long to wait for the relay's `welcome`.
     pub welcome_timeout: Duration,
+    /// Accept every file offered on the `files` channel at once.
+    pub auto_accept_files: bool,
 }
 
 impl Default for CustomerOptions {
-    /// 15 fps, `127.0.0.1:0`, 10 s.
+    /// 15 fps, `127.0.0.1:0`, 10 s, offers wait for an answer.
     fn default() -> Self {
         CustomerOptions {
             fps: 15.0,
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             welcome_timeout: Duration::from_secs(10),
+            auto_accept_files: false,
         }
     }
 }
@@ -100,7 +105,7 @@ struct Records {
 }
 
 /// A customer connected to a session: one peer connection carrying one `sendonly`
-/// video track and the `input` data channel.
+/// video track and the `input`, `chat` and `files` data channels.
 ///
 /// [`Customer::connect`] reads `welcome`, builds the peer connection (the source's codec
 /// only), sends the offer and returns; the answer and candidates are applied in the
@@ -121,6 +126,8 @@ pub struct Customer {
     messages: Arc<Mutex<Vec<DataChannelMessage>>>,
     others: tokio::sync::Mutex<mpsc::Receiver<ServerMsg>>,
     publishing: Arc<AtomicBool>,
+    chat: Arc<ChatChannel>,
+    files: Arc<FileTransfers>,
     tasks: Vec<JoinHandle<()>>,
     _signalling: SignallingTasks,
 }
@@ -215,13 +222,22 @@ impl Customer {
             .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
             .await?;
         let input = pc.create_data_channel(INPUT_LABEL, None).await?;
+        let (chat, chat_reader) = ChatChannel::new(
+            pc.create_data_channel(CHAT_LABEL, None).await?,
+            Arc::clone(&messages),
+        );
+        let (files, files_reader) = FileTransfers::new(
+            pc.create_data_channel(FILES_LABEL, None).await?,
+            Arc::clone(&messages),
+            options.auto_accept_files,
+        );
 
         let keyframe_wanted = Arc::new(AtomicBool::new(false));
         let publishing = Arc::new(AtomicBool::new(true));
         let (open_tx, input_open) = watch::channel(false);
         let (others_tx, others_rx) = mpsc::channel(OTHER_MESSAGES_QUEUE);
 
-        let mut tasks = Vec::new();
+        let mut tasks = vec![tokio::spawn(chat_reader), tokio::spawn(files_reader)];
         tasks.push(tokio::spawn(watch_keyframe_requests(
             Arc::clone(&track),
             Arc::clone(&records),
@@ -268,6 +284,8 @@ impl Customer {
             messages,
             others: tokio::sync::Mutex::new(others_rx),
             publishing,
+            chat,
+            files,
             tasks,
             _signalling: signalling_tasks,
         })
@@ -346,6 +364,17 @@ impl Customer {
     /// Offer/answer counters and errors.
     pub fn negotiation(&self) -> NegotiationStats {
         lock(&self.shared.stats).clone()
+    }
+
+    /// The `chat` data channel: send chat there, read what the relay delivers there.
+    pub fn chat(&self) -> &Arc<ChatChannel> {
+        &self.chat
+    }
+
+    /// The `files` data channel: offer files to the agents, answer their offers, read
+    /// received files.
+    pub fn files(&self) -> &Arc<FileTransfers> {
+        &self.files
     }
 
     /// Every text frame the relay sent on the session WebSocket.

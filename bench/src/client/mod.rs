@@ -13,6 +13,9 @@
 //!   is trickled both ways, an agent re-offers on `renegotiate`. The customer publishes
 //!   a `sendonly` video track and opens the `input` data channel; an agent offers a
 //!   `recvonly` video transceiver and its own `input` channel.
+//! - Both also open a `chat` channel ([`ChatChannel`]: chat as on the WebSocket, but
+//!   delivered on the channel) and a `files` channel ([`FileTransfers`]: offering files
+//!   held in memory, accepting or declining offers, collecting files received whole).
 //! - Both record what happened with the instant it happened: frames sent (customer) and
 //!   received (agent) with their [`frame_digest`], input events, raw data-channel
 //!   messages, keyframe requests. Tests compare the records; the bench computes latency
@@ -37,6 +40,7 @@
 //! ```
 
 mod agent;
+mod channels;
 mod codec;
 mod customer;
 mod peer;
@@ -45,7 +49,13 @@ mod signalling;
 mod source;
 
 pub use agent::{Agent, AgentOptions, ReceiveStats, ReceivedFrame};
-pub use codec::{CodecDepacketizer, VIDEO_CLOCK_RATE, VideoCodec, digest_hex, frame_digest};
+pub use channels::{
+    CHAT_LABEL, CREDIT_EVERY, ChatChannel, FILE_WINDOW, FILES_LABEL, FileOffer, FileTransfers,
+    IncomingState, OutgoingState, ReceivedFile, file_sha256,
+};
+pub use codec::{
+    ClientCodec, CodecDepacketizer, VIDEO_CLOCK_RATE, VideoCodec, digest_hex, frame_digest,
+};
 pub use customer::{Customer, CustomerOptions, KeyframeRequest, ReceivedInput, SentFrame};
 pub use peer::{DataChannelMessage, NegotiationStats};
 pub use rtcp::KeyframeRequestKind;

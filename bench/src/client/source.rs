@@ -12,9 +12,10 @@ use bytes::Bytes;
 use rtc::media::io::ivf_reader::IVFReader;
 
 use super::ClientError;
-use super::codec::{
-    NAL_AUD, NAL_IDR, NalSpan, VideoCodec, annex_b_spans, nal_type, slice_starts_picture,
+use relay_codec::frame::{
+    NAL_AUD, NAL_IDR, NalSpan, annex_b_spans, nal_type, slice_starts_picture,
 };
+use relay_codec::keyframe::VideoCodec;
 
 /// One encoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,8 @@
 //!    (`connect`, `message`, `disconnected`, `console_opened`, `console_closed`) return
 //!    nothing or a refusal;
 //! 2. then drains [`Node::poll_output`] until it returns `None`, delivering every
-//!    [`Output::Send`] to its connection in order, closing connections named by
+//!    [`Output::Send`] to its connection in order, every [`Output::ChatOnChannel`] on
+//!    that participant's `chat` data channel (or, if it is gone, with [`Node::deliver`]), closing connections named by
 //!    [`Output::Close`] after delivering what precedes it, and counting every [`Output::Stat`];
 //! 3. then asks [`Node::poll_timeout`] for the next deadline and calls
 //!    [`Node::handle_timeout`] when it passes (and drains outputs again).
@@ -33,6 +34,11 @@
 //!   `max_sessions_per_agent` sessions per agent; supervisors are counted apart.
 //! - Masked agents and supervisors are never named to the customer; supervisors are not
 //!   shown to agents either ([`participant`] holds that rule, in one place).
+//! - Chat is decided here whichever way it travels: a message from a participant's
+//!   WebSocket ([`Node::message`]) or its `chat` data channel ([`Node::channel_message`])
+//!   goes through the same checks, and each recipient gets it once, trimmed to what it
+//!   may see, on its `chat` data channel if it has one open ([`Node::chat_channel`]),
+//!   else on its WebSocket.
 //! - A portal-wide invitation is won by the first accept; the others are withdrawn.
 //! - A disconnected participant keeps its place for its grace period, then is removed;
 //!   a customer who does not return ends the session, and so does the last agent leaving.
@@ -101,6 +107,17 @@ pub enum Output {
     Close {
         /// Which connection.
         conn: ConnId,
+    },
+    /// Deliver a chat message on a participant's `chat` data channel (it has one open,
+    /// so it does not get the message on its WebSocket). If the channel is gone by then,
+    /// the shell delivers it with [`Node::deliver`] instead: exactly once either way.
+    ChatOnChannel {
+        /// The session.
+        session: SessionId,
+        /// The participant.
+        participant: ParticipantId,
+        /// A [`ServerMsg::Chat`], already trimmed to what this participant may see.
+        msg: ServerMsg,
     },
     /// Count something.
     Stat(Stat),

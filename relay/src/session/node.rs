@@ -6,7 +6,8 @@
 //! - requests (`create_session`, `join`, `invite`, `accept_invitation`, …) answer at once
 //!   with a `Result` and may queue outputs for others;
 //! - connection events (`connect`, `message`, `disconnected`, `console_opened`,
-//!   `console_closed`) queue outputs;
+//!   `console_closed`) and the media plane's data-channel events (`chat_channel`,
+//!   `channel_message`) queue outputs;
 //! - `handle_timeout(now)` runs what is due; `poll_timeout()` says when that is;
 //! - `poll_output()` hands the queued outputs over, one at a time.
 
@@ -366,6 +367,7 @@ impl Node {
             token: token.digest(),
             conn: None,
             disconnected_since: Some(now),
+            chat_channel: false,
         };
         let host_id = host.id.clone();
         let expires_at = now + self.settings.key_ttl;
@@ -486,6 +488,7 @@ impl Node {
             token: token.digest(),
             conn: None,
             disconnected_since: Some(now),
+            chat_channel: false,
         };
         let creds = Credentials {
             session_id: id.clone(),
@@ -685,6 +688,7 @@ impl Node {
             token: token.digest(),
             conn: None,
             disconnected_since: Some(now),
+            chat_channel: false,
         };
         let creds = Credentials {
             session_id: session.clone(),
@@ -891,6 +895,7 @@ impl Node {
             token: token.digest(),
             conn: None,
             disconnected_since: Some(now),
+            chat_channel: false,
         };
         let creds = Credentials {
             session_id: session.clone(),
@@ -1023,6 +1028,45 @@ impl Node {
                     });
                 }
             }
+        }
+    }
+
+    /// A message arrived on a participant's `chat` data channel (already parsed by the
+    /// shell with the same size limit as the WebSocket). Only `chat` is accepted there;
+    /// it goes through the same rules as on the WebSocket. A refusal is sent to the
+    /// participant's WebSocket as `error` (with the message's `id` as `ref`).
+    pub fn channel_message(
+        &mut self,
+        now: Instant,
+        sid: &SessionId,
+        pid: &ParticipantId,
+        envelope: ClientEnvelope,
+    ) {
+        let reference = envelope.id;
+        let refusal = match envelope.msg {
+            ClientMsg::Chat { text, audience } => self
+                .chat(now, sid, pid, text, audience)
+                .err()
+                .map(|e| (e.code(), e.to_string())),
+            _ => Some((
+                ErrorCode::BadRequest,
+                "the chat data channel carries only `chat` messages".to_owned(),
+            )),
+        };
+        if let Some((code, message)) = refusal {
+            self.deliver(sid, pid, error_msg(code, &message, reference));
+        }
+    }
+
+    /// A participant's `chat` data channel opened (`open`) or closed: from now on, chat
+    /// for it goes there (or back to its WebSocket).
+    pub fn chat_channel(&mut self, sid: &SessionId, pid: &ParticipantId, open: bool) {
+        if let Some(p) = self
+            .sessions
+            .get_mut(sid)
+            .and_then(|s| s.participant_mut(pid))
+        {
+            p.chat_channel = open;
         }
     }
 

@@ -26,6 +26,9 @@ pub(super) struct Participant {
     pub conn: Option<ConnId>,
     /// Since when it has had no WebSocket (set at join until the first connect).
     pub disconnected_since: Option<Instant>,
+    /// Whether its `chat` data channel is open: chat then reaches it there instead of
+    /// on its WebSocket.
+    pub chat_channel: bool,
 }
 
 impl Participant {
@@ -89,6 +92,7 @@ mod tests {
             token: SecretDigest::of("t"),
             conn: None,
             disconnected_since: None,
+            chat_channel: false,
         }
     }
 

@@ -205,16 +205,22 @@ impl SessionState {
         }
     }
 
-    /// Sends `record` to every connected participant it is for, and keeps it in the
+    /// Sends `record` to every participant it is for, once: on its `chat` data channel
+    /// if it has one open, else on its WebSocket if connected; and keeps it in the
     /// bounded history.
     pub fn post_chat(&mut self, record: ChatRecord, history: usize, out: &mut VecDeque<Output>) {
         for viewer in &self.participants {
-            let Some(conn) = viewer.conn else { continue };
-            if let Some(msg) = record.seen_by(viewer.role) {
-                out.push_back(Output::Send {
-                    conn,
-                    msg: ServerMsg::Chat(msg),
+            let Some(msg) = record.seen_by(viewer.role).map(ServerMsg::Chat) else {
+                continue;
+            };
+            if viewer.chat_channel {
+                out.push_back(Output::ChatOnChannel {
+                    session: self.id.clone(),
+                    participant: viewer.id.clone(),
+                    msg,
                 });
+            } else if let Some(conn) = viewer.conn {
+                out.push_back(Output::Send { conn, msg });
             }
         }
         self.chat.push_back(record);

@@ -79,6 +79,8 @@ struct Sim {
     closed: Vec<ConnId>,
     stats: Vec<Stat>,
     media: Vec<MediaEvent>,
+    /// Chat delivered on `chat` data channels, by participant.
+    on_channel: Vec<(ParticipantId, ServerMsg)>,
 }
 
 impl Sim {
@@ -98,6 +100,7 @@ impl Sim {
             closed: Vec::new(),
             stats: Vec::new(),
             media: Vec::new(),
+            on_channel: Vec::new(),
         }
     }
 
@@ -114,6 +117,9 @@ impl Sim {
                 Output::Close { conn } => self.closed.push(conn),
                 Output::Stat(s) => self.stats.push(s),
                 Output::Media(m) => self.media.push(m),
+                Output::ChatOnChannel {
+                    participant, msg, ..
+                } => self.on_channel.push((participant, msg)),
             }
         }
     }
@@ -1176,4 +1182,140 @@ fn media_plane_mirrors_members_rights_signalling_and_the_end() {
     assert!(sim.media.contains(&MediaEvent::SessionEnded {
         session: sid.clone()
     }));
+}
+
+#[test]
+fn chat_goes_once_to_each_recipient_on_its_chat_channel_if_open_else_its_websocket() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let mallory = agent("mallory", &["support"]);
+    let (created, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let m = sim
+        .invite_and_accept(
+            &alice,
+            &sid,
+            &mallory,
+            Visibility::Masked,
+            Permission::Control,
+        )
+        .unwrap();
+    let m_conn = sim.connect(&m);
+    for c in [host_conn, customer_conn, m_conn] {
+        sim.take(c);
+    }
+    let on_channel = |sim: &mut Sim| {
+        sim.drain();
+        std::mem::take(&mut sim.on_channel)
+    };
+    // The customer and the masked agent open their chat channels.
+    sim.node.chat_channel(&sid, &customer.participant_id, true);
+    sim.node.chat_channel(&sid, &m.participant_id, true);
+    assert!(on_channel(&mut sim).is_empty());
+
+    // The masked agent chats on its channel: the customer gets it there, anonymous;
+    // the host (no channel) gets it on its WebSocket, named; nobody gets it twice.
+    let chat = |text: &str, audience| ClientEnvelope {
+        id: Some(5),
+        msg: ClientMsg::Chat {
+            text: text.into(),
+            audience,
+        },
+    };
+    sim.node
+        .channel_message(sim.now, &sid, &m.participant_id, chat("hi", Audience::All));
+    let got = on_channel(&mut sim);
+    assert_eq!(got.len(), 2, "{got:?}");
+    let to_customer = got
+        .iter()
+        .find(|(p, _)| *p == customer.participant_id)
+        .map(|(_, m)| m.clone());
+    let Some(ServerMsg::Chat(c)) = to_customer else {
+        panic!("{got:?}");
+    };
+    assert_eq!(
+        (c.from, c.from_name, c.from_role),
+        (None, None, Role::Agent)
+    );
+    assert!(got.iter().any(|(p, _)| *p == m.participant_id));
+    assert!(sim.take(customer_conn).is_empty() && sim.take(m_conn).is_empty());
+    let host_got = sim.take(host_conn);
+    assert!(
+        matches!(&host_got[..], [ServerMsg::Chat(c)] if c.from_name.as_deref() == Some("Agent mallory")),
+        "{host_got:?}"
+    );
+
+    // A note on the channel never reaches the customer, on any path.
+    sim.node.channel_message(
+        sim.now,
+        &sid,
+        &m.participant_id,
+        chat("psst", Audience::Agents),
+    );
+    let got = on_channel(&mut sim);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, m.participant_id);
+    assert!(sim.take(customer_conn).is_empty());
+    assert_eq!(sim.take(host_conn).len(), 1);
+
+    // A refusal goes to the sender's WebSocket with its ref; only chat is accepted.
+    sim.node.channel_message(
+        sim.now,
+        &sid,
+        &customer.participant_id,
+        chat("note?", Audience::Agents),
+    );
+    sim.node.channel_message(
+        sim.now,
+        &sid,
+        &customer.participant_id,
+        ClientEnvelope {
+            id: Some(6),
+            msg: ClientMsg::Leave {},
+        },
+    );
+    assert!(on_channel(&mut sim).is_empty());
+    let errors = sim.take(customer_conn);
+    assert!(
+        matches!(
+            &errors[..],
+            [
+                ServerMsg::Error {
+                    code: ErrorCode::Forbidden,
+                    reference: Some(5),
+                    ..
+                },
+                ServerMsg::Error {
+                    code: ErrorCode::BadRequest,
+                    reference: Some(6),
+                    ..
+                },
+            ]
+        ),
+        "{errors:?}"
+    );
+    assert_eq!(
+        sim.node.census().participants[2],
+        1,
+        "the customer did not leave"
+    );
+
+    // Channel closed: back to the WebSocket. The welcome keeps the history either way.
+    sim.node.chat_channel(&sid, &customer.participant_id, false);
+    sim.send(
+        host_conn,
+        ClientMsg::Chat {
+            text: "back".into(),
+            audience: Audience::All,
+        },
+    );
+    assert!(matches!(&sim.take(customer_conn)[..], [ServerMsg::Chat(c)] if c.text == "back"));
+    let again = sim.connect(&customer);
+    match &sim.take(again)[0] {
+        ServerMsg::Welcome { chat, .. } => {
+            let texts: Vec<&str> = chat.iter().map(|c| c.text.as_str()).collect();
+            assert_eq!(texts, ["hi", "back"]);
+        }
+        other => panic!("{other:?}"),
+    }
 }

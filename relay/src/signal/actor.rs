@@ -2,7 +2,8 @@
 //!
 //! It runs closures sent by handlers against the [`Node`], fires the node's timer, and
 //! after every step drains [`Node::poll_output`]: each `Send` is serialised once and
-//! queued on that connection's bounded channel; a full channel means a client that does
+//! queued on that connection's bounded channel (each `ChatOnChannel` on the
+//! participant's `chat` data channel, or its WebSocket if that channel is gone); a full channel means a client that does
 //! not read, so the connection is closed (and counted) rather than letting memory grow.
 
 use std::collections::HashMap;
@@ -176,6 +177,21 @@ fn flush(core: &mut Core, metrics: &Metrics) {
                     if handle.tx.try_send(Outbound::Close).is_err() {
                         handle.kill.notify_one();
                     }
+                }
+            }
+            Output::ChatOnChannel {
+                session,
+                participant,
+                msg,
+            } => {
+                if let Some(msg) = core.media.send_chat(&session, &participant, msg) {
+                    // The channel closed (or is backed up) since the core last heard: the
+                    // WebSocket takes the message instead, so it still arrives once.
+                    metrics
+                        .chat_data_channel_total
+                        .with_label_values(&["fallback_websocket"])
+                        .inc();
+                    core.node.deliver(&session, &participant, msg);
                 }
             }
             Output::Media(event) => core.media.handle(event),

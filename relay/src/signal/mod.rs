@@ -100,7 +100,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let rng = Box::new(rand::rngs::StdRng::from_os_rng());
     let node = Node::new(settings_from(&config), clock, rng);
     let idle = Arc::new(Notify::new());
-    let media = crate::transport::MediaPlane::new(&config.media, metrics.clone());
+    let media = crate::transport::MediaPlane::new(&config, metrics.clone());
     let actor = Actor::spawn(node, media.clone(), metrics.clone(), idle.clone());
     media.attach(actor.clone());
 

@@ -14,10 +14,16 @@
 //!   `std` mutex, never held across an `.await`) into each agent's bounded queue; one
 //!   writer task per agent empties its queue into its peer connection. See
 //!   `docs/architecture.md` for the data path and its copies.
+//! - Data channels besides media: `input` (agents' input events, checked and forwarded
+//!   in `session.rs`), `chat` (the session's chat, JSON as on the WebSocket; `chat.rs`)
+//!   and `files` (file transfer around the sans-IO [`transfer`](crate::transfer) core;
+//!   `files.rs`).
 //! - [`ports`]: the media UDP port range. [`feedback`]: the interceptor that lets agents'
 //!   PLI/FIR and receiver reports reach the fan-out.
 
+mod chat;
 pub mod feedback;
+mod files;
 mod peer;
 pub mod ports;
 mod session;
@@ -30,10 +36,13 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::config::MediaConfig;
+use relay_codec::wire::ServerMsg;
+
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::{MediaEvent, SessionId};
+use crate::session::{MediaEvent, ParticipantId, SessionId};
 use crate::signal::Actor;
+use crate::transfer::TransferSettings;
 
 use ports::PortPool;
 use session::{Event, SessionMedia};
@@ -53,16 +62,26 @@ pub struct MediaSettings {
     pub agent_queue_packets: usize,
     /// Keyframe-request coalescing window.
     pub keyframe_window: Duration,
+    /// Largest chat message on a `chat` channel (`limits.max_message_bytes`).
+    pub max_message_bytes: usize,
+    /// File transfer on `files` channels (`limits.max_file_bytes` and the window).
+    pub transfers: TransferSettings,
 }
 
 impl MediaSettings {
     /// From the node's configuration.
-    pub fn from_config(c: &MediaConfig) -> MediaSettings {
+    pub fn from_config(config: &Config) -> MediaSettings {
+        let c = &config.media;
         MediaSettings {
             bind_ip: c.bind_ip,
             public_ip: c.public_ip,
             agent_queue_packets: c.agent_queue_packets,
             keyframe_window: c.keyframe_window,
+            max_message_bytes: config.limits.max_message_bytes,
+            transfers: TransferSettings {
+                max_file_bytes: config.limits.max_file_bytes,
+                ..TransferSettings::default()
+            },
         }
     }
 }
@@ -79,19 +98,45 @@ struct Inner {
     ports: PortPool,
     actor: OnceLock<Actor>,
     sessions: DashMap<SessionId, mpsc::Sender<Event>>,
+    /// The writers of open `chat` channels, for the actor to hand chat to at once.
+    chat: DashMap<(SessionId, ParticipantId), mpsc::Sender<ServerMsg>>,
 }
 
 impl MediaPlane {
     /// A media plane with no session yet.
-    pub fn new(config: &MediaConfig, metrics: Arc<Metrics>) -> MediaPlane {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> MediaPlane {
+        let media = &config.media;
         MediaPlane {
             inner: Arc::new(Inner {
                 settings: MediaSettings::from_config(config),
                 metrics,
-                ports: PortPool::new(config.bind_ip, config.udp_port_min, config.udp_port_max),
+                ports: PortPool::new(media.bind_ip, media.udp_port_min, media.udp_port_max),
                 actor: OnceLock::new(),
                 sessions: DashMap::new(),
+                chat: DashMap::new(),
             }),
+        }
+    }
+
+    /// Queues a chat message (a [`ServerMsg::Chat`]) on a participant's open `chat`
+    /// channel. Never blocks. Hands the message back (`Some`) when the participant has
+    /// no open channel or its queue is full, for the caller to deliver on the WebSocket.
+    #[must_use]
+    pub fn send_chat(
+        &self,
+        session: &SessionId,
+        participant: &ParticipantId,
+        msg: ServerMsg,
+    ) -> Option<ServerMsg> {
+        let key = (session.clone(), participant.clone());
+        let Some(tx) = self.inner.chat.get(&key).map(|tx| tx.clone()) else {
+            return Some(msg);
+        };
+        match tx.try_send(msg) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) => {
+                Some(m)
+            }
         }
     }
 

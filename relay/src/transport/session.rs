@@ -26,6 +26,8 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDescription};
 
 use super::Inner;
+use super::chat::{self, CHAT_LABEL};
+use super::files::{self, FILES_LABEL, FilePlane, with_files};
 use super::peer::{self, PeerEvents};
 use super::ports::Lease;
 use crate::fanout::{
@@ -33,6 +35,7 @@ use crate::fanout::{
     MediaKind, PacketInfo, SubscriberId,
 };
 use crate::session::{MediaEvent, ParticipantId, SessionId, Signal};
+use crate::transfer::Transfers;
 
 /// The data channel agents send input events on and the customer receives them on.
 pub const INPUT_LABEL: &str = "input";
@@ -79,11 +82,13 @@ struct Plane {
     reported: FanoutCounters,
 }
 
-/// What the hot path shares with the session task.
-struct Shared {
-    id: SessionId,
-    inner: Arc<Inner>,
+/// What the hot path and the data-channel tasks share with the session task.
+pub(super) struct Shared {
+    pub(super) id: SessionId,
+    pub(super) inner: Arc<Inner>,
     plane: Mutex<Plane>,
+    /// File transfers: the core and the participants' `files` queues.
+    pub(super) files: Mutex<FilePlane>,
     /// The customer's `input` channel, once open.
     customer_input: Mutex<Option<Arc<dyn DataChannel>>>,
     /// The customer's video track and its SSRC, for keyframe requests.
@@ -98,7 +103,7 @@ struct Shared {
     input_seq: AtomicU32,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -138,7 +143,8 @@ impl Shared {
         r
     }
 
-    async fn tell(&self, participant: &ParticipantId, msg: ServerMsg) {
+    /// Sends `msg` to a participant's WebSocket (through the session core).
+    pub(super) async fn tell(&self, participant: &ParticipantId, msg: ServerMsg) {
         let Some(actor) = self.inner.actor.get() else {
             return;
         };
@@ -189,6 +195,7 @@ impl SessionMedia {
         events: mpsc::WeakSender<Event>,
     ) -> SessionMedia {
         let window = inner.settings.keyframe_window;
+        let transfers = inner.settings.transfers.clone();
         let settings = FanoutSettings {
             keyframe_window: window,
             keyframe_retry: FanoutSettings::default().keyframe_retry.max(window),
@@ -202,6 +209,7 @@ impl SessionMedia {
                     sinks: HashMap::new(),
                     reported: FanoutCounters::default(),
                 }),
+                files: Mutex::new(FilePlane::new(Transfers::new(transfers))),
                 customer_input: Mutex::new(None),
                 customer_video: Mutex::new(None),
                 grants: Mutex::new(HashMap::new()),
@@ -221,15 +229,25 @@ impl SessionMedia {
         let requester = tokio::spawn(request_keyframes(self.shared.clone()));
         loop {
             let due = lock(&self.shared.plane).fanout.poll_timeout();
-            let wake = Instant::now() + TICK;
-            let wake = due.map_or(wake, |d| d.min(wake));
+            let files_due = with_files(&self.shared, |core| core.poll_timeout());
+            let now = Instant::now();
+            if files_due.is_some_and(|d| d <= now) {
+                // Also when events keep the sleep below from ever firing.
+                with_files(&self.shared, |core| core.handle_timeout(now));
+            }
+            let wake = [due, files_due]
+                .into_iter()
+                .flatten()
+                .fold(now + TICK, Instant::min);
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(Event::Control(MediaEvent::SessionEnded { .. })) | None => break,
                     Some(event) => self.on_event(event).await,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    self.shared.with_plane(|p| p.fanout.handle_timeout(Instant::now()));
+                    let now = Instant::now();
+                    self.shared.with_plane(|p| p.fanout.handle_timeout(now));
+                    with_files(&self.shared, |core| core.handle_timeout(now));
                 }
             }
         }
@@ -251,11 +269,17 @@ impl SessionMedia {
                 if role == Role::Customer {
                     self.customer = Some(participant.clone());
                 }
+                with_files(&self.shared, |core| {
+                    core.set_member(Instant::now(), &participant, role, permission)
+                });
                 lock(&self.shared.grants).insert(participant, (role, permission));
             }
             Event::Control(MediaEvent::Left { participant, .. }) => {
                 lock(&self.shared.grants).remove(&participant);
                 self.close_peer(&participant).await;
+                with_files(&self.shared, |core| {
+                    core.remove_member(Instant::now(), &participant)
+                });
             }
             Event::Control(MediaEvent::Signal {
                 participant,
@@ -510,9 +534,27 @@ impl SessionMedia {
             return;
         };
         let label = channel.label().await.unwrap_or_default();
-        if label != INPUT_LABEL {
-            tracing::debug!(%label, "ignoring a data channel");
-            return;
+        match label.as_str() {
+            INPUT_LABEL => {}
+            CHAT_LABEL => {
+                let reader = chat::open(self.shared.clone(), pid.clone(), channel).await;
+                match self.peers.get_mut(&pid) {
+                    Some(peer) => peer.tasks.push(reader),
+                    None => {
+                        reader.abort();
+                        chat::release(&self.shared, &pid, None).await;
+                    }
+                }
+                return;
+            }
+            FILES_LABEL => {
+                peer.tasks.extend(files::open(&self.shared, &pid, channel));
+                return;
+            }
+            _ => {
+                tracing::debug!(%label, "ignoring a data channel");
+                return;
+            }
         }
         if peer.role == Role::Customer {
             *lock(&self.shared.customer_input) = Some(channel);
@@ -579,6 +621,9 @@ impl SessionMedia {
         let Some(peer) = self.peers.remove(pid) else {
             return;
         };
+        // Its data channels go with it: chat back to its WebSocket, transfers cancelled.
+        chat::release(&self.shared, pid, None).await;
+        files::release(&self.shared, pid, None);
         if let Some(id) = peer.subscriber {
             self.shared.with_plane(|p| {
                 p.sinks.remove(&id);
