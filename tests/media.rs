@@ -17,6 +17,10 @@ use relay_codec::input::{InputEvent, InputKind};
 use relay_e2e::wire::{ErrorCode, InviteTarget, Permission, Visibility};
 use relay_e2e::{ExpectRefusal, Relay, RelayBuilder};
 
+/// `relay-bench run` against the real relay (issue 3's last check).
+#[path = "media/bench_run.rs"]
+mod bench_run;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 fn fixture(name: &str) -> PathBuf {

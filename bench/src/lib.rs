@@ -1,11 +1,21 @@
-//! `relay-bench`: a native client library for the edge relay, and (in the binary) the
-//! relay's load generator and benchmark.
+//! `relay-bench`: a native client library for the edge relay, and the relay's load
+//! generator and benchmark.
 //!
-//! The library is [`client`]: a customer that publishes encoded frames over one WebRTC
-//! peer connection with the relay, agents that receive them and send input events, and
-//! the session-WebSocket signalling they both speak. The end-to-end tests in `tests/`
-//! use it as real peers; the benchmark drives many of them.
+//! - [`client`]: a customer that publishes encoded frames over one WebRTC peer
+//!   connection with the relay, agents that receive them and send input events, and
+//!   the session-WebSocket signalling they both speak. The end-to-end tests in `tests/`
+//!   use it as real peers; the benchmark drives many of them.
+//! - [`api`]: the relay's HTTP API (tokens, sessions, invitations, joins, metrics).
+//! - [`relay_process`]: a relay started by the bench, and its CPU and memory from
+//!   `/proc`.
+//! - [`run`]: `relay-bench run`, sessions driven side by side and scored into a
+//!   [`run::report::Report`] (the JSON ops scripts read).
+//! - [`prom`]: looking series up in Prometheus text.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod client;
+pub mod prom;
+pub mod relay_process;
+pub mod run;

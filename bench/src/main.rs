@@ -1,23 +1,64 @@
 //! `relay-bench`: the ops benchmark of the edge relay.
 //!
-//! It will drive real sessions (a publishing customer, up to eight agents) against a
-//! relay and a peer relay side by side and report latency, loss and the relay's CPU and
-//! memory. The media plane it measures does not exist yet, so for now the binary only
-//! says so; the benchmark issue fills it in.
+//! `relay-bench run` drives sessions (a publishing customer, up to eight agents) against
+//! a relay it starts (or one given with `--relay`) and reports frames, latency, input,
+//! masking and the relay's CPU and memory; see `relay_bench::run`.
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use relay_bench::run::{RunArgs, run};
 
-/// Benchmark for the edge relay (not implemented yet: it needs the media plane).
+/// Benchmark and load generator for the edge relay.
 #[derive(Debug, Parser)]
-#[command(name = "relay-bench", version, about)]
-struct Cli {}
+#[command(name = "relay-bench", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> ExitCode {
-    let _ = Cli::parse();
-    eprintln!(
-        "relay-bench: no benchmark yet; it arrives with the media plane (see the issue tracker)"
-    );
-    ExitCode::FAILURE
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Drive sessions against a relay and report what the agents and customers saw.
+    ///
+    /// Starts target/release/relay (unless --relay URL is given), opens --sessions
+    /// sessions of --agents agents (host with control sending input, masked agents,
+    /// view-only agents sending input the relay must refuse, watchers) and a customer
+    /// publishing the VP8 screen fixture, measures for --duration seconds, then prints
+    /// a summary and writes --json FILE.
+    Run(RunArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Run(args) => match run_and_report(&args).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("relay-bench: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+async fn run_and_report(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let report = run(args).await?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failures = report.failures();
+    for f in &failures {
+        eprintln!("relay-bench: {f}");
+    }
+    Ok(if args.check && !failures.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

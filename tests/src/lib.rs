@@ -20,14 +20,13 @@
 //! Every wait has a timeout: a relay that does not answer fails a test with a message
 //! naming what was awaited, never hangs it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
@@ -702,52 +701,7 @@ impl Drop for Process {
 // The running relay
 // ---------------------------------------------------------------------------------
 
-/// JWT claims the relay expects from the account backend.
-#[derive(Debug, Clone, Serialize)]
-pub struct Claims {
-    /// Account id.
-    pub sub: String,
-    /// Display name.
-    pub name: String,
-    /// Portals the agent belongs to.
-    pub portals: Vec<String>,
-    /// Extra rights (`["monitor"]`), absent when none.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grants: Option<Vec<String>>,
-    /// Expiry, seconds since the epoch.
-    pub exp: u64,
-}
-
-impl Claims {
-    /// Claims for `agent` valid for an hour.
-    pub fn new(agent: &str, name: &str, portals: &[&str], monitor: bool) -> Self {
-        Claims {
-            sub: agent.to_owned(),
-            name: name.to_owned(),
-            portals: portals.iter().map(|p| (*p).to_owned()).collect(),
-            grants: monitor.then(|| vec!["monitor".to_owned()]),
-            exp: unix_now() + 3600,
-        }
-    }
-}
-
-/// Seconds since the epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Signs `claims` with HS256 and `secret` (the bytes of the configured secret string).
-pub fn mint_token(secret: &[u8], claims: &Claims) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .expect("HS256 signing of plain claims cannot fail")
-}
+pub use relay_bench::api::{Claims, mint_token, unix_now};
 
 /// A running relay. Dropping it kills the process.
 pub struct Relay {
@@ -1350,89 +1304,7 @@ fn truncate(s: &str, n: usize) -> &str {
 // Metrics
 // ---------------------------------------------------------------------------------
 
-/// Looks a value up in Prometheus text. `query` is a metric name with optional labels,
-/// `name{label="value",...}`; every series of that name whose labels include the given
-/// ones matches, and their values are summed. `None` when no series matches.
-pub fn metric_value(text: &str, query: &str) -> Option<f64> {
-    let (name, wanted, _) = parse_series(query.trim())?;
-    let mut found = None;
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((n, labels, rest)) = parse_series(line) else {
-            continue;
-        };
-        if n != name || !wanted.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-            continue;
-        }
-        let Some(value) = rest.split_whitespace().next().and_then(parse_prom_float) else {
-            continue;
-        };
-        *found.get_or_insert(0.0) += value;
-    }
-    found
-}
-
-fn parse_prom_float(s: &str) -> Option<f64> {
-    match s {
-        "+Inf" => Some(f64::INFINITY),
-        "-Inf" => Some(f64::NEG_INFINITY),
-        s => s.parse().ok(),
-    }
-}
-
-/// `name{k="v",...} rest` → (name, labels, rest).
-fn parse_series(s: &str) -> Option<(&str, BTreeMap<String, String>, &str)> {
-    let end = s
-        .find(|c: char| c == '{' || c.is_whitespace())
-        .unwrap_or(s.len());
-    let (name, mut rest) = s.split_at(end);
-    if name.is_empty() {
-        return None;
-    }
-    let mut labels = BTreeMap::new();
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut chars = inner.char_indices().peekable();
-        loop {
-            while chars
-                .peek()
-                .is_some_and(|(_, c)| *c == ',' || c.is_whitespace())
-            {
-                chars.next();
-            }
-            let &(start, c) = chars.peek()?;
-            if c == '}' {
-                rest = &inner[start + 1..];
-                break;
-            }
-            let mut key = String::new();
-            for (_, c) in chars.by_ref() {
-                if c == '=' {
-                    break;
-                }
-                key.push(c);
-            }
-            if chars.next().map(|(_, c)| c) != Some('"') {
-                return None;
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next()?.1 {
-                    '"' => break,
-                    '\\' => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        other => value.push(other),
-                    },
-                    c => value.push(c),
-                }
-            }
-            labels.insert(key.trim().to_owned(), value);
-        }
-    }
-    Some((name, labels, rest.trim()))
-}
+pub use relay_bench::prom::metric_value;
 
 // ---------------------------------------------------------------------------------
 // WebSocket client

@@ -1,0 +1,401 @@
+//! `relay-bench run`: drive N sessions of one publishing customer and K agents against a
+//! relay (started here, or already running), and measure what users and ops care about.
+//!
+//! The order of a run:
+//!
+//! 1. the relay: [`LocalRelay::spawn`] of `target/release/relay` (or `--relay URL`);
+//! 2. set-up, all sessions at once ([`session::open`]): the host opens the session,
+//!    invites the other agents (the mix of [`session::agent_mix`]), they accept, the
+//!    customer joins with the support key and publishes, then the agents connect;
+//! 3. the window (`--duration`): slow agents stop reading, the host sends input at
+//!    `--input-hz`, view-only agents at a tenth of it; the relay's CPU and forwarded
+//!    packets are read at both ends of the window;
+//! 4. drain: publishing goes on until every healthy agent has the last frame of the
+//!    window and the customer every input event (at most [`DRAIN_LIMIT`]), then everyone
+//!    leaves;
+//! 5. scoring ([`session::BenchSession::score`]) into a [`Report`].
+
+pub mod measure;
+pub mod report;
+pub mod session;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::api::RelayApi;
+use crate::client::{FrameSource, insecure_tls, tls_trusting_pem};
+use crate::prom::metric_value;
+use crate::relay_process::{LocalRelay, ProcStats, default_relay_binary};
+use report::{RelayUsage, Report};
+use session::{BenchSession, SessionPlan, Totals};
+
+/// The screen recording published by default: the VP8 fixture of the end-to-end tests
+/// (60 frames of screen-like content, keyframes at 0 and 30), looped.
+pub const DEFAULT_SOURCE: &[u8] = include_bytes!("../../../tests/fixtures/screen-vp8.ivf");
+
+/// Longest wait, after the window, for the last frames and input events to arrive.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Most agents a session may hold (the relay's limit).
+pub const MAX_AGENTS: u32 = 8;
+
+/// Options of `relay-bench run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Sessions to run side by side.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub sessions: u32,
+    /// Agents per session, host included (1 to 8).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub agents: u32,
+    /// Length of the measured window, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Frames per second each customer publishes.
+    #[arg(long, default_value_t = 15.0)]
+    pub fps: f64,
+    /// Encoded frames to publish, looped: an IVF file (VP8, VP9, AV1) or H.264 Annex B
+    /// (`.h264`/`.264`). Default: the committed VP8 screen fixture.
+    #[arg(long, value_name = "FILE", conflicts_with = "synthetic_size")]
+    pub source: Option<PathBuf>,
+    /// Publish synthetic frames of this many bytes instead of a file.
+    #[arg(long, value_name = "BYTES")]
+    pub synthetic_size: Option<usize>,
+    /// With --synthetic-size: a keyframe every this many frames.
+    #[arg(long, default_value_t = 30)]
+    pub keyframe_interval: u64,
+    /// Masked agents per session (after the host).
+    #[arg(long, default_value_t = 1)]
+    pub masked: u32,
+    /// View-only agents per session (after the masked ones); they send input the relay
+    /// must refuse.
+    #[arg(long, default_value_t = 1)]
+    pub view_only: u32,
+    /// Agents per session that stop reading when the window starts (the last ones;
+    /// never the host); they are reported apart and do not count as loss.
+    #[arg(long, default_value_t = 0)]
+    pub slow_agents: u32,
+    /// Input events per second from each host (0: none).
+    #[arg(long, default_value_t = 60.0)]
+    pub input_hz: f64,
+    /// A relay already running (`https://host:port`); by default one is started.
+    #[arg(long, value_name = "URL")]
+    pub relay: Option<String>,
+    /// With --relay: file holding its HS256 token secret (for the agents' tokens).
+    #[arg(long, value_name = "FILE", requires = "relay")]
+    pub secret_file: Option<PathBuf>,
+    /// With --relay: PEM certificate to trust (otherwise --insecure is needed for a
+    /// self-signed one).
+    #[arg(long, value_name = "FILE", requires = "relay")]
+    pub ca: Option<PathBuf>,
+    /// With --relay: accept any certificate.
+    #[arg(long, requires = "relay")]
+    pub insecure: bool,
+    /// Relay binary to start (default: `relay` next to this program, else
+    /// target/release/relay).
+    #[arg(long, value_name = "FILE", conflicts_with = "relay")]
+    pub relay_bin: Option<PathBuf>,
+    /// Configuration file for the relay it starts.
+    #[arg(long, value_name = "FILE", conflicts_with = "relay")]
+    pub relay_config: Option<PathBuf>,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Exit with status 1 when a frame was lost, a masked agent leaked or input went
+    /// astray (see the summary).
+    #[arg(long)]
+    pub check: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Why a run could not be completed (as opposed to a run that measured a problem).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The options do not make sense.
+    #[error("{0}")]
+    Options(String),
+    /// The relay could not be started or measured.
+    #[error(transparent)]
+    Process(#[from] crate::relay_process::ProcessError),
+    /// A session could not be set up.
+    #[error("set-up: {0}")]
+    Setup(String),
+    /// The relay's API or metrics failed.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    /// A source file could not be read.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    /// Reading a file failed.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// The relay a run measures.
+enum Target {
+    Local(LocalRelay),
+    Remote,
+}
+
+impl Target {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Target::Local(r) => Some(r.pid()),
+            Target::Remote => None,
+        }
+    }
+}
+
+/// CPU and memory of the relay at one moment, from `/proc` or its metrics.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    cpu_seconds: Option<f64>,
+    rss_bytes: Option<u64>,
+    rss_peak_bytes: Option<u64>,
+    packets_forwarded: f64,
+    refused_view_only: f64,
+}
+
+async fn usage(target: &Target, api: &RelayApi) -> Result<Usage, RunError> {
+    let text = api.metrics().await?;
+    let mut u = Usage {
+        packets_forwarded: metric_value(&text, "relay_rtp_packets_forwarded_total").unwrap_or(0.0),
+        refused_view_only: metric_value(
+            &text,
+            "relay_input_events_total{outcome=\"refused_view_only\"}",
+        )
+        .unwrap_or(0.0),
+        ..Usage::default()
+    };
+    match target.pid() {
+        Some(pid) => {
+            let p = ProcStats::read(pid)?;
+            u.cpu_seconds = Some(p.cpu_seconds);
+            u.rss_bytes = Some(p.rss_bytes);
+            u.rss_peak_bytes = Some(p.rss_peak_bytes);
+        }
+        None => {
+            u.cpu_seconds = metric_value(&text, "process_cpu_seconds_total");
+            u.rss_bytes = metric_value(&text, "process_resident_memory_bytes").map(|b| b as u64);
+        }
+    }
+    Ok(u)
+}
+
+impl RunArgs {
+    fn validate(&self) -> Result<(), RunError> {
+        let bad = |m: String| Err(RunError::Options(m));
+        if !(self.duration.is_finite() && self.duration > 0.0) {
+            return bad(format!(
+                "--duration must be positive (got {})",
+                self.duration
+            ));
+        }
+        if !(self.fps.is_finite() && self.fps > 0.0 && self.fps <= 240.0) {
+            return bad(format!("--fps must be in (0, 240] (got {})", self.fps));
+        }
+        if !(self.input_hz.is_finite() && (0.0..=1000.0).contains(&self.input_hz)) {
+            return bad(format!(
+                "--input-hz must be in [0, 1000] (got {})",
+                self.input_hz
+            ));
+        }
+        if self.masked + self.view_only >= self.agents {
+            return bad(format!(
+                "--masked ({}) + --view-only ({}) must leave room for the host in --agents ({})",
+                self.masked, self.view_only, self.agents
+            ));
+        }
+        if self.slow_agents >= self.agents {
+            return bad(format!(
+                "--slow-agents ({}) must be fewer than --agents ({}): the host never stalls",
+                self.slow_agents, self.agents
+            ));
+        }
+        Ok(())
+    }
+
+    fn source(&self) -> Result<FrameSource, RunError> {
+        Ok(match (&self.source, self.synthetic_size) {
+            (Some(path), _) => FrameSource::open(path)?,
+            (None, Some(size)) => FrameSource::synthetic(size, self.keyframe_interval),
+            (None, None) => FrameSource::from_ivf(Bytes::from_static(DEFAULT_SOURCE))?,
+        })
+    }
+}
+
+/// Runs the benchmark `args` describes. The progress bar goes to stderr unless
+/// `args.quiet` (indicatif draws nothing when stderr is not a terminal).
+pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
+    args.validate()?;
+    let source = args.source()?;
+
+    let (target, api, tls) = match &args.relay {
+        None => {
+            let bin = args.relay_bin.clone().unwrap_or_else(default_relay_binary);
+            let config = args.relay_config.clone();
+            let relay =
+                tokio::task::spawn_blocking(move || LocalRelay::spawn(&bin, config.as_deref()))
+                    .await
+                    .map_err(|e| RunError::Setup(format!("starting the relay: {e}")))??;
+            let pem = relay.certificate_pem()?;
+            let api = RelayApi::new(relay.url(), relay.secret().as_bytes(), Some(&pem), false)?;
+            let tls = tls_trusting_pem(&pem)?;
+            (Target::Local(relay), api, tls)
+        }
+        Some(url) => {
+            let secret = match &args.secret_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| RunError::Io(path.clone(), e))?
+                    .trim()
+                    .to_owned(),
+                None => std::env::var("RELAY_AUTH_HS256_SECRET").map_err(|_| {
+                    RunError::Options(
+                        "--relay needs the relay's token secret: --secret-file or RELAY_AUTH_HS256_SECRET"
+                            .into(),
+                    )
+                })?,
+            };
+            let pem = match &args.ca {
+                Some(path) => Some(std::fs::read(path).map_err(|e| RunError::Io(path.clone(), e))?),
+                None => None,
+            };
+            let api = RelayApi::new(url, secret.as_bytes(), pem.as_deref(), args.insecure)?;
+            let tls = match &pem {
+                Some(pem) => tls_trusting_pem(pem)?,
+                None if args.insecure => insecure_tls(),
+                None => {
+                    return Err(RunError::Options(
+                        "--relay needs --ca FILE or --insecure for its certificate".into(),
+                    ));
+                }
+            };
+            (Target::Remote, api, tls)
+        }
+    };
+
+    let plan = SessionPlan {
+        roles: session::agent_mix(args.agents, args.masked, args.view_only),
+        slow_agents: args.slow_agents,
+        fps: args.fps,
+        input_hz: args.input_hz,
+    };
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let before_sessions = usage(&target, &api).await?;
+
+    let progress = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(u64::from(args.sessions))
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix("set-up");
+    let opens = (0..args.sessions).map(|n| {
+        let api = &api;
+        let tls = Arc::clone(&tls);
+        let plan = &plan;
+        let source = source.clone();
+        let run_id = &run_id;
+        let progress = &progress;
+        async move {
+            let s = session::open(api, tls, run_id, n, plan, source).await?;
+            progress.inc(1);
+            Ok::<BenchSession, RunError>(s)
+        }
+    });
+    let mut sessions = futures_util::future::try_join_all(opens).await?;
+
+    let window = Duration::from_secs_f64(args.duration);
+    progress.set_prefix("running");
+    progress.set_length(window.as_secs().max(1));
+    progress.set_position(0);
+    let start_usage = usage(&target, &api).await?;
+    let window_start = Instant::now();
+    for s in &mut sessions {
+        s.start(&plan);
+    }
+    let window_end = window_start + window;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while Instant::now() < window_end {
+        tick.tick().await;
+        let frames: usize = sessions.iter().map(BenchSession::frames_received).sum();
+        progress.set_position(
+            window_start
+                .elapsed()
+                .as_secs()
+                .min(window.as_secs().max(1)),
+        );
+        progress.set_message(format!("{frames} frames received"));
+    }
+    let end_usage = usage(&target, &api).await?;
+    for s in &mut sessions {
+        s.stop_input().await;
+    }
+
+    progress.set_prefix("drain");
+    let drain_until = Instant::now() + DRAIN_LIMIT;
+    while Instant::now() < drain_until && !sessions.iter().all(|s| s.drained(window_end)) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = usage(&target, &api).await?;
+    progress.finish_and_clear();
+
+    let mut totals = Totals::default();
+    for s in &sessions {
+        s.score(window_start, window_end, &mut totals);
+    }
+    futures_util::future::join_all(sessions.into_iter().map(BenchSession::close)).await;
+
+    let cpu_seconds = match (start_usage.cpu_seconds, end_usage.cpu_seconds) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let packets_forwarded =
+        (end_usage.packets_forwarded - start_usage.packets_forwarded).max(0.0) as u64;
+    let relay = RelayUsage {
+        cpu_seconds,
+        rss_peak_bytes: after
+            .rss_peak_bytes
+            .or(after.rss_bytes.max(end_usage.rss_bytes)),
+        packets_forwarded,
+        cpu_us_per_packet: cpu_seconds
+            .filter(|_| packets_forwarded > 0)
+            .map(|c| c * 1e6 / packets_forwarded as f64),
+        bytes_per_session: match (before_sessions.rss_bytes, end_usage.rss_bytes) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) / u64::from(args.sessions)),
+            _ => None,
+        },
+    };
+    totals.input.refused_view_only =
+        (after.refused_view_only - before_sessions.refused_view_only).max(0.0) as u64;
+    drop(target);
+
+    Ok(Report {
+        target: "relay".to_owned(),
+        sessions: args.sessions,
+        agents_per_session: args.agents,
+        duration_s: window.as_secs_f64(),
+        latency_ms: report::latency(&totals.latency),
+        first_frame_ms: report::quantiles(&totals.first_frame),
+        connect_ms: report::quantiles(&totals.connect),
+        input: report::Input {
+            latency_ms: report::quantiles(&totals.input_latency),
+            ..totals.input
+        },
+        frames: totals.frames,
+        masked_leaks: totals.masked_leaks,
+        slow_agents: totals.slow,
+        relay,
+    })
+}

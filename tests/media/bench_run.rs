@@ -1,0 +1,115 @@
+//! `relay-bench run` against the real relay: the benchmark's own figures must say that
+//! every frame reached every healthy agent, input arrived, view-only input was refused
+//! and no masked agent leaked, in the JSON shape ops scripts read.
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use relay_bench::run::{RunArgs, run};
+use serde_json::Value;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Every key of the report that the bench issue documents as stable.
+const KEYS: &[&str] = &[
+    "/target",
+    "/sessions",
+    "/agents_per_session",
+    "/duration_s",
+    "/frames/sent",
+    "/frames/expected",
+    "/frames/received",
+    "/frames/lost",
+    "/frames/out_of_order",
+    "/latency_ms/p50",
+    "/latency_ms/p99",
+    "/latency_ms/p999",
+    "/latency_ms/max",
+    "/first_frame_ms/p50",
+    "/first_frame_ms/p99",
+    "/input/sent",
+    "/input/delivered",
+    "/input/refused_view_only",
+    "/input/latency_ms/p50",
+    "/input/latency_ms/p99",
+    "/masked_leaks",
+    "/relay/cpu_seconds",
+    "/relay/rss_peak_bytes",
+    "/relay/packets_forwarded",
+    "/relay/cpu_us_per_packet",
+    "/relay/bytes_per_session",
+];
+
+fn number(json: &Value, key: &str) -> Result<f64> {
+    json.pointer(key)
+        .and_then(Value::as_f64)
+        .with_context(|| format!("report has no number at {key}: {json}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_run_reports_every_frame_input_and_no_masked_leak() -> Result<()> {
+    relay_e2e::install_crypto();
+    let bin = tokio::task::spawn_blocking(relay_e2e::relay_binary).await??;
+    let json_path = tempfile::NamedTempFile::new()?.into_temp_path();
+    let cli = Cli::try_parse_from([
+        "relay-bench",
+        "--sessions",
+        "2",
+        "--agents",
+        "4",
+        "--slow-agents",
+        "1",
+        "--duration",
+        "3",
+        "--quiet",
+        "--relay-bin",
+        bin.to_str().context("binary path")?,
+        "--json",
+        json_path.to_str().context("json path")?,
+    ])?;
+    let report = run(&cli.run).await?;
+    report.write_json(&json_path)?;
+    let json: Value = serde_json::from_slice(&std::fs::read(&json_path)?)?;
+    for key in KEYS {
+        ensure!(json.pointer(key).is_some(), "report lacks {key}: {json}");
+    }
+    ensure!(
+        report.failures().is_empty(),
+        "{:?}\n{}",
+        report.failures(),
+        report.table()
+    );
+
+    // Two sessions of four agents, one of them slow: six healthy agents, each of which
+    // got at least the 3 s window's frames at 15 fps minus its join.
+    ensure!(number(&json, "/sessions")? == 2.0);
+    ensure!(number(&json, "/frames/expected")? >= 6.0 * 30.0, "{json}");
+    ensure!(number(&json, "/frames/received")? == number(&json, "/frames/expected")?);
+    ensure!(number(&json, "/frames/lost")? == 0.0);
+    ensure!(number(&json, "/masked_leaks")? == 0.0);
+    ensure!(number(&json, "/slow_agents/count")? == 2.0, "{json}");
+    // The hosts send at 60 Hz, the view-only agents at 6 Hz: some of each in 3 s.
+    ensure!(number(&json, "/input/sent")? >= 2.0 * 60.0, "{json}");
+    ensure!(number(&json, "/input/delivered")? == number(&json, "/input/sent")?);
+    ensure!(
+        number(&json, "/input/refused_view_only")? >= 2.0 * 6.0,
+        "{json}"
+    );
+    ensure!(number(&json, "/input/leaked_view_only")? == 0.0);
+    ensure!(number(&json, "/latency_ms/p50")? > 0.0);
+    ensure!(number(&json, "/first_frame_ms/p50")? > 0.0);
+    // The relay was measured, not guessed.
+    ensure!(number(&json, "/relay/cpu_seconds")? > 0.0, "{json}");
+    ensure!(
+        number(&json, "/relay/rss_peak_bytes")? > 1_000_000.0,
+        "{json}"
+    );
+    ensure!(
+        number(&json, "/relay/packets_forwarded")? > 6.0 * 30.0,
+        "{json}"
+    );
+    Ok(())
+}
