@@ -67,6 +67,9 @@ pub enum Command {
     /// Check a configuration file or print the default configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage the keys that protect a portal's session recordings.
+    #[command(subcommand)]
+    ReviewKey(ReviewKeyCommand),
 }
 
 /// Flags of `relay serve`; each overrides the matching configuration key.
@@ -240,6 +243,110 @@ pub enum ConfigCommand {
     Defaults,
 }
 
+/// `relay review-key ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ReviewKeyCommand {
+    /// Make a portal's session-review key pair.
+    ///
+    /// Writes the private half into a new identity file, encrypted with a passphrase
+    /// (asked twice, or the first line of --passphrase-file; at least 12 characters),
+    /// and prints the public key for `[recording.review_keys]` in the relay's
+    /// configuration. Recordings of the portal's sessions are encrypted to that public
+    /// key; only the identity file together with its passphrase can read them. There is
+    /// NO reset: lose the file or forget the passphrase and the recordings are lost.
+    New {
+        /// The portal the key is for.
+        #[arg(long)]
+        portal: String,
+        /// Where to write the identity file (default: review-<portal>.age); an existing
+        /// file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Read the passphrase from the first line of this file instead of asking.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+/// Reads a passphrase: the first line of `file`, or from the terminal (twice when
+/// `confirm`, which must match).
+pub fn read_passphrase(
+    file: Option<&std::path::Path>,
+    confirm: bool,
+) -> anyhow::Result<age::secrecy::SecretString> {
+    let passphrase = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the passphrase file {}", path.display()))?;
+            text.lines().next().unwrap_or_default().to_owned()
+        }
+        None => {
+            let first = rpassword::prompt_password("Passphrase: ")
+                .context("cannot read the passphrase from the terminal (use --passphrase-file)")?;
+            if confirm {
+                let again = rpassword::prompt_password("Passphrase again: ")
+                    .context("cannot read the passphrase from the terminal")?;
+                if again != first {
+                    bail!("the two passphrases differ");
+                }
+            }
+            first
+        }
+    };
+    Ok(age::secrecy::SecretString::from(passphrase))
+}
+
+/// Runs a `relay review-key` subcommand; returns what to print.
+pub fn run_review_key(cmd: &ReviewKeyCommand) -> anyhow::Result<String> {
+    match cmd {
+        ReviewKeyCommand::New {
+            portal,
+            out,
+            passphrase_file,
+        } => {
+            if portal.is_empty() || portal.chars().any(|c| c.is_control() || c == '"') {
+                bail!("--portal must be a portal name (no quotes or control characters)");
+            }
+            let out = out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("review-{portal}.age")));
+            if out.exists() {
+                bail!(
+                    "{} exists; a review key is never overwritten (its recordings would become unreadable)",
+                    out.display()
+                );
+            }
+            let passphrase = read_passphrase(passphrase_file.as_deref(), true)?;
+            let key = crate::record::keys::new_review_key(portal, passphrase, None)?;
+            write_new_private_file(&out, &key.identity_file)?;
+            Ok(format!(
+                "wrote {file}: keep it and its passphrase safe. Neither can be recovered or \
+                 reset; without both, the portal's recordings cannot be read.\n\n\
+                 Add the public key to the relay's configuration:\n\n\
+                 [recording.review_keys]\n\
+                 {portal:?} = \"{recipient}\"",
+                file = out.display(),
+                recipient = key.recipient,
+            ))
+        }
+    }
+}
+
+/// Creates `path` (never overwriting) readable by its owner only, with `bytes`.
+fn write_new_private_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Runs a `relay config` subcommand; returns what to print.
 pub fn run_config(cmd: &ConfigCommand) -> anyhow::Result<String> {
     match cmd {
@@ -260,6 +367,83 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn review_key_new_writes_a_private_identity_and_prints_a_usable_public_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("pass");
+        fs::write(&pass, "a long enough passphrase\nignored second line\n").unwrap();
+        let out = dir.path().join("review-support.age");
+        let cmd = match parse(&[
+            "review-key",
+            "new",
+            "--portal",
+            "support",
+            "--out",
+            out.to_str().unwrap(),
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ])
+        .command
+        {
+            Command::ReviewKey(cmd) => cmd,
+            other => panic!("{other:?}"),
+        };
+        let printed = run_review_key(&cmd).unwrap();
+        assert!(printed.contains("can be recovered or reset"), "{printed}");
+
+        // The printed snippet is valid configuration, and the file opens with the
+        // passphrase to the same key.
+        let snippet = printed
+            .split_once("\n\n[recording")
+            .map(|(_, s)| format!("[recording{s}"))
+            .unwrap();
+        let mut config: Config = toml::from_str(&snippet).unwrap();
+        config.validate().unwrap();
+        let public = config.recording.review_keys["support"].clone();
+        let identity = crate::record::keys::open_identity(
+            &fs::read(&out).unwrap(),
+            age::secrecy::SecretString::from("a long enough passphrase".to_owned()),
+        )
+        .unwrap();
+        assert_eq!(identity.to_public().to_string(), public);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // Never overwritten.
+        let err = run_review_key(&cmd).unwrap_err().to_string();
+        assert!(err.contains("never overwritten"), "{err}");
+        config
+            .recording
+            .review_keys
+            .insert("other".into(), "age1nonsense".into());
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("recording.review_keys.other")
+        );
+    }
+
+    #[test]
+    fn review_key_new_refuses_a_short_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("pass");
+        fs::write(&pass, "short\n").unwrap();
+        let out = dir.path().join("k.age");
+        let cmd = ReviewKeyCommand::New {
+            portal: "support".into(),
+            out: Some(out.clone()),
+            passphrase_file: Some(pass),
+        };
+        let err = run_review_key(&cmd).unwrap_err().to_string();
+        assert!(err.contains("at least 12 characters"), "{err}");
+        assert!(!out.exists());
+    }
 
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("relay").chain(args.iter().copied())).expect("parses")

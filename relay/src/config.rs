@@ -53,6 +53,8 @@ pub struct Config {
     pub log: LogConfig,
     /// WebRTC media plane (`[media]`).
     pub media: MediaConfig,
+    /// Session recordings (`[recording]`).
+    pub recording: RecordingConfig,
 }
 
 impl Default for Config {
@@ -68,6 +70,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             log: LogConfig::default(),
             media: MediaConfig::default(),
+            recording: RecordingConfig::default(),
         }
     }
 }
@@ -308,6 +311,15 @@ impl Default for LogConfig {
     }
 }
 
+/// Session recordings (`[recording]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecordingConfig {
+    /// Each portal's public review key (`age1…`, printed by `relay review-key new`):
+    /// its sessions' recordings are encrypted to it.
+    pub review_keys: std::collections::BTreeMap<String, String>,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -502,6 +514,12 @@ impl Config {
                 return invalid(format!(
                     "{key} must not be empty (remove it to not check it)"
                 ));
+            }
+        }
+
+        for (portal, key) in &self.recording.review_keys {
+            if let Err(e) = crate::record::keys::parse_recipient(key) {
+                return invalid(format!("recording.review_keys.{portal}: {e}"));
             }
         }
 

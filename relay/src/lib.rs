@@ -25,6 +25,7 @@ pub mod config;
 pub mod fanout;
 pub mod identity;
 pub mod metrics;
+pub mod record;
 pub mod session;
 pub mod signal;
 pub mod throttle;

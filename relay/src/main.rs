@@ -15,6 +15,7 @@ fn main() -> ExitCode {
             .and_then(serve),
         Command::Token(args) => cli::run_token(&args).map(|t| println!("{t}")),
         Command::Config(cmd) => cli::run_config(&cmd).map(|out| println!("{out}")),
+        Command::ReviewKey(cmd) => cli::run_review_key(&cmd).map(|out| println!("{out}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,7 @@
+//! Session recordings: who may read them ([`keys`]: review keys, one per portal).
+//!
+//! Recordings are encrypted, as they are written, to the public review key of the
+//! session's portal; only the holder of the portal's passphrase-protected identity
+//! file can read them. The container itself is `relay_codec::recording`.
+
+pub mod keys;
