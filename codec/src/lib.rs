@@ -14,6 +14,9 @@
 //!   and the digest that identifies a frame across packetization.
 //! - [`keyframe`]: where a keyframe starts in a VP8, VP9, H.264 or AV1 RTP payload, for
 //!   the relay's fan-out to start new or recovering subscribers cleanly.
+//! - [`recording`]: the session recording container (zstd-compressed chunks of video
+//!   frames, input, chat and roster records, with a seek index), its writer, and a
+//!   reader that survives a cut-off or damaged file.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -21,4 +24,5 @@ pub mod files;
 pub mod frame;
 pub mod input;
 pub mod keyframe;
+pub mod recording;
 pub mod wire;
