@@ -4,7 +4,6 @@
 //! arrive whole and in order, input that arrives or never does, a masked agent the
 //! customer never learns of, a stalled agent that does not hurt the others.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use relay_bench::client::{
     Agent, AgentOptions, Customer, CustomerOptions, FrameSource, ReceivedFrame, SentFrame,
     tls_trusting_pem_file,
 };
+use relay_bench::run::measure::SentIndex;
 use relay_codec::input::{InputEvent, InputKind};
 use relay_e2e::wire::{ErrorCode, InviteTarget, Permission, Visibility};
 use relay_e2e::{ExpectRefusal, Relay, RelayBuilder};
@@ -20,6 +20,14 @@ use relay_e2e::{ExpectRefusal, Relay, RelayBuilder};
 /// `relay-bench run` against the real relay (issue 3's last check).
 #[path = "media/bench_run.rs"]
 mod bench_run;
+
+/// VP9 and AV1 through the relay.
+#[path = "media/codecs.rs"]
+mod codecs;
+
+/// One UDP port for all media.
+#[path = "media/udp_mux.rs"]
+mod udp_mux;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -143,17 +151,13 @@ async fn eight_agents_and_a_customer(fixture_name: &str) -> Result<Session> {
 /// Maps each received frame to the index of the frame the customer sent with the same
 /// digest most recently before it arrived (the fixture loops, so digests repeat).
 fn sent_indices(sent: &[SentFrame], received: &[ReceivedFrame]) -> Result<Vec<u64>> {
-    let mut by_digest: HashMap<[u8; 32], Vec<&SentFrame>> = HashMap::new();
-    for s in sent {
-        by_digest.entry(s.digest).or_default().push(s);
-    }
+    let index = SentIndex::new(sent);
     received
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            by_digest
-                .get(&r.digest)
-                .and_then(|v| v.iter().rev().find(|s| s.sent_at <= r.received_at))
+            index
+                .find(r)
                 .map(|s| s.index)
                 .with_context(|| format!("received frame #{i} matches no frame the customer sent"))
         })
@@ -798,6 +802,143 @@ async fn a_view_only_offer_and_offers_above_the_size_limit_are_refused() -> Resu
             .relay
             .metric(&format!(
                 "relay_file_transfers_total{{outcome=\"{outcome}\"}}"
+            ))
+            .await?;
+        ensure!(got == Some(n), "{outcome}: {got:?}, expected {n}");
+    }
+    Ok(())
+}
+
+// ----- agent screen share --------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_masked_agent_shows_its_screen_to_the_customer_anonymously_and_one_at_a_time()
+-> Result<()> {
+    use relay_bench::client::ClientError;
+    use relay_e2e::wire::ServerMsg;
+    let s = host_masked_viewer_and_customer(RelayBuilder::new(), false).await?;
+    let screen = || FrameSource::open(fixture("screen-vp8.ivf"));
+    let refused_with = |r: std::result::Result<(), ClientError>, want: ErrorCode| match r {
+        Err(ClientError::Refused { code, .. }) if code == want => Ok(()),
+        other => bail!("expected a refusal with {want:?}, got {other:?}"),
+    };
+
+    // A view-only agent may not share.
+    refused_with(s.viewer.start_share(screen()?).await, ErrorCode::Forbidden)?;
+    // The masked agent (control) shares; while it does, nobody else may (the host
+    // neither: one at a time, no take-over).
+    s.masked.start_share(screen()?).await?;
+    refused_with(s.host.start_share(screen()?).await, ErrorCode::ShareBusy)?;
+
+    // The customer receives the masked agent's frames whole and in order.
+    s.customer
+        .wait_share_frames(22, WAIT)
+        .await
+        .context("the customer receives the share")?;
+    assert_complete_and_in_order(
+        "the customer's view of the share",
+        &s.masked.shared_frames(),
+        &s.customer.share_frames(),
+    )?;
+
+    // Stopping ends the customer's stream.
+    s.masked.stop_share().await?;
+    let stopped = |m: &ServerMsg| matches!(m, ServerMsg::AgentShare { active: false, .. });
+    wait_until("the customer to learn the share stopped", || {
+        s.customer.transcript().messages().iter().any(stopped)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_stop = s.customer.share_frames().len();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ensure!(
+        s.customer.share_frames().len() == at_stop,
+        "share frames kept arriving after the stop"
+    );
+
+    // The next share (the visible host's) reaches the customer on the same track, from
+    // a keyframe, without a new negotiation.
+    // (The masked agent's last frame is released by the customer's reassembly only when
+    // the next packet arrives: frames are told apart by when their packets came.)
+    let offers = s.customer.negotiation().offers_sent;
+    let second = Instant::now();
+    s.host.start_share(screen()?).await?;
+    s.customer.wait_share_frames(at_stop + 21, WAIT).await?;
+    let frames = s.customer.share_frames();
+    let first = frames
+        .iter()
+        .position(|f| f.received_at > second)
+        .context("a frame of the host's share")?;
+    ensure!(first >= at_stop, "frames of the first share arrived late");
+    assert_complete_and_in_order(
+        "the customer's view of the host's share",
+        &s.host.shared_frames(),
+        &frames[first..],
+    )?;
+    ensure!(s.customer.negotiation().offers_sent == offers);
+    s.host.stop_share().await?;
+    wait_until("the customer to learn the second share stopped", || {
+        s.customer
+            .transcript()
+            .messages()
+            .iter()
+            .filter(|m| stopped(m))
+            .count()
+            == 2
+    })
+    .await?;
+
+    // The customer learnt that an agent shared, never which one; agents learnt who.
+    let customer_shares: Vec<ServerMsg> = s
+        .customer
+        .transcript()
+        .messages()
+        .into_iter()
+        .filter(|m| matches!(m, ServerMsg::AgentShare { .. }))
+        .collect();
+    ensure!(
+        customer_shares
+            == [
+                ServerMsg::AgentShare {
+                    active: true,
+                    by: None
+                },
+                ServerMsg::AgentShare {
+                    active: false,
+                    by: None
+                },
+                ServerMsg::AgentShare {
+                    active: true,
+                    by: Some(s.host.welcome().you.participant_id.clone())
+                },
+                ServerMsg::AgentShare {
+                    active: false,
+                    by: Some(s.host.welcome().you.participant_id.clone())
+                },
+            ],
+        "the customer was told {customer_shares:?}"
+    );
+    ensure!(
+        s.host
+            .transcript()
+            .messages()
+            .contains(&ServerMsg::AgentShare {
+                active: true,
+                by: Some(s.masked_id.clone()),
+            }),
+        "the host was not told who shares"
+    );
+    assert_customer_never_sees_the_masked_agent(&s)?;
+    for (outcome, n) in [
+        ("started", 2.0),
+        ("refused_forbidden", 1.0),
+        ("refused_busy", 1.0),
+        ("stopped", 2.0),
+    ] {
+        let got = s
+            .relay
+            .metric(&format!(
+                "relay_agent_shares_total{{outcome=\"{outcome}\"}}"
             ))
             .await?;
         ensure!(got == Some(n), "{outcome}: {got:?}, expected {n}");

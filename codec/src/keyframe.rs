@@ -18,9 +18,12 @@
 //!   have B=1 (start of a frame) and P=0 (no inter-picture prediction). If L=1, the
 //!   layer-index byte (after the one- or two-byte PictureID when I=1) must say spatial
 //!   layer 0, because P=0 on a higher layer is only a layer switch-up point. The
-//!   descriptor must be complete (TL0PICIDX too, in non-flexible mode) and followed by at
-//!   least one byte. P=0 is also set on intra-only frames, which this does not tell
-//!   from key frames; that would need parsing past the scalability structure.
+//!   descriptor must be complete (TL0PICIDX too, in non-flexible mode; the scalability
+//!   structure when V=1) and be followed by the frame's uncompressed header, whose
+//!   `frame_type` must say key frame (and `show_existing_frame` 0). The header check
+//!   tells key frames from intra-only frames (also P=0), and protects the gating from
+//!   senders that leave P=0 on inter frames (the `rtc` 0.21 crate's VP9 payloader sets
+//!   P=0 on every packet).
 //! - **H.264** (RFC 6184, packetization mode 0 or 1): the NAL header's forbidden bit
 //!   must be 0. A single NAL unit starts a keyframe if it is an SPS (type 7) or the
 //!   first slice of an IDR picture (type 5 with `first_mb_in_slice` = 0, the top bit of
@@ -160,6 +163,7 @@ fn vp9(p: &[u8]) -> Option<bool> {
     const L: u8 = 0x20;
     const F: u8 = 0x10;
     const B: u8 = 0x08;
+    const V: u8 = 0x02;
 
     let b0 = *p.first()?;
     if b0 & B == 0 || b0 & P != 0 {
@@ -177,7 +181,32 @@ fn vp9(p: &[u8]) -> Option<bool> {
             return Some(false);
         }
     }
-    Some(at < p.len())
+    if b0 & V != 0 {
+        at = skip_vp9_scalability_structure(p, at)?;
+    }
+    let header = p.get(at..).filter(|h| !h.is_empty())?;
+    Some(crate::frame::is_keyframe(VideoCodec::Vp9, header))
+}
+
+/// The offset just past the VP9 scalability structure that starts at `at` (RFC 9628
+/// §4.2.1): `N_S:3 Y:1 G:1 -:3`, then (N_S + 1) × (width, height) as u16 if Y, then
+/// N_G and N_G picture descriptions (`TID:3 U:1 R:2 -:2`, then R P_DIFF bytes) if G.
+fn skip_vp9_scalability_structure(p: &[u8], mut at: usize) -> Option<usize> {
+    let ss = *p.get(at)?;
+    at += 1;
+    let layers = usize::from(ss >> 5) + 1;
+    if ss & 0x10 != 0 {
+        at += layers * 4;
+    }
+    if ss & 0x08 != 0 {
+        let pictures = *p.get(at)?;
+        at += 1;
+        for _ in 0..pictures {
+            let description = *p.get(at)?;
+            at += 1 + usize::from((description >> 2) & 0x03);
+        }
+    }
+    (at <= p.len()).then_some(at)
 }
 
 fn h264(p: &[u8]) -> Option<bool> {
@@ -336,10 +365,28 @@ mod tests {
             &[
                 (&[0x08, 0x82, 0x49], true, "B=1 P=0, no extensions"),
                 (
-                    &[0x8e, 0x81, 0x23, 0x82],
+                    &[0x8e, 0x81, 0x23, 0x00, 0x82],
                     true,
-                    "key with 15-bit PictureID and SS",
+                    "key with 15-bit PictureID and a one-byte SS",
                 ),
+                (
+                    &[0x8e, 0x81, 0x23, 0x10, 0x02, 0x80, 0x01, 0x68, 0x82],
+                    true,
+                    "key with SS carrying one layer's resolution",
+                ),
+                (
+                    &[0x8e, 0x81, 0x23, 0x08, 0x01, 0x04, 0x01, 0x82],
+                    true,
+                    "key with SS carrying a picture group",
+                ),
+                (&[0x8e, 0x81, 0x23, 0x10, 0x02], false, "SS cut"),
+                (
+                    &[0x98, 0x81, 0x23, 0x86],
+                    false,
+                    "inter frame with P=0, as the rtc crate's payloader sends it",
+                ),
+                (&[0x08, 0x88], false, "show_existing_frame"),
+                (&[0x08, 0x42], false, "not a VP9 frame header"),
                 (
                     &[0xa8, 0x81, 0x23, 0x00, 0x07, 0x82],
                     true,

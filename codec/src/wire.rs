@@ -62,6 +62,8 @@ pub enum ErrorCode {
     Draining,
     /// This WebSocket was replaced by a newer connection of the same participant.
     Replaced,
+    /// Another agent is already sharing its screen with the customer (one at a time).
+    ShareBusy,
     /// An unexpected failure inside the relay.
     Internal,
 }
@@ -89,6 +91,7 @@ impl ErrorCode {
             ErrorCode::SessionEnded => "session_ended",
             ErrorCode::Draining => "draining",
             ErrorCode::Replaced => "replaced",
+            ErrorCode::ShareBusy => "share_busy",
             ErrorCode::Internal => "internal",
         }
     }
@@ -475,11 +478,26 @@ pub enum ClientMsg {
     },
     /// A trickled ICE candidate of the client (an empty `candidate` ends the list).
     Candidate(IceCandidate),
+    /// An agent asks to show its own screen to the customer (host or `control` agents,
+    /// one at a time). Accepted: everyone gets `agent_share` with `active: true`, and the
+    /// agent then adds a `sendonly` video track and re-offers. Refused: `error`
+    /// (`forbidden` or `share_busy`).
+    ShareStart {},
+    /// The sharing agent stops showing its screen (nothing happens if it was not).
+    ShareStop {},
 }
 
 impl ClientMsg {
     /// The `type` tags this enum accepts, to tell unknown types from malformed ones.
-    pub const TYPES: [&'static str; 5] = ["chat", "leave", "ping", "offer", "candidate"];
+    pub const TYPES: [&'static str; 7] = [
+        "chat",
+        "leave",
+        "ping",
+        "offer",
+        "candidate",
+        "share_start",
+        "share_stop",
+    ];
 }
 
 /// One trickled ICE candidate, as `RTCIceCandidateInit` has it.
@@ -577,9 +595,20 @@ pub enum ServerMsg {
     /// A trickled ICE candidate of the relay.
     Candidate(IceCandidate),
     /// The relay has media for you that your peer connection does not carry yet (the
-    /// customer started publishing, or changed codec): send a new `offer` on the same
-    /// peer connection.
+    /// customer started publishing, or changed codec; for the customer: an agent started
+    /// sharing its screen): send a new `offer` on the same peer connection.
     Renegotiate {},
+    /// An agent started (`active: true`) or stopped showing its own screen to the
+    /// customer. `by` is the sharing agent's participant id when the recipient may see
+    /// that agent (never for a masked agent seen by the customer: then the customer only
+    /// learns that an agent shares). Also sent right after `welcome` while a share is on.
+    AgentShare {
+        /// Whether a share is on now.
+        active: bool,
+        /// Who shares (or shared), if the recipient may know.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
     /// Reply to `ping`.
     Pong {
         /// The ping's `id`.
@@ -757,8 +786,42 @@ mod tests {
     }
 
     #[test]
+    fn parses_share_start_and_stop_and_refuses_fields() {
+        let env = parse_client_msg(br#"{"type":"share_start","id":4}"#, 1024).unwrap();
+        assert_eq!(env.id, Some(4));
+        assert_eq!(env.msg, ClientMsg::ShareStart {});
+        let env = parse_client_msg(br#"{"type":"share_stop"}"#, 1024).unwrap();
+        assert_eq!(env.msg, ClientMsg::ShareStop {});
+        assert!(matches!(
+            parse_client_msg(br#"{"type":"share_start","by":"p_1"}"#, 1024).unwrap_err(),
+            WireError::InvalidFields { .. }
+        ));
+        let round = serde_json::to_string(&ClientMsg::ShareStop {}).unwrap();
+        assert_eq!(round, r#"{"type":"share_stop"}"#);
+    }
+
+    #[test]
+    fn agent_share_names_the_sharer_only_when_given() {
+        let anonymous = ServerMsg::AgentShare {
+            active: true,
+            by: None,
+        };
+        let s = serde_json::to_string(&anonymous).unwrap();
+        assert_eq!(s, r#"{"type":"agent_share","active":true}"#);
+        assert_eq!(serde_json::from_str::<ServerMsg>(&s).unwrap(), anonymous);
+        let named = ServerMsg::AgentShare {
+            active: false,
+            by: Some("p_7".into()),
+        };
+        let s = serde_json::to_string(&named).unwrap();
+        assert_eq!(s, r#"{"type":"agent_share","active":false,"by":"p_7"}"#);
+        assert_eq!(serde_json::from_str::<ServerMsg>(&s).unwrap(), named);
+    }
+
+    #[test]
     fn error_code_names_match_serde() {
         for code in [
+            ErrorCode::ShareBusy,
             ErrorCode::BadRequest,
             ErrorCode::WrongKey,
             ErrorCode::AgentSessionLimit,

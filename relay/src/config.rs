@@ -269,6 +269,9 @@ pub struct MediaConfig {
     /// Last UDP port of the media port range (inclusive); the range bounds how many peer
     /// connections the node can hold at once.
     pub udp_port_max: u16,
+    /// One UDP port for the media of every peer connection (a demultiplexer routes each
+    /// datagram to its connection); `0` (the default) uses the port range instead.
+    pub udp_mux_port: u16,
     /// The public address to announce in ICE host candidates instead of the bound one
     /// (an edge node behind 1:1 NAT).
     pub public_ip: Option<IpAddr>,
@@ -285,6 +288,7 @@ impl Default for MediaConfig {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             udp_port_min: 40000,
             udp_port_max: 40999,
+            udp_mux_port: 0,
             public_ip: None,
             agent_queue_packets: 512,
             keyframe_window: Duration::from_millis(300),
@@ -425,6 +429,14 @@ impl Config {
             return invalid(format!(
                 "media.udp_port_min..media.udp_port_max must be a non-empty range of non-zero ports (got {}..{})",
                 m.udp_port_min, m.udp_port_max
+            ));
+        }
+        if m.udp_mux_port != 0 && m.bind_ip.is_unspecified() {
+            // One socket on the wildcard could not tell which address a datagram was
+            // sent to, nor answer from that address.
+            return invalid(format!(
+                "media.udp_mux_port needs a concrete media.bind_ip, not {}",
+                m.bind_ip
             ));
         }
         if !(16..=65536).contains(&m.agent_queue_packets) {
@@ -763,6 +775,21 @@ mod tests {
         assert!(m.contains("session.invitation_ttl"), "{m}");
         let m = invalid_message(&with(|c| c.log.level = "info,=[".to_owned()));
         assert!(m.contains("log.level"), "{m}");
+    }
+
+    #[test]
+    fn udp_mux_port_needs_a_concrete_bind_ip() {
+        let cfg = Config::from_toml_str("[media]\nudp_mux_port = 3478\n").expect("parses");
+        assert_eq!(cfg.media.udp_mux_port, 3478);
+        let m = invalid_message(&with(|c| {
+            c.media.udp_mux_port = 3478;
+            c.media.bind_ip = IpAddr::from([0, 0, 0, 0]);
+        }));
+        assert!(m.contains("media.udp_mux_port"), "{m}");
+        // The wildcard stays fine for the port range.
+        with(|c| c.media.bind_ip = IpAddr::from([0, 0, 0, 0]))
+            .validate()
+            .expect("range mode on 0.0.0.0");
     }
 
     #[test]

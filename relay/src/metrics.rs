@@ -11,6 +11,8 @@ use prometheus::{
 };
 use relay_codec::wire::{EndReason, ErrorCode};
 
+use crate::session::ShareOutcome;
+
 /// Participant roles (`role` label).
 pub const ROLES: [&str; 4] = ["host", "agent", "customer", "supervisor"];
 /// Outcomes of support-key attempts (`outcome` label of `relay_support_key_attempts_total`).
@@ -118,6 +120,8 @@ pub struct Metrics {
     pub chat_data_channel_total: IntCounterVec,
     /// `chat` and `files` data channels in use, by label.
     pub data_channels_open: IntGaugeVec,
+    /// Agents' screen shares to the customer: started, refused or ended, by outcome.
+    pub agent_shares_total: IntCounterVec,
     /// `relay_build_info{version}`: always 1; carries the version as a label.
     pub build_info: IntGaugeVec,
 }
@@ -300,6 +304,13 @@ impl Metrics {
                 "Participants' chat and files data channels in use, by label.",
                 &["label"],
             ),
+            agent_shares_total: counter_vec(
+                "relay_agent_shares_total",
+                "Agents' screen shares to the customer, by outcome (started; refused_forbidden, \
+                 refused_busy; ended: stopped, left, lost_control, connection_lost, \
+                 session_ended).",
+                &["outcome"],
+            ),
             build_info: gauge_vec(
                 "relay_build_info",
                 "Always 1; the version label says which relay build runs.",
@@ -353,6 +364,9 @@ impl Metrics {
         for label in DATA_CHANNEL_LABELS {
             m.data_channels_open.with_label_values(&[label]);
         }
+        for outcome in ShareOutcome::ALL {
+            m.agent_shares_total.with_label_values(&[outcome.as_str()]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -391,6 +405,7 @@ mod tests {
             "relay_file_bytes_forwarded_total",
             "relay_chat_data_channel_total",
             "relay_data_channels_open",
+            "relay_agent_shares_total",
             "relay_build_info",
         ] {
             assert!(
@@ -411,6 +426,7 @@ mod tests {
             "relay_http_requests_total{status=\"200\"} 0",
             "relay_file_transfers_total{outcome=\"refused_too_large\"} 0",
             "relay_chat_data_channel_total{outcome=\"fallback_websocket\"} 0",
+            "relay_agent_shares_total{outcome=\"refused_busy\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

@@ -337,6 +337,28 @@ impl RelayBuilder {
         self.set("media", "agent_queue_packets", n)
     }
 
+    /// `media.udp_mux_port`: all media on one UDP port, the first of this relay's own
+    /// block (unused by the range in mux mode). Read it back with [`Self::mux_port`].
+    pub fn udp_mux_port(self) -> Self {
+        let first = self
+            .config
+            .get("media")
+            .and_then(|m| m.get("udp_port_min"))
+            .and_then(toml::Value::as_integer)
+            .unwrap_or(0);
+        self.set("media", "udp_mux_port", first)
+    }
+
+    /// The configured `media.udp_mux_port`, if set.
+    pub fn mux_port(&self) -> Option<u16> {
+        let port = self
+            .config
+            .get("media")?
+            .get("udp_mux_port")?
+            .as_integer()?;
+        u16::try_from(port).ok().filter(|p| *p != 0)
+    }
+
     fn set(mut self, section: &str, key: &str, value: impl Into<toml::Value>) -> Self {
         let table = self
             .config

@@ -1,9 +1,10 @@
 //! The agent (host, invited agent or supervisor): receives the customer's screen,
-//! sends input events on its `input` data channel, and chats and exchanges files on its
-//! `chat` and `files` channels.
+//! sends input events on its `input` data channel, may show its own screen to the
+//! customer ([`Agent::start_share`]), and chats and exchanges files on its `chat` and
+//! `files` channels.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,36 +12,33 @@ use bytes::BytesMut;
 use relay_codec::input::{InputEvent, encode_to_vec};
 use relay_codec::wire::{ClientMsg, ServerMsg};
 use rtc::interceptor::Registry;
-use rtc::media::io::sample_builder::SampleBuilder;
+use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use webrtc::data_channel::DataChannel;
-use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionState};
 
 use super::channels::{CHAT_LABEL, ChatChannel, FILES_LABEL, FileTransfers};
-use super::codec::{ClientCodec, CodecDepacketizer, VIDEO_CLOCK_RATE, VideoCodec, frame_digest};
+use super::codec::{ClientCodec, VideoCodec};
 use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
+use super::publish::{
+    KeyframeRequest, PublishRecords, Publisher, SentFrame, publish, watch_keyframe_requests,
+};
+use super::receive::{ReceiveStats, ReceivedFrame, Receiver};
+use super::rtcp::with_keyframe_request_marker;
 use super::signalling::{Signalling, SignallingSender, SignallingTasks, Transcript, Welcome};
+use super::source::FrameSource;
 use super::{ClientError, INPUT_LABEL};
-
-/// RTP packets a frame may wait for a missing one before the frame is given up.
-const MAX_LATE_PACKETS: u16 = 512;
-/// Media time a frame may wait for a missing packet (NACK recovery on loopback takes a
-/// few milliseconds) before it is given up.
-const MAX_LATE_TIME: Duration = Duration::from_millis(200);
-/// After [`Agent::resume`], how long a jump in sequence numbers still counts as packets
-/// lost while paused (and triggers a PLI).
-const RESUME_GAP_WINDOW: Duration = Duration::from_secs(2);
-/// Frames whose last-packet arrival time is remembered, by RTP timestamp.
-const ARRIVALS_KEPT: usize = 256;
 
 /// How an [`Agent`] connects.
 #[derive(Debug, Clone)]
@@ -51,75 +49,40 @@ pub struct AgentOptions {
     pub welcome_timeout: Duration,
     /// Accept every file offered on the `files` channel at once.
     pub auto_accept_files: bool,
+    /// Frames per second of a screen share ([`Agent::start_share`]).
+    pub share_fps: f64,
 }
 
 impl Default for AgentOptions {
-    /// `127.0.0.1:0`, 10 s, offers wait for an answer.
+    /// `127.0.0.1:0`, 10 s, offers wait for an answer, shares at 15 fps.
     fn default() -> Self {
         AgentOptions {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             welcome_timeout: Duration::from_secs(10),
             auto_accept_files: false,
+            share_fps: 15.0,
         }
     }
 }
 
-/// A complete frame reassembled from the relay's RTP.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReceivedFrame {
-    /// Its codec.
-    pub codec: VideoCodec,
-    /// [`frame_digest`] of the depacketized frame.
-    pub digest: [u8; 32],
-    /// Whether it is a keyframe ([`VideoCodec::is_keyframe`]).
-    pub is_keyframe: bool,
-    /// Bytes after depacketization.
-    pub size: usize,
-    /// RTP timestamp of its packets.
-    pub rtp_timestamp: u32,
-    /// When the application read its last packet from the track. The sample builder
-    /// releases a frame only when a packet of the next one arrives, so the frame shows
-    /// up in [`Agent::frames`] one frame interval later than this. Packets queued while
-    /// the agent was paused are stamped when they are read after the resume.
-    pub received_at: Instant,
-    /// Packets the sample builder dropped before this frame (incomplete frames).
-    pub dropped_packets_before: u16,
-}
+/// How long [`Agent::start_share`] waits for the relay's verdict and the renegotiation.
+const SHARE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Counters of the agent's receive path.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReceiveStats {
-    /// Remote tracks announced (one per negotiated screen track).
-    pub tracks: u32,
-    /// RTP packets the application read.
-    pub rtp_packets: u64,
-    /// Packets missing from forward jumps of the sequence number, as the application saw
-    /// them (one that arrives later, e.g. retransmitted, was still counted).
-    pub sequence_gaps: u64,
-    /// Packets whose payload type maps to no known video codec.
-    pub unknown_payload: u64,
-    /// PLIs sent (after a pause that lost packets, or by [`Agent::request_keyframe`]).
-    pub plis_sent: u32,
-    /// The codec of the last packet.
-    pub codec: Option<VideoCodec>,
-}
-
+/// The agent's screen share: the track (added once, kept for later shares) and the
+/// task publishing on it.
 #[derive(Default)]
-struct Records {
-    frames: Vec<ReceivedFrame>,
-    stats: ReceiveStats,
+struct ShareState {
+    track: Option<ShareTrack>,
+    publisher: Option<JoinHandle<()>>,
 }
 
-/// What the receive tasks share with the [`Agent`].
-struct ReceiveContext {
-    records: Mutex<Records>,
-    frame_count: watch::Sender<usize>,
-    paused: watch::Sender<bool>,
-    /// Payload type → codec, from the last applied answer.
-    payload_types: Mutex<HashMap<u8, VideoCodec>>,
-    /// The track being read and its SSRC, for PLIs.
-    current: Mutex<Option<(Arc<dyn TrackRemote>, u32)>>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+struct ShareTrack {
+    track: Arc<TrackLocalStaticSample>,
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    ssrc: u32,
+    codec: VideoCodec,
+    keyframe_wanted: Arc<AtomicBool>,
+    watcher: JoinHandle<()>,
 }
 
 /// An agent (or supervisor) connected to a session: one peer connection with a
@@ -141,18 +104,30 @@ pub struct Agent {
     input: Arc<dyn DataChannel>,
     input_open: watch::Receiver<bool>,
     messages: Arc<Mutex<Vec<DataChannelMessage>>>,
-    receive: Arc<ReceiveContext>,
+    receive: Receiver,
     others: tokio::sync::Mutex<mpsc::Receiver<ServerMsg>>,
     chat: Arc<ChatChannel>,
     files: Arc<FileTransfers>,
+    share: tokio::sync::Mutex<ShareState>,
+    shared_frames: Arc<Mutex<PublishRecords>>,
+    share_fps: f64,
+    next_request_id: AtomicU64,
     tasks: Vec<JoinHandle<()>>,
     _signalling: SignallingTasks,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        for task in self.tasks.iter().chain(lock(&self.receive.tasks).iter()) {
+        for task in &self.tasks {
             task.abort();
+        }
+        self.receive.abort();
+        let share = self.share.get_mut();
+        if let Some(task) = &share.publisher {
+            task.abort();
+        }
+        if let Some(t) = &share.track {
+            t.watcher.abort();
         }
     }
 }
@@ -182,25 +157,15 @@ impl Agent {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
         let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        // Keyframe requests for its screen share reach the application.
+        let registry = with_keyframe_request_marker(registry);
 
-        let (frame_count, _) = watch::channel(0usize);
-        let (paused, _) = watch::channel(false);
-        let receive = Arc::new(ReceiveContext {
-            records: Mutex::new(Records::default()),
-            frame_count,
-            paused,
-            payload_types: Mutex::new(HashMap::new()),
-            current: Mutex::new(None),
-            tasks: Mutex::new(Vec::new()),
-        });
+        let receive = Receiver::new();
         let messages = Arc::new(Mutex::new(Vec::new()));
         let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
         let on_track = {
-            let receive = Arc::clone(&receive);
-            move |track: Arc<dyn TrackRemote>| {
-                let task = tokio::spawn(receive_track(track, Arc::clone(&receive)));
-                lock(&receive.tasks).push(task);
-            }
+            let receive = receive.clone();
+            move |track: Arc<dyn TrackRemote>| receive.on_track(track)
         };
         let on_data_channel = {
             let messages = Arc::clone(&messages);
@@ -213,14 +178,12 @@ impl Agent {
                 ));
             }
         };
-        let shared = Arc::new(PeerShared {
-            signal: signal.clone(),
+        let shared = Arc::new(PeerShared::new(
+            signal.clone(),
             state_tx,
-            first_mid: Mutex::new(None),
-            stats: Mutex::new(NegotiationStats::default()),
-            on_track: Some(Box::new(on_track)),
-            on_data_channel: Box::new(on_data_channel),
-        });
+            Some(Box::new(on_track)),
+            Box::new(on_data_channel),
+        ));
         let pc =
             peer::build_peer_connection(options.bind, media_engine, registry, Arc::clone(&shared))
                 .await?;
@@ -260,8 +223,8 @@ impl Agent {
                 incoming,
                 others_tx,
                 {
-                    let receive = Arc::clone(&receive);
-                    move |sdp: &str| *lock(&receive.payload_types) = video_payload_types(sdp)
+                    let receive = receive.clone();
+                    move |sdp: &str| receive.set_payload_types(sdp)
                 },
             )),
         ];
@@ -280,6 +243,10 @@ impl Agent {
             others: tokio::sync::Mutex::new(others_rx),
             chat,
             files,
+            share: tokio::sync::Mutex::new(ShareState::default()),
+            shared_frames: Arc::new(Mutex::new(PublishRecords::default())),
+            share_fps: options.share_fps,
+            next_request_id: AtomicU64::new(1),
             tasks,
             _signalling: signalling_tasks,
         })
@@ -326,52 +293,44 @@ impl Agent {
     /// connection's driver keeps reading the socket, queues 256 packets for the track
     /// and drops the rest (so RTCP receiver reports and NACKs see no loss).
     pub fn pause(&self) {
-        self.receive.paused.send_replace(true);
+        self.receive.pause(true);
     }
 
     /// Reads the screen track again. If the packets queued before the pause are
     /// followed by a jump in sequence numbers (packets dropped while paused), the agent
     /// restarts frame assembly and sends a PLI.
     pub fn resume(&self) {
-        self.receive.paused.send_replace(false);
+        self.receive.pause(false);
     }
 
     /// Whether the agent is paused.
     pub fn is_paused(&self) -> bool {
-        *self.receive.paused.borrow()
+        self.receive.is_paused()
     }
 
     /// Sends a PLI for the screen track now. Fails when no track arrived yet.
     pub async fn request_keyframe(&self) -> Result<(), ClientError> {
-        let current = lock(&self.receive.current).clone();
-        let (track, ssrc) = current.ok_or(ClientError::NoTrack)?;
-        send_pli(&*track, ssrc).await?;
-        lock(&self.receive.records).stats.plis_sent += 1;
-        Ok(())
+        self.receive.request_keyframe().await
     }
 
     /// Every complete frame received so far, in order.
     pub fn frames(&self) -> Vec<ReceivedFrame> {
-        lock(&self.receive.records).frames.clone()
+        self.receive.frames()
     }
 
     /// How many complete frames were received.
     pub fn frames_received(&self) -> usize {
-        lock(&self.receive.records).frames.len()
+        self.receive.frames_received()
     }
 
     /// Waits until at least `n` frames were received in total.
     pub async fn wait_frames(&self, n: usize, timeout: Duration) -> Result<(), ClientError> {
-        let mut count = self.receive.frame_count.subscribe();
-        match tokio::time::timeout(timeout, count.wait_for(|c| *c >= n)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(ClientError::Timeout("frames from the relay")),
-        }
+        self.receive.wait_frames(n, timeout).await
     }
 
     /// Counters of the receive path.
     pub fn receive_stats(&self) -> ReceiveStats {
-        lock(&self.receive.records).stats.clone()
+        self.receive.stats()
     }
 
     /// Offer/answer counters and errors.
@@ -417,192 +376,166 @@ impl Agent {
         }
     }
 
+    /// Shows the agent's own screen (frames of `source`) to the customer: asks the relay
+    /// (`share_start`), and once it agrees, adds a `sendonly` video track (the first
+    /// time; later shares reuse it, in the same codec) and re-offers, then publishes at
+    /// [`AgentOptions::share_fps`], answering keyframe requests like the customer.
+    /// Fails with [`ClientError::Refused`] (`forbidden`, `share_busy`) if the relay
+    /// says no; nothing is published then.
+    pub async fn start_share(&self, source: FrameSource) -> Result<(), ClientError> {
+        let mut share = self.share.lock().await;
+        if share.publisher.is_some() {
+            return Err(ClientError::Protocol("already sharing".into()));
+        }
+        let codec = source.codec();
+        if share.track.as_ref().is_some_and(|t| t.codec != codec) {
+            return Err(ClientError::Protocol(format!(
+                "this connection shares in {:?}; a share in another codec needs a new one",
+                share.track.as_ref().map(|t| t.codec)
+            )));
+        }
+        self.ask_to_share().await?;
+        if share.track.is_none() {
+            share.track = Some(self.add_share_track(codec).await?);
+        }
+        let Some(t) = &share.track else {
+            return Err(ClientError::Protocol("no share track".into()));
+        };
+        share.publisher = Some(tokio::spawn(publish(Publisher {
+            track: Arc::clone(&t.track),
+            sender: Arc::clone(&t.sender),
+            ssrc: t.ssrc,
+            source,
+            fps: self.share_fps,
+            state: self.state.clone(),
+            records: Arc::clone(&self.shared_frames),
+            keyframe_wanted: Arc::clone(&t.keyframe_wanted),
+            publishing: Arc::new(AtomicBool::new(true)),
+        })));
+        Ok(())
+    }
+
+    /// Stops showing the screen: no more frames, and `share_stop` to the relay. The
+    /// track stays on the connection for a later [`Agent::start_share`].
+    pub async fn stop_share(&self) -> Result<(), ClientError> {
+        let mut share = self.share.lock().await;
+        if let Some(task) = share.publisher.take() {
+            task.abort();
+        }
+        self.signal.send(&ClientMsg::ShareStop {}).await
+    }
+
+    /// Every frame of the agent's screen shares handed to its track so far.
+    pub fn shared_frames(&self) -> Vec<SentFrame> {
+        lock(&self.shared_frames).sent.clone()
+    }
+
+    /// Keyframe requests (PLI/FIR) the relay sent for the agent's screen share.
+    pub fn share_keyframe_requests(&self) -> Vec<KeyframeRequest> {
+        lock(&self.shared_frames).keyframe_requests.clone()
+    }
+
+    /// Sends `share_start` and waits for the relay's `agent_share` naming this agent,
+    /// or the `error` answering it.
+    async fn ask_to_share(&self) -> Result<(), ClientError> {
+        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let mark = self.transcript.len();
+        self.signal
+            .send_with_id(&ClientMsg::ShareStart {}, id)
+            .await?;
+        let me = self.welcome.you.participant_id.clone();
+        let deadline = Instant::now() + SHARE_TIMEOUT;
+        loop {
+            for msg in self.transcript.messages().into_iter().skip(mark) {
+                match msg {
+                    ServerMsg::AgentShare {
+                        active: true,
+                        by: Some(by),
+                    } if by == me => return Ok(()),
+                    ServerMsg::Error {
+                        code,
+                        message,
+                        reference: Some(r),
+                    } if r == id => return Err(ClientError::Refused { code, message }),
+                    _ => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(ClientError::Timeout("the relay's answer to share_start"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Adds the `sendonly` share track and re-offers; returns once the relay's answer
+    /// made it send.
+    async fn add_share_track(&self, codec: VideoCodec) -> Result<ShareTrack, ClientError> {
+        let ssrc = rand::random::<u32>();
+        let track = Arc::new(TrackLocalStaticSample::new(
+            Instant::now(),
+            MediaStreamTrack::new(
+                "agent-screen".to_owned(),
+                "agent-screen-video".to_owned(),
+                "agent-screen".to_owned(),
+                RtpCodecKind::Video,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: codec.rtp_codec_parameters().rtp_codec,
+                    ..Default::default()
+                }],
+            ),
+        )?);
+        // Its own transceiver: `add_track` would take the `recvonly` one of the
+        // customer's screen.
+        let transceiver = self
+            .pc
+            .add_transceiver_from_track(
+                Arc::clone(&track) as Arc<dyn TrackLocal>,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Sendonly,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        let sender = transceiver
+            .sender()
+            .await?
+            .ok_or_else(|| ClientError::Protocol("the share transceiver has no sender".into()))?;
+        let keyframe_wanted = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn(watch_keyframe_requests(
+            Arc::clone(&track),
+            Arc::clone(&self.shared_frames),
+            Arc::clone(&keyframe_wanted),
+        ));
+        self.shared.renegotiate.notify_one();
+        let deadline = Instant::now() + SHARE_TIMEOUT;
+        while transceiver.current_direction().await? != RTCRtpTransceiverDirection::Sendonly {
+            if Instant::now() > deadline {
+                watcher.abort();
+                return Err(ClientError::Timeout(
+                    "the relay's answer for the share track",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(ShareTrack {
+            track,
+            sender,
+            ssrc,
+            codec,
+            keyframe_wanted,
+            watcher,
+        })
+    }
+
     /// Closes the peer connection and the WebSocket (without `leave`).
     pub async fn close(self) -> Result<(), ClientError> {
         let closed = self.pc.close().await;
         let _ = self.signal.close().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         closed.map_err(ClientError::from)
-    }
-}
-
-/// Payload type → video codec from the `a=rtpmap` lines of an SDP.
-fn video_payload_types(sdp: &str) -> HashMap<u8, VideoCodec> {
-    sdp.lines()
-        .filter_map(|line| {
-            let rest = line.trim_end().strip_prefix("a=rtpmap:")?;
-            let (pt, encoding) = rest.split_once(' ')?;
-            let name = encoding.split('/').next()?;
-            Some((pt.parse().ok()?, VideoCodec::from_mime(name)?))
-        })
-        .collect()
-}
-
-async fn send_pli(track: &dyn TrackRemote, media_ssrc: u32) -> Result<(), ClientError> {
-    track
-        .write_rtcp(vec![Box::new(PictureLossIndication {
-            sender_ssrc: 0,
-            media_ssrc,
-        })])
-        .await?;
-    Ok(())
-}
-
-/// Frame reassembly for one payload type.
-struct Assembler {
-    payload_type: u8,
-    codec: VideoCodec,
-    builder: SampleBuilder<CodecDepacketizer>,
-    /// When the last packet of each recent RTP timestamp arrived.
-    arrivals: VecDeque<(u32, Instant)>,
-}
-
-impl Assembler {
-    fn new(payload_type: u8, codec: VideoCodec) -> Self {
-        Assembler {
-            payload_type,
-            codec,
-            builder: SampleBuilder::new(MAX_LATE_PACKETS, codec.depacketizer(), VIDEO_CLOCK_RATE)
-                .with_max_time_delay(MAX_LATE_TIME),
-            arrivals: VecDeque::new(),
-        }
-    }
-
-    fn push(&mut self, now: Instant, packet: rtp::Packet, out: &mut Vec<ReceivedFrame>) {
-        let ts = packet.header.timestamp;
-        match self.arrivals.iter_mut().rev().find(|(t, _)| *t == ts) {
-            Some(entry) => entry.1 = now,
-            None => {
-                self.arrivals.push_back((ts, now));
-                if self.arrivals.len() > ARRIVALS_KEPT {
-                    self.arrivals.pop_front();
-                }
-            }
-        }
-        self.builder.push(now, packet);
-        while let Some(sample) = self.builder.pop(now) {
-            let received_at = self
-                .arrivals
-                .iter()
-                .find(|(t, _)| *t == sample.packet_timestamp)
-                .map_or(now, |(_, at)| *at);
-            out.push(ReceivedFrame {
-                codec: self.codec,
-                digest: frame_digest(self.codec, &sample.data),
-                is_keyframe: self.codec.is_keyframe(&sample.data),
-                size: sample.data.len(),
-                rtp_timestamp: sample.packet_timestamp,
-                received_at,
-                dropped_packets_before: sample.prev_dropped_packets,
-            });
-        }
-    }
-}
-
-/// Reads one remote track until it ends, honouring pause/resume.
-async fn receive_track(track: Arc<dyn TrackRemote>, ctx: Arc<ReceiveContext>) {
-    let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
-    let fallback = match track.codec(ssrc).await {
-        Some(codec) => VideoCodec::from_mime(&codec.mime_type),
-        None => None,
-    };
-    *lock(&ctx.current) = Some((Arc::clone(&track), ssrc));
-    lock(&ctx.records).stats.tracks += 1;
-
-    let mut paused = ctx.paused.subscribe();
-    let mut assembler: Option<Assembler> = None;
-    let mut last_seq: Option<u16> = None;
-    let mut gap_watch_until: Option<Instant> = None;
-    let mut frames = Vec::new();
-    loop {
-        if *paused.borrow_and_update() {
-            if paused.wait_for(|p| !*p).await.is_err() {
-                return;
-            }
-            gap_watch_until = Some(Instant::now() + RESUME_GAP_WINDOW);
-        }
-        let event = tokio::select! {
-            event = track.poll() => event,
-            changed = paused.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let packet = match event {
-            None | Some(TrackRemoteEvent::OnEnded) => break,
-            Some(TrackRemoteEvent::OnRtpPacket(packet)) => packet,
-            Some(_) => continue,
-        };
-        let now = Instant::now();
-        let seq = packet.header.sequence_number;
-        let pt = packet.header.payload_type;
-
-        let mut lost_while_paused = false;
-        let mut gap = 0u64;
-        match last_seq {
-            Some(last) => {
-                let delta = seq.wrapping_sub(last);
-                // 0: duplicate; >= 0x8000: older than the last one (reordered, or a
-                // retransmission). Neither moves the expected sequence number.
-                if delta != 0 && delta < 0x8000 {
-                    gap = u64::from(delta - 1);
-                    last_seq = Some(seq);
-                }
-            }
-            None => last_seq = Some(seq),
-        }
-        if gap > 0 && gap_watch_until.is_some_and(|until| now <= until) {
-            lost_while_paused = true;
-            gap_watch_until = None;
-        }
-
-        if assembler.as_ref().map(|a| a.payload_type) != Some(pt) || lost_while_paused {
-            let codec = lock(&ctx.payload_types).get(&pt).copied().or(fallback);
-            assembler = codec.map(|codec| Assembler::new(pt, codec));
-        }
-        {
-            let mut records = lock(&ctx.records);
-            records.stats.rtp_packets += 1;
-            records.stats.sequence_gaps += gap;
-            match &assembler {
-                Some(a) => records.stats.codec = Some(a.codec),
-                None => records.stats.unknown_payload += 1,
-            }
-        }
-        if lost_while_paused {
-            match send_pli(&*track, ssrc).await {
-                Ok(()) => lock(&ctx.records).stats.plis_sent += 1,
-                Err(e) => tracing::warn!(error = %e, "agent: PLI after resume failed"),
-            }
-        }
-        let Some(assembler) = assembler.as_mut() else {
-            continue;
-        };
-        assembler.push(now, packet, &mut frames);
-        if !frames.is_empty() {
-            let count = {
-                let mut records = lock(&ctx.records);
-                records.frames.append(&mut frames);
-                records.frames.len()
-            };
-            ctx.frame_count.send_replace(count);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payload_types_from_sdp() {
-        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97 125\r\na=rtpmap:96 VP8/90000\r\n\
-                   a=rtpmap:97 rtx/90000\r\na=rtpmap:125 H264/90000\r\n";
-        let map = video_payload_types(sdp);
-        assert_eq!(map.get(&96), Some(&VideoCodec::Vp8));
-        assert_eq!(map.get(&125), Some(&VideoCodec::H264));
-        assert_eq!(map.get(&97), None);
     }
 }

@@ -1,6 +1,7 @@
 //! The customer: shares its screen (frames from a [`FrameSource`]) with the relay,
-//! receives agents' input events on its `input` data channel, and chats and exchanges
-//! files on its `chat` and `files` channels.
+//! receives agents' input events on its `input` data channel, an agent's screen share
+//! (through the same receive path as an agent's), and chats and exchanges files on its
+//! `chat` and `files` channels.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,6 @@ use std::time::{Duration, Instant};
 use relay_codec::input::{InputError, InputEvent, decode};
 use relay_codec::wire::{ClientMsg, ServerMsg};
 use rtc::interceptor::Registry;
-use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -18,17 +18,21 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
-use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionState};
-use webrtc::rtp_transceiver::RtpSender;
 
 use super::channels::{CHAT_LABEL, ChatChannel, FILES_LABEL, FileTransfers};
-use super::codec::{ClientCodec, VideoCodec, frame_digest};
+use super::codec::{ClientCodec, VideoCodec};
 use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
-use super::rtcp::{KeyframeRequestKind, keyframe_requests, with_keyframe_request_marker};
+use super::publish::{
+    KeyframeRequest, PublishRecords, Publisher, SentFrame, publish, watch_keyframe_requests,
+};
+use super::receive::{ReceiveStats, ReceivedFrame, Receiver};
+use super::rtcp::with_keyframe_request_marker;
 use super::signalling::{Signalling, SignallingSender, SignallingTasks, Transcript, Welcome};
 use super::source::FrameSource;
 use super::{ClientError, INPUT_LABEL};
@@ -58,26 +62,6 @@ impl Default for CustomerOptions {
     }
 }
 
-/// A frame the customer handed to its video track.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SentFrame {
-    /// Publishing order, from 0.
-    pub index: u64,
-    /// [`Frame::index`](super::Frame::index) of the source frame (files loop, so
-    /// several sent frames share one).
-    pub source_index: u64,
-    /// [`frame_digest`] of the frame.
-    pub digest: [u8; 32],
-    /// Whether it is a keyframe.
-    pub is_keyframe: bool,
-    /// Whether it was sent because of a keyframe request.
-    pub requested: bool,
-    /// Bytes in the frame.
-    pub size: usize,
-    /// When it was handed to the track (just before packetization).
-    pub sent_at: Instant,
-}
-
 /// An input event that arrived on the customer's `input` channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedInput {
@@ -87,21 +71,9 @@ pub struct ReceivedInput {
     pub received_at: Instant,
 }
 
-/// A keyframe request (RTCP PLI or FIR) the relay sent to the customer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyframeRequest {
-    /// PLI or FIR.
-    pub kind: KeyframeRequestKind,
-    /// When it reached the application.
-    pub received_at: Instant,
-}
-
 #[derive(Default)]
 struct Records {
-    sent: Vec<SentFrame>,
     inputs: Vec<ReceivedInput>,
-    keyframe_requests: Vec<KeyframeRequest>,
-    publish_error: Option<String>,
 }
 
 /// A customer connected to a session: one peer connection carrying one `sendonly`
@@ -123,6 +95,8 @@ pub struct Customer {
     state: watch::Receiver<RTCPeerConnectionState>,
     input_open: watch::Receiver<bool>,
     records: Arc<Mutex<Records>>,
+    published: Arc<Mutex<PublishRecords>>,
+    share: Receiver,
     messages: Arc<Mutex<Vec<DataChannelMessage>>>,
     others: tokio::sync::Mutex<mpsc::Receiver<ServerMsg>>,
     publishing: Arc<AtomicBool>,
@@ -137,6 +111,7 @@ impl Drop for Customer {
         for task in &self.tasks {
             task.abort();
         }
+        self.share.abort();
     }
 }
 
@@ -174,6 +149,7 @@ impl Customer {
 
         let messages = Arc::new(Mutex::new(Vec::new()));
         let records = Arc::new(Mutex::new(Records::default()));
+        let published = Arc::new(Mutex::new(PublishRecords::default()));
         let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
         let on_data_channel = {
             // Channels the relay opens are recorded too: nothing should arrive there.
@@ -187,14 +163,22 @@ impl Customer {
                 ));
             }
         };
-        let shared = Arc::new(PeerShared {
-            signal: signal.clone(),
+        // An agent's screen share arrives as a remote track once the customer has
+        // added a `recvonly` transceiver (on the relay's first `renegotiate`).
+        let share = Receiver::new();
+        let on_track = {
+            let share = share.clone();
+            move |track: Arc<dyn TrackRemote>| share.on_track(track)
+        };
+        let shared = Arc::new(PeerShared::new(
+            signal.clone(),
             state_tx,
-            first_mid: Mutex::new(None),
-            stats: Mutex::new(NegotiationStats::default()),
-            on_track: None,
-            on_data_channel: Box::new(on_data_channel),
-        });
+            Some(Box::new(on_track)),
+            Box::new(on_data_channel),
+        ));
+        shared
+            .recv_video_on_renegotiate
+            .store(true, Ordering::Relaxed);
         let pc =
             peer::build_peer_connection(options.bind, media_engine, registry, Arc::clone(&shared))
                 .await?;
@@ -240,7 +224,7 @@ impl Customer {
         let mut tasks = vec![tokio::spawn(chat_reader), tokio::spawn(files_reader)];
         tasks.push(tokio::spawn(watch_keyframe_requests(
             Arc::clone(&track),
-            Arc::clone(&records),
+            Arc::clone(&published),
             Arc::clone(&keyframe_wanted),
         )));
         tasks.push(tokio::spawn({
@@ -257,7 +241,10 @@ impl Customer {
             Arc::clone(&shared),
             incoming,
             others_tx,
-            |_| {},
+            {
+                let share = share.clone();
+                move |sdp: &str| share.set_payload_types(sdp)
+            },
         )));
         tasks.push(tokio::spawn(publish(Publisher {
             track,
@@ -266,7 +253,7 @@ impl Customer {
             source,
             fps: options.fps,
             state: state.clone(),
-            records: Arc::clone(&records),
+            records: Arc::clone(&published),
             keyframe_wanted,
             publishing: Arc::clone(&publishing),
         })));
@@ -281,6 +268,8 @@ impl Customer {
             state,
             input_open,
             records,
+            published,
+            share,
             messages,
             others: tokio::sync::Mutex::new(others_rx),
             publishing,
@@ -328,17 +317,17 @@ impl Customer {
 
     /// Every frame handed to the track so far.
     pub fn sent_frames(&self) -> Vec<SentFrame> {
-        lock(&self.records).sent.clone()
+        lock(&self.published).sent.clone()
     }
 
     /// How many frames were handed to the track.
     pub fn frames_sent(&self) -> usize {
-        lock(&self.records).sent.len()
+        lock(&self.published).sent.len()
     }
 
     /// Why publishing stopped, if it did (a write to the track failed).
     pub fn publish_error(&self) -> Option<String> {
-        lock(&self.records).publish_error.clone()
+        lock(&self.published).publish_error.clone()
     }
 
     /// Input events received on the `input` channel, decoded, in arrival order.
@@ -353,12 +342,30 @@ impl Customer {
 
     /// Keyframe requests (PLI/FIR) received from the relay.
     pub fn keyframe_requests(&self) -> Vec<KeyframeRequest> {
-        lock(&self.records).keyframe_requests.clone()
+        lock(&self.published).keyframe_requests.clone()
     }
 
     /// How many keyframe requests were received.
     pub fn keyframe_request_count(&self) -> usize {
-        lock(&self.records).keyframe_requests.len()
+        lock(&self.published).keyframe_requests.len()
+    }
+
+    /// Every complete frame of agents' screen shares received so far, in order
+    /// (reassembled and digested exactly as [`Agent::frames`](super::Agent::frames)).
+    /// The customer's connection negotiates its source's codec only, so it receives
+    /// shares in that codec.
+    pub fn share_frames(&self) -> Vec<ReceivedFrame> {
+        self.share.frames()
+    }
+
+    /// Waits until at least `n` share frames were received in total.
+    pub async fn wait_share_frames(&self, n: usize, timeout: Duration) -> Result<(), ClientError> {
+        self.share.wait_frames(n, timeout).await
+    }
+
+    /// Counters of the share's receive path.
+    pub fn share_receive_stats(&self) -> ReceiveStats {
+        self.share.stats()
     }
 
     /// Offer/answer counters and errors.
@@ -406,109 +413,5 @@ impl Customer {
         // Give the writer a moment to send the close frame before the tasks are aborted.
         tokio::time::sleep(Duration::from_millis(20)).await;
         closed.map_err(ClientError::from)
-    }
-}
-
-/// Counts the keyframe requests delivered to the track and raises `keyframe_wanted`.
-async fn watch_keyframe_requests(
-    track: Arc<TrackLocalStaticSample>,
-    records: Arc<Mutex<Records>>,
-    keyframe_wanted: Arc<AtomicBool>,
-) {
-    while let Some(event) = track.poll().await {
-        let TrackLocalEvent::OnRtcpPacket(packets) = event else {
-            continue;
-        };
-        let kinds = keyframe_requests(&packets);
-        if kinds.is_empty() {
-            continue;
-        }
-        let now = Instant::now();
-        lock(&records)
-            .keyframe_requests
-            .extend(kinds.into_iter().map(|kind| KeyframeRequest {
-                kind,
-                received_at: now,
-            }));
-        keyframe_wanted.store(true, Ordering::Relaxed);
-    }
-}
-
-struct Publisher {
-    track: Arc<TrackLocalStaticSample>,
-    sender: Arc<dyn RtpSender>,
-    ssrc: u32,
-    source: FrameSource,
-    fps: f64,
-    state: watch::Receiver<RTCPeerConnectionState>,
-    records: Arc<Mutex<Records>>,
-    keyframe_wanted: Arc<AtomicBool>,
-    publishing: Arc<AtomicBool>,
-}
-
-/// Waits for the connection, then writes one frame per tick; a pending keyframe request
-/// makes the frame the source's next keyframe.
-async fn publish(mut p: Publisher) {
-    if p.state
-        .wait_for(|s| *s == RTCPeerConnectionState::Connected)
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let fail = |records: &Mutex<Records>, what: String| {
-        tracing::warn!(error = %what, "customer: publishing stopped");
-        lock(records).publish_error = Some(what);
-    };
-    // write_sample stamps this on every packet; the core refuses any other.
-    let payload_type = match p.sender.get_parameters().await {
-        Ok(params) => match params.rtp_parameters.codecs.first() {
-            Some(codec) => codec.payload_type,
-            None => return fail(&p.records, "the sender has no negotiated codec".into()),
-        },
-        Err(e) => return fail(&p.records, format!("sender parameters: {e}")),
-    };
-    let interval = Duration::from_secs_f64(1.0 / p.fps);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let codec = p.source.codec();
-    let mut index = 0u64;
-    loop {
-        ticker.tick().await;
-        if !p.publishing.load(Ordering::Relaxed) {
-            continue;
-        }
-        let requested = p.keyframe_wanted.swap(false, Ordering::Relaxed);
-        let frame = if requested {
-            p.source.next_keyframe()
-        } else {
-            p.source.next_frame()
-        };
-        let sent_at = Instant::now();
-        let sample = Sample {
-            data: frame.data.clone(),
-            duration: interval,
-            ..Sample::new(sent_at)
-        };
-        let record = SentFrame {
-            index,
-            source_index: frame.index,
-            digest: frame_digest(codec, &frame.data),
-            is_keyframe: frame.is_keyframe,
-            requested,
-            size: frame.data.len(),
-            sent_at,
-        };
-        // Recorded before the write, so a receiver can never see a frame the record
-        // does not hold yet.
-        lock(&p.records).sent.push(record);
-        index += 1;
-        if let Err(e) = p
-            .track
-            .write_sample(p.ssrc, payload_type, &sample, &[])
-            .await
-        {
-            return fail(&p.records, format!("write_sample: {e}"));
-        }
     }
 }

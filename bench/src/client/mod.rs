@@ -13,6 +13,11 @@
 //!   is trickled both ways, an agent re-offers on `renegotiate`. The customer publishes
 //!   a `sendonly` video track and opens the `input` data channel; an agent offers a
 //!   `recvonly` video transceiver and its own `input` channel.
+//! - An agent may show its own screen to the customer ([`Agent::start_share`]: it asks
+//!   the relay with `share_start`, adds a `sendonly` video transceiver and re-offers);
+//!   the customer, asked to `renegotiate`, adds a `recvonly` one and receives the share
+//!   ([`Customer::share_frames`]) through the same receive path as an agent's
+//!   (`receive.rs`); both publishers share `publish.rs`.
 //! - Both also open a `chat` channel ([`ChatChannel`]: chat as on the WebSocket, but
 //!   delivered on the channel) and a `files` channel ([`FileTransfers`]: offering files
 //!   held in memory, accepting or declining offers, collecting files received whole).
@@ -44,11 +49,13 @@ mod channels;
 mod codec;
 mod customer;
 mod peer;
+mod publish;
+mod receive;
 mod rtcp;
 mod signalling;
 mod source;
 
-pub use agent::{Agent, AgentOptions, ReceiveStats, ReceivedFrame};
+pub use agent::{Agent, AgentOptions};
 pub use channels::{
     CHAT_LABEL, CREDIT_EVERY, ChatChannel, FILE_WINDOW, FILES_LABEL, FileOffer, FileTransfers,
     IncomingState, OutgoingState, ReceivedFile, file_sha256,
@@ -56,8 +63,10 @@ pub use channels::{
 pub use codec::{
     ClientCodec, CodecDepacketizer, VIDEO_CLOCK_RATE, VideoCodec, digest_hex, frame_digest,
 };
-pub use customer::{Customer, CustomerOptions, KeyframeRequest, ReceivedInput, SentFrame};
+pub use customer::{Customer, CustomerOptions, ReceivedInput};
 pub use peer::{DataChannelMessage, NegotiationStats};
+pub use publish::{KeyframeRequest, SentFrame};
+pub use receive::{ReceiveStats, ReceivedFrame};
 pub use rtcp::KeyframeRequestKind;
 pub use signalling::{
     CONNECT_TIMEOUT, CloseInfo, Signalling, SignallingSender, Transcript, Welcome, insecure_tls,

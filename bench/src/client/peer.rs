@@ -3,6 +3,7 @@
 //! (the client always offers, the relay always answers), and data-channel recording.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,9 @@ use bytes::Bytes;
 use relay_codec::wire::{ClientMsg, IceCandidate, ServerMsg};
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::Registry;
-use tokio::sync::{mpsc, watch};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use tokio::sync::{Notify, mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
@@ -77,9 +80,34 @@ pub(crate) struct PeerShared {
     pub stats: Mutex<NegotiationStats>,
     pub on_track: Option<OnTrack>,
     pub on_data_channel: OnDataChannel,
+    /// Set by the application to offer again (it added a track): the negotiation loop
+    /// treats it like the relay's `renegotiate`.
+    pub renegotiate: Notify,
+    /// The customer's: on the relay's first `renegotiate` (an agent shares its screen),
+    /// add a `recvonly` video transceiver before offering, once.
+    pub recv_video_on_renegotiate: AtomicBool,
 }
 
 impl PeerShared {
+    /// Shared state for a new peer connection.
+    pub(crate) fn new(
+        signal: SignallingSender,
+        state_tx: watch::Sender<RTCPeerConnectionState>,
+        on_track: Option<OnTrack>,
+        on_data_channel: OnDataChannel,
+    ) -> PeerShared {
+        PeerShared {
+            signal,
+            state_tx,
+            first_mid: Mutex::new(None),
+            stats: Mutex::new(NegotiationStats::default()),
+            on_track,
+            on_data_channel,
+            renegotiate: Notify::new(),
+            recv_video_on_renegotiate: AtomicBool::new(false),
+        }
+    }
+
     pub(crate) fn error(&self, what: String) {
         tracing::warn!(error = %what, "client negotiation");
         lock(&self.stats).errors.push(what);
@@ -173,6 +201,23 @@ pub(crate) async fn send_offer(
     pc: &dyn PeerConnection,
     shared: &PeerShared,
 ) -> Result<(), ClientError> {
+    let asked = lock(&shared.stats).renegotiate_requests > 0;
+    if asked
+        && shared
+            .recv_video_on_renegotiate
+            .swap(false, Ordering::Relaxed)
+    {
+        // A `recvonly` section added now is new to the relay, which binds its share
+        // track to it (see docs/protocol.md, "Agent screen share").
+        pc.add_transceiver_from_kind(
+            RtpCodecKind::Video,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Recvonly,
+                ..Default::default()
+            }),
+        )
+        .await?;
+    }
     let offer = pc.create_offer(None).await?;
     *lock(&shared.first_mid) = first_mid(&offer.sdp);
     let sdp = offer.sdp.clone();
@@ -184,8 +229,9 @@ pub(crate) async fn send_offer(
 
 /// Sends the first offer, then applies what the relay sends until the socket closes:
 /// `answer` → remote description (then a queued renegotiation, if any); `candidate` →
-/// added, or held until the first answer; `renegotiate` → a new offer on the same
-/// connection, or queued while an offer is outstanding. Everything else goes to
+/// added, or held until the first answer; `renegotiate` (or the application's
+/// [`PeerShared::renegotiate`]) → a new offer on the same connection, or queued while
+/// an offer is outstanding. Everything else goes to
 /// `others` (dropped when nobody reads it; the transcript keeps it). `on_answer` sees
 /// each applied answer's SDP.
 pub(crate) async fn run_negotiation(
@@ -205,7 +251,24 @@ pub(crate) async fn run_negotiation(
         Err(e) => shared.error(format!("first offer: {e}")),
     }
 
-    while let Some(msg) = incoming.recv().await {
+    loop {
+        let msg = tokio::select! {
+            msg = incoming.recv() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+            () = shared.renegotiate.notified() => {
+                if awaiting_answer {
+                    renegotiate_queued = true;
+                } else {
+                    match send_offer(&*pc, &shared).await {
+                        Ok(()) => awaiting_answer = true,
+                        Err(e) => shared.error(format!("renegotiation offer: {e}")),
+                    }
+                }
+                continue;
+            }
+        };
         match msg {
             ServerMsg::Answer { sdp } => {
                 let applied = match RTCSessionDescription::answer(sdp.clone()) {

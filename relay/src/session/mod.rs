@@ -40,6 +40,13 @@
 //!   may see, on its `chat` data channel if it has one open ([`Node::chat_channel`]),
 //!   else on its WebSocket.
 //! - A portal-wide invitation is won by the first accept; the others are withdrawn.
+//! - One agent at a time may show its own screen to the customer: the host or an agent
+//!   with `control` ([`ClientMsg::ShareStart`](relay_codec::wire::ClientMsg::ShareStart));
+//!   a second one gets `share_busy` (the host too: it takes a share over by setting the
+//!   sharer to `view`), view-only agents, supervisors and the customer get `forbidden`.
+//!   The share ends when the agent stops, leaves, loses `control`, its peer connection
+//!   is lost ([`Node::share_lost`]) or the session ends. Everyone is told with
+//!   `agent_share`; the customer learns who shares only of an agent it may see.
 //! - A disconnected participant keeps its place for its grace period, then is removed;
 //!   a customer who does not return ends the session, and so does the last agent leaving.
 
@@ -158,6 +165,15 @@ pub enum MediaEvent {
         /// The offer or candidate.
         signal: Signal,
     },
+    /// Who may now show its own screen to the customer: `Some` when an agent's share was
+    /// accepted, `None` when it ended. The media plane forwards that agent's `sendonly`
+    /// video track to the customer while, and only while, it is the sharer here.
+    Share {
+        /// The session.
+        session: SessionId,
+        /// The sharing agent, or `None`.
+        sharer: Option<ParticipantId>,
+    },
     /// The session ended: every peer connection of it closes.
     SessionEnded {
         /// The session.
@@ -198,6 +214,58 @@ pub enum Stat {
     Lockout(Scope),
     /// An invitation changed state.
     Invitation(InvitationOutcome),
+    /// An agent's screen share started, was refused or ended.
+    Share(ShareOutcome),
+}
+
+/// What happened to a request to share an agent's screen, or how a share ended
+/// (`outcome` label of `relay_agent_shares_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShareOutcome {
+    /// A share started.
+    Started,
+    /// Refused: the asker may not share (view-only, supervisor, customer).
+    RefusedForbidden,
+    /// Refused: another agent shares.
+    RefusedBusy,
+    /// Ended: the agent stopped it.
+    Stopped,
+    /// Ended: the agent left the session.
+    Left,
+    /// Ended: the agent's permission became `view`.
+    LostControl,
+    /// Ended: the agent's peer connection was lost.
+    ConnectionLost,
+    /// Ended with the session.
+    SessionEnded,
+}
+
+impl ShareOutcome {
+    /// Every outcome, for creating the metric's labels up front.
+    pub const ALL: [ShareOutcome; 8] = [
+        ShareOutcome::Started,
+        ShareOutcome::RefusedForbidden,
+        ShareOutcome::RefusedBusy,
+        ShareOutcome::Stopped,
+        ShareOutcome::Left,
+        ShareOutcome::LostControl,
+        ShareOutcome::ConnectionLost,
+        ShareOutcome::SessionEnded,
+    ];
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareOutcome::Started => "started",
+            ShareOutcome::RefusedForbidden => "refused_forbidden",
+            ShareOutcome::RefusedBusy => "refused_busy",
+            ShareOutcome::Stopped => "stopped",
+            ShareOutcome::Left => "left",
+            ShareOutcome::LostControl => "lost_control",
+            ShareOutcome::ConnectionLost => "connection_lost",
+            ShareOutcome::SessionEnded => "session_ended",
+        }
+    }
 }
 
 /// Result of one support-key or support-link attempt.
@@ -310,6 +378,9 @@ pub enum SessionError {
     /// The node is draining.
     #[error("this relay node is shutting down and takes no new sessions")]
     Draining,
+    /// Another agent is sharing its screen.
+    #[error("another agent is already sharing its screen; one at a time")]
+    ShareBusy,
 }
 
 impl SessionError {
@@ -331,6 +402,7 @@ impl SessionError {
             SessionError::InvitationClosed => ErrorCode::InvitationClosed,
             SessionError::SessionEnded => ErrorCode::SessionEnded,
             SessionError::Draining => ErrorCode::Draining,
+            SessionError::ShareBusy => ErrorCode::ShareBusy,
         }
     }
 

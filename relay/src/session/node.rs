@@ -6,8 +6,8 @@
 //! - requests (`create_session`, `join`, `invite`, `accept_invitation`, …) answer at once
 //!   with a `Result` and may queue outputs for others;
 //! - connection events (`connect`, `message`, `disconnected`, `console_opened`,
-//!   `console_closed`) and the media plane's data-channel events (`chat_channel`,
-//!   `channel_message`) queue outputs;
+//!   `console_closed`) and the media plane's events (`chat_channel`, `channel_message`,
+//!   `share_lost`) queue outputs;
 //! - `handle_timeout(now)` runs what is due; `poll_timeout()` says when that is;
 //! - `poll_output()` hands the queued outputs over, one at a time.
 
@@ -29,7 +29,7 @@ use super::participant::Participant;
 use super::state::{ChatRecord, SessionState};
 use super::{
     InvitationOutcome, KeyOutcome, MAX_AGENTS, MAX_KEY_TTL, MediaEvent, Output, SessionError,
-    Settings, Signal, Stat,
+    Settings, ShareOutcome, Signal, Stat,
 };
 use crate::identity::AgentIdentity;
 use crate::throttle::{KeyThrottle, Verdict};
@@ -383,6 +383,7 @@ impl Node {
             invitations: Vec::new(),
             chat: VecDeque::new(),
             next_chat_seq: 1,
+            sharing: None,
         };
         self.keys.insert(key.reveal().to_owned(), id.clone());
         self.links.insert(link.digest(), id.clone());
@@ -799,6 +800,23 @@ impl Node {
             LeaveReason::Left,
             &mut self.outputs,
         );
+        if s.sharing.as_ref() == Some(participant) {
+            if after.permission == Permission::View {
+                self.end_share(session, participant, ShareOutcome::LostControl);
+            } else if after.visibility != before.visibility {
+                // Those who now see the sharer differently (the customer) learn who
+                // shares, or that an agent does.
+                for viewer in &s.participants {
+                    let (was, now) = (
+                        SessionState::share_msg(&before, true, viewer.role),
+                        SessionState::share_msg(&after, true, viewer.role),
+                    );
+                    if let (Some(conn), true) = (viewer.conn, was != now) {
+                        self.outputs.push_back(Output::Send { conn, msg: now });
+                    }
+                }
+            }
+        }
         after
             .seen_by(Role::Host)
             .ok_or(SessionError::NotFound("participant"))
@@ -951,6 +969,12 @@ impl Node {
         let after = p.clone();
         let welcome = s.welcome(&after);
         self.outputs.push_back(Output::Send { conn, msg: welcome });
+        if let Some(sharer) = s.sharing.as_ref().and_then(|id| s.participant(id)) {
+            self.outputs.push_back(Output::Send {
+                conn,
+                msg: SessionState::share_msg(sharer, true, after.role),
+            });
+        }
         s.announce(
             Some(&before),
             Some(&after),
@@ -1028,7 +1052,22 @@ impl Node {
                     });
                 }
             }
+            ClientMsg::ShareStart {} => {
+                if let Err(e) = self.start_share(&sid, &pid) {
+                    self.outputs.push_back(Output::Send {
+                        conn,
+                        msg: error_msg(e.code(), &e.to_string(), reference),
+                    });
+                }
+            }
+            ClientMsg::ShareStop {} => self.end_share(&sid, &pid, ShareOutcome::Stopped),
         }
+    }
+
+    /// The media plane lost the peer connection of participant `pid`: if it was sharing
+    /// its screen, the share ends (it must ask again once it is back).
+    pub fn share_lost(&mut self, sid: &SessionId, pid: &ParticipantId) {
+        self.end_share(sid, pid, ShareOutcome::ConnectionLost);
     }
 
     /// A message arrived on a participant's `chat` data channel (already parsed by the
@@ -1068,6 +1107,93 @@ impl Node {
         {
             p.chat_channel = open;
         }
+    }
+
+    /// `pid` asks to show its screen to the customer. See the module docs for the rules.
+    fn start_share(&mut self, sid: &SessionId, pid: &ParticipantId) -> Result<(), SessionError> {
+        let result = self.try_start_share(sid, pid);
+        match &result {
+            Err(SessionError::ShareBusy) => self.stat(Stat::Share(ShareOutcome::RefusedBusy)),
+            Err(SessionError::Forbidden(_)) => {
+                self.stat(Stat::Share(ShareOutcome::RefusedForbidden))
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn try_start_share(
+        &mut self,
+        sid: &SessionId,
+        pid: &ParticipantId,
+    ) -> Result<(), SessionError> {
+        let s = self
+            .sessions
+            .get_mut(sid)
+            .ok_or(SessionError::SessionEnded)?;
+        let sharer = s
+            .participant(pid)
+            .ok_or(SessionError::NotFound("participant"))?;
+        match (sharer.role, sharer.permission) {
+            (Role::Host | Role::Agent, Permission::Control) => {}
+            (Role::Host | Role::Agent, Permission::View) => {
+                return Err(SessionError::Forbidden(
+                    "you have view-only permission: you cannot share your screen",
+                ));
+            }
+            (Role::Supervisor, _) => {
+                return Err(SessionError::Forbidden(
+                    "supervisors monitor silently and cannot share a screen",
+                ));
+            }
+            (Role::Customer, _) => {
+                return Err(SessionError::Forbidden(
+                    "only agents can share their own screen with the customer",
+                ));
+            }
+        }
+        match &s.sharing {
+            // Asking again changes nothing; the asker is reminded that it shares.
+            Some(current) if current == pid => {
+                if let Some(conn) = sharer.conn {
+                    self.outputs.push_back(Output::Send {
+                        conn,
+                        msg: SessionState::share_msg(sharer, true, sharer.role),
+                    });
+                }
+                return Ok(());
+            }
+            Some(_) => return Err(SessionError::ShareBusy),
+            None => {}
+        }
+        let sharer = sharer.clone();
+        s.sharing = Some(pid.clone());
+        s.announce_share(&sharer, true, &mut self.outputs);
+        self.outputs.push_back(Output::Media(MediaEvent::Share {
+            session: sid.clone(),
+            sharer: Some(pid.clone()),
+        }));
+        self.stat(Stat::Share(ShareOutcome::Started));
+        Ok(())
+    }
+
+    /// Ends `pid`'s screen share, if it has one, telling everyone and the media plane.
+    fn end_share(&mut self, sid: &SessionId, pid: &ParticipantId, why: ShareOutcome) {
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        if s.sharing.as_ref() != Some(pid) {
+            return;
+        }
+        s.sharing = None;
+        if let Some(sharer) = s.participant(pid) {
+            s.announce_share(sharer, false, &mut self.outputs);
+        }
+        self.outputs.push_back(Output::Media(MediaEvent::Share {
+            session: sid.clone(),
+            sharer: None,
+        }));
+        self.stat(Stat::Share(why));
     }
 
     /// Hands a participant's WebRTC signalling to the media plane.
@@ -1373,6 +1499,7 @@ impl Node {
         pid: &ParticipantId,
         reason: LeaveReason,
     ) {
+        self.end_share(sid, pid, ShareOutcome::Left);
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };
@@ -1436,6 +1563,10 @@ impl Node {
         let Some(s) = self.sessions.remove(sid) else {
             return;
         };
+        if s.sharing.is_some() {
+            // Everyone is told `session_ended`; the media plane closes every connection.
+            self.stat(Stat::Share(ShareOutcome::SessionEnded));
+        }
         for p in &s.participants {
             self.tokens.remove(&p.token);
             if let Some(conn) = p.conn {

@@ -64,6 +64,8 @@ pub(super) struct SessionState {
     pub invitations: Vec<Invitation>,
     pub chat: VecDeque<ChatRecord>,
     pub next_chat_seq: u64,
+    /// The agent showing its own screen to the customer, if any (one at a time).
+    pub sharing: Option<ParticipantId>,
 }
 
 impl SessionState {
@@ -226,6 +228,30 @@ impl SessionState {
         self.chat.push_back(record);
         while self.chat.len() > history {
             self.chat.pop_front();
+        }
+    }
+
+    /// `agent_share` as `viewer` may see it: the sharer named only if `viewer` may know
+    /// it exists (the masking rule of [`Participant::visible_to`]).
+    pub fn share_msg(sharer: &Participant, active: bool, viewer: Role) -> ServerMsg {
+        ServerMsg::AgentShare {
+            active,
+            by: sharer
+                .visible_to(viewer)
+                .then(|| sharer.id.as_str().to_owned()),
+        }
+    }
+
+    /// Tells every connected participant that `sharer` started (`active`) or stopped
+    /// sharing its screen, each trimmed to what it may see of the sharer.
+    pub fn announce_share(&self, sharer: &Participant, active: bool, out: &mut VecDeque<Output>) {
+        for viewer in &self.participants {
+            if let Some(conn) = viewer.conn {
+                out.push_back(Output::Send {
+                    conn,
+                    msg: Self::share_msg(sharer, active, viewer.role),
+                });
+            }
         }
     }
 

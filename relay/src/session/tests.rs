@@ -1319,3 +1319,252 @@ fn chat_goes_once_to_each_recipient_on_its_chat_channel_if_open_else_its_websock
         other => panic!("{other:?}"),
     }
 }
+
+// ----- agent screen share ------------------------------------------------------------
+
+/// The `agent_share` messages in `msgs`, as `(active, by)`.
+fn shares(msgs: &[ServerMsg]) -> Vec<(bool, Option<String>)> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            ServerMsg::AgentShare { active, by } => Some((*active, by.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn error_codes(msgs: &[ServerMsg]) -> Vec<ErrorCode> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            ServerMsg::Error { code, .. } => Some(*code),
+            _ => None,
+        })
+        .collect()
+}
+
+fn share_media(sim: &mut Sim) -> Vec<Option<ParticipantId>> {
+    sim.media
+        .drain(..)
+        .filter_map(|m| match m {
+            MediaEvent::Share { sharer, .. } => Some(sharer),
+            _ => None,
+        })
+        .collect()
+}
+
+fn share_stats(sim: &mut Sim) -> Vec<ShareOutcome> {
+    sim.stats
+        .drain(..)
+        .filter_map(|s| match s {
+            Stat::Share(o) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn one_agent_with_control_shares_at_a_time_and_a_masked_sharer_stays_anonymous() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let vic = agent("vic", &["support"]);
+    let sue = supervisor("sue", &["support"]);
+    let (created, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let b = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Masked, Permission::Control)
+        .unwrap();
+    let b_conn = sim.connect(&b);
+    let v = sim
+        .invite_and_accept(&alice, &sid, &vic, Visibility::Visible, Permission::View)
+        .unwrap();
+    let v_conn = sim.connect(&v);
+    let s = sim.node.monitor(sim.now, &sue, &sid).unwrap();
+    sim.drain();
+    let s_conn = sim.connect(&s);
+    for conn in [host_conn, customer_conn, b_conn, v_conn, s_conn] {
+        sim.take(conn);
+    }
+    sim.media.clear();
+    sim.stats.clear();
+
+    // View-only agents, supervisors and the customer may not share.
+    for conn in [v_conn, s_conn, customer_conn] {
+        sim.send(conn, ClientMsg::ShareStart {});
+        assert_eq!(error_codes(&sim.take(conn)), vec![ErrorCode::Forbidden]);
+    }
+    assert!(share_media(&mut sim).is_empty());
+    assert_eq!(
+        share_stats(&mut sim),
+        vec![ShareOutcome::RefusedForbidden; 3]
+    );
+    for conn in [host_conn, b_conn] {
+        assert!(shares(&sim.take(conn)).is_empty());
+    }
+
+    // The masked agent with control shares: agents and supervisors learn who, the
+    // customer only that an agent does.
+    sim.send(b_conn, ClientMsg::ShareStart {});
+    let bob_id = Some(b.participant_id.as_str().to_owned());
+    for conn in [host_conn, b_conn, v_conn, s_conn] {
+        assert_eq!(shares(&sim.take(conn)), vec![(true, bob_id.clone())]);
+    }
+    assert_eq!(shares(&sim.take(customer_conn)), vec![(true, None)]);
+    assert_eq!(share_media(&mut sim), vec![Some(b.participant_id.clone())]);
+    assert_eq!(share_stats(&mut sim), vec![ShareOutcome::Started]);
+
+    // One at a time: the host gets `share_busy` too. Asking again changes nothing.
+    sim.send(host_conn, ClientMsg::ShareStart {});
+    assert_eq!(
+        error_codes(&sim.take(host_conn)),
+        vec![ErrorCode::ShareBusy]
+    );
+    assert_eq!(share_stats(&mut sim), vec![ShareOutcome::RefusedBusy]);
+    sim.send(b_conn, ClientMsg::ShareStart {});
+    assert_eq!(shares(&sim.take(b_conn)), vec![(true, bob_id.clone())]);
+    assert!(sim.take(customer_conn).is_empty());
+    assert!(share_media(&mut sim).is_empty());
+
+    // A customer reconnecting while the share is on learns of it, anonymously.
+    let again = sim.connect(&customer);
+    let got = sim.take(again);
+    assert!(matches!(got[0], ServerMsg::Welcome { .. }));
+    assert_eq!(shares(&got), vec![(true, None)]);
+
+    // Nothing the customer received names the masked agent.
+    let customer_text: String = [customer_conn, again]
+        .iter()
+        .flat_map(|c| sim.inbox.get(c).cloned().unwrap_or_default())
+        .chain(got)
+        .map(|m| serde_json::to_string(&m).unwrap())
+        .collect();
+    assert!(!customer_text.contains(b.participant_id.as_str()));
+    assert!(!customer_text.contains("Agent bob") && !customer_text.contains("\"bob\""));
+
+    // Someone else stopping does nothing; the sharer stopping ends it for everyone.
+    sim.send(host_conn, ClientMsg::ShareStop {});
+    assert!(share_media(&mut sim).is_empty());
+    sim.send(b_conn, ClientMsg::ShareStop {});
+    assert_eq!(shares(&sim.take(host_conn)), vec![(false, bob_id.clone())]);
+    assert_eq!(shares(&sim.take(again)), vec![(false, None)]);
+    assert_eq!(share_media(&mut sim), vec![None]);
+    assert_eq!(share_stats(&mut sim), vec![ShareOutcome::Stopped]);
+
+    // Now the (visible) host may share, and the customer is told who.
+    sim.send(host_conn, ClientMsg::ShareStart {});
+    let alice_id = Some(created.host.participant_id.as_str().to_owned());
+    assert_eq!(shares(&sim.take(again)), vec![(true, alice_id)]);
+    assert_eq!(
+        share_media(&mut sim),
+        vec![Some(created.host.participant_id.clone())]
+    );
+}
+
+#[test]
+fn a_share_ends_when_its_agent_loses_control_leaves_loses_its_connection_or_the_session_ends() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let (created, host_conn, _customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let b = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Visible, Permission::Control)
+        .unwrap();
+    let b_conn = sim.connect(&b);
+    let bob_id = Some(b.participant_id.as_str().to_owned());
+    let set = |sim: &mut Sim, permission: Option<Permission>, visibility: Option<Visibility>| {
+        sim.node
+            .update_participant(
+                sim.now,
+                &alice,
+                &sid,
+                &b.participant_id,
+                &UpdateParticipantRequest {
+                    permission,
+                    visibility,
+                },
+            )
+            .unwrap();
+        sim.drain();
+    };
+    sim.take(customer_conn);
+    sim.media.clear();
+    sim.stats.clear();
+
+    // Masking the sharer mid-share: the customer now only knows that an agent shares.
+    sim.send(b_conn, ClientMsg::ShareStart {});
+    assert_eq!(
+        shares(&sim.take(customer_conn)),
+        vec![(true, bob_id.clone())]
+    );
+    set(&mut sim, None, Some(Visibility::Masked));
+    let got = sim.take(customer_conn);
+    assert_eq!(shares(&got), vec![(true, None)]);
+    assert!(shares(&sim.take(host_conn)).iter().all(|s| s.1 == bob_id));
+
+    // Losing control ends the share.
+    set(&mut sim, Some(Permission::View), None);
+    assert_eq!(shares(&sim.take(customer_conn)), vec![(false, None)]);
+    assert_eq!(
+        shares(&sim.take(b_conn)),
+        vec![(true, bob_id.clone()), (false, bob_id.clone())]
+    );
+    assert_eq!(
+        share_media(&mut sim),
+        vec![Some(b.participant_id.clone()), None]
+    );
+    sim.send(b_conn, ClientMsg::ShareStart {});
+    assert_eq!(error_codes(&sim.take(b_conn)), vec![ErrorCode::Forbidden]);
+
+    // Its peer connection lost: the media plane tells the core, the share ends.
+    set(
+        &mut sim,
+        Some(Permission::Control),
+        Some(Visibility::Visible),
+    );
+    sim.send(b_conn, ClientMsg::ShareStart {});
+    sim.node.share_lost(&sid, &b.participant_id);
+    sim.drain();
+    assert_eq!(
+        shares(&sim.take(customer_conn)),
+        vec![(true, bob_id.clone()), (false, bob_id.clone())]
+    );
+    // Only the sharer's loss counts.
+    sim.node.share_lost(&sid, &created.host.participant_id);
+    sim.drain();
+
+    // Leaving ends it, before the agent is gone.
+    sim.send(b_conn, ClientMsg::ShareStart {});
+    sim.media.clear();
+    sim.send(b_conn, ClientMsg::Leave {});
+    let media: Vec<MediaEvent> = sim.media.drain(..).collect();
+    assert!(matches!(
+        &media[..],
+        [
+            MediaEvent::Share { sharer: None, .. },
+            MediaEvent::Left { .. }
+        ]
+    ));
+    assert_eq!(
+        shares(&sim.take(customer_conn)),
+        vec![(true, bob_id.clone()), (false, bob_id.clone())]
+    );
+
+    // The host shares; the session ends and the share with it.
+    sim.send(host_conn, ClientMsg::ShareStart {});
+    sim.node.end_session(sim.now, &alice, &sid).unwrap();
+    sim.drain();
+    assert_eq!(
+        share_stats(&mut sim),
+        vec![
+            ShareOutcome::Started,
+            ShareOutcome::LostControl,
+            ShareOutcome::RefusedForbidden,
+            ShareOutcome::Started,
+            ShareOutcome::ConnectionLost,
+            ShareOutcome::Started,
+            ShareOutcome::Left,
+            ShareOutcome::Started,
+            ShareOutcome::SessionEnded,
+        ]
+    );
+}

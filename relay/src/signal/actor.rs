@@ -256,5 +256,9 @@ fn count(metrics: &Metrics, stat: Stat) {
             .invitations_total
             .with_label_values(&[outcome.as_str()])
             .inc(),
+        Stat::Share(outcome) => metrics
+            .agent_shares_total
+            .with_label_values(&[outcome.as_str()])
+            .inc(),
     }
 }

@@ -105,7 +105,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::AgentSessionLimit
         | ErrorCode::MonitorLimit
         | ErrorCode::AlreadyInSession
-        | ErrorCode::Replaced => StatusCode::CONFLICT,
+        | ErrorCode::Replaced
+        | ErrorCode::ShareBusy => StatusCode::CONFLICT,
         ErrorCode::Draining => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -100,7 +100,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let rng = Box::new(rand::rngs::StdRng::from_os_rng());
     let node = Node::new(settings_from(&config), clock, rng);
     let idle = Arc::new(Notify::new());
-    let media = crate::transport::MediaPlane::new(&config, metrics.clone());
+    let media = crate::transport::MediaPlane::new(&config, metrics.clone()).with_context(|| {
+        format!(
+            "binding the media UDP mux port {}:{}",
+            config.media.bind_ip, config.media.udp_mux_port
+        )
+    })?;
     let actor = Actor::spawn(node, media.clone(), metrics.clone(), idle.clone());
     media.attach(actor.clone());
 

@@ -20,10 +20,13 @@
 //!   `files.rs`).
 //! - [`ports`]: the media UDP port range. [`feedback`]: the interceptor that lets agents'
 //!   PLI/FIR and receiver reports reach the fan-out.
+//! - [`mux`]: instead of the range, one UDP port for every peer connection
+//!   (`media.udp_mux_port`), through a runtime whose sockets share it.
 
 mod chat;
 pub mod feedback;
 mod files;
+pub mod mux;
 mod peer;
 pub mod ports;
 mod session;
@@ -66,6 +69,9 @@ pub struct MediaSettings {
     pub max_message_bytes: usize,
     /// File transfer on `files` channels (`limits.max_file_bytes` and the window).
     pub transfers: TransferSettings,
+    /// The shared media socket, when `media.udp_mux_port` is set (bound by
+    /// [`MediaPlane::new`]).
+    pub udp_mux: Option<mux::UdpMux>,
 }
 
 impl MediaSettings {
@@ -82,6 +88,19 @@ impl MediaSettings {
                 max_file_bytes: config.limits.max_file_bytes,
                 ..TransferSettings::default()
             },
+            udp_mux: None,
+        }
+    }
+
+    /// The relay's SDP as participants must see it: with the UDP mux, host candidates
+    /// name the mux port instead of the placeholder the `webrtc` crate bound; with
+    /// `media.public_ip`, they name that address (the crate's own NAT 1:1 setting is
+    /// stored but never applied in rtc 0.21.1).
+    pub fn advertised_sdp(&self, sdp: String) -> String {
+        match (&self.udp_mux, self.public_ip) {
+            (Some(mux), _) => mux.advertise(&sdp),
+            (None, Some(ip)) => mux::rewrite_host_candidates(&sdp, ip, None),
+            (None, None) => sdp,
         }
     }
 }
@@ -103,19 +122,32 @@ struct Inner {
 }
 
 impl MediaPlane {
-    /// A media plane with no session yet.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> MediaPlane {
+    /// A media plane with no session yet. With `media.udp_mux_port` set, binds it (an
+    /// error if it cannot); must then be called within a tokio runtime.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> std::io::Result<MediaPlane> {
         let media = &config.media;
-        MediaPlane {
+        let mut settings = MediaSettings::from_config(config);
+        let ports = if media.udp_mux_port != 0 {
+            settings.udp_mux = Some(mux::UdpMux::bind(
+                media.bind_ip,
+                media.udp_mux_port,
+                media.public_ip,
+                &metrics,
+            )?);
+            PortPool::muxed(media.bind_ip)
+        } else {
+            PortPool::new(media.bind_ip, media.udp_port_min, media.udp_port_max)
+        };
+        Ok(MediaPlane {
             inner: Arc::new(Inner {
-                settings: MediaSettings::from_config(config),
+                settings,
                 metrics,
-                ports: PortPool::new(media.bind_ip, media.udp_port_min, media.udp_port_max),
+                ports,
                 actor: OnceLock::new(),
                 sessions: DashMap::new(),
                 chat: DashMap::new(),
             }),
-        }
+        })
     }
 
     /// Queues a chat message (a [`ServerMsg::Chat`]) on a participant's open `chat`
@@ -152,6 +184,7 @@ impl MediaPlane {
             MediaEvent::Member { session, .. }
             | MediaEvent::Left { session, .. }
             | MediaEvent::Signal { session, .. }
+            | MediaEvent::Share { session, .. }
             | MediaEvent::SessionEnded { session } => session.clone(),
         };
         if let MediaEvent::SessionEnded { .. } = event {

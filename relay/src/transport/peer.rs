@@ -90,7 +90,16 @@ pub(super) async fn build(
     if addr.ip().is_loopback() {
         setting_engine = setting_engine.with_include_loopback_candidate(true);
     }
-    let pc = PeerConnectionBuilder::new()
+    let mut builder = PeerConnectionBuilder::new();
+    if let Some(mux) = &settings.udp_mux {
+        // The shared media port (see `mux.rs`): the relay picks the connection's ICE
+        // credentials so the mux can route its checks, and its runtime's socket is the
+        // mux's. `addr` is a placeholder naming the host candidate's address.
+        let setup = mux.peer();
+        setting_engine = setting_engine.with_ice_credentials(setup.ufrag, setup.pwd);
+        builder = builder.with_runtime(setup.runtime);
+    }
+    let pc = builder
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(media_engine)
         .with_interceptor_registry(registry)

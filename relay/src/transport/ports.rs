@@ -1,4 +1,6 @@
 //! The media UDP port range: one port per peer connection, handed out and taken back.
+//! With the UDP mux (`media.udp_mux_port`) the pool hands out placeholders instead: see
+//! [`PortPool::muxed`].
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -9,6 +11,8 @@ use std::sync::Mutex;
 pub struct PortPool {
     ip: IpAddr,
     free: Mutex<BTreeSet<u16>>,
+    /// Every peer connection shares the mux port (see [`super::mux`]).
+    muxed: bool,
 }
 
 /// A port taken from the pool; give it back with [`PortPool::release`].
@@ -21,6 +25,18 @@ impl PortPool {
         PortPool {
             ip,
             free: Mutex::new((min..=max).collect()),
+            muxed: false,
+        }
+    }
+
+    /// A pool for mux mode: never runs out, and hands out `ip:0`, the placeholder the
+    /// `webrtc` crate binds (and the mux's runtime closes at once) to name the host
+    /// candidate's address.
+    pub fn muxed(ip: IpAddr) -> PortPool {
+        PortPool {
+            ip,
+            free: Mutex::new(BTreeSet::new()),
+            muxed: true,
         }
     }
 
@@ -28,6 +44,9 @@ impl PortPool {
     /// programs are skipped and stay in the pool for later). `None` when every port
     /// is in use.
     pub fn acquire(&self) -> Option<(Lease, SocketAddr)> {
+        if self.muxed {
+            return Some((Lease(0), SocketAddr::new(self.ip, 0)));
+        }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let candidates: Vec<u16> = free.iter().copied().collect();
         for port in candidates {
@@ -43,12 +62,18 @@ impl PortPool {
 
     /// Returns a port to the pool.
     pub fn release(&self, lease: Lease) {
+        if self.muxed {
+            return;
+        }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         free.insert(lease.0);
     }
 
-    /// Ports not in use.
+    /// Ports not in use (`usize::MAX` in mux mode).
     pub fn available(&self) -> usize {
+        if self.muxed {
+            return usize::MAX;
+        }
         self.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 }

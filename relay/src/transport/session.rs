@@ -1,5 +1,9 @@
 //! One session's media: its task (negotiations, members, departures, in order) and
-//! the state the hot path shares with it.
+//! the state the hot path shares with it. The data path itself (both directions) is in
+//! [`forward`]; an agent's screen share to the customer in [`share`].
+
+mod forward;
+mod share;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -7,33 +11,30 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use relay_codec::keyframe::{VideoCodec, is_keyframe_start};
+use relay_codec::keyframe::VideoCodec;
 use relay_codec::wire::{ErrorCode, Permission, Role, ServerMsg};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtcp::receiver_report::ReceiverReport;
-use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
-use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDescription};
+
+use forward::{
+    Direction, MediaPath, Plane, read_feedback, read_publisher, request_keyframes, write_subscriber,
+};
 
 use super::Inner;
 use super::chat::{self, CHAT_LABEL};
 use super::files::{self, FILES_LABEL, FilePlane, with_files};
 use super::peer::{self, PeerEvents};
 use super::ports::Lease;
-use crate::fanout::{
-    Delivery, DropReason, Fanout, FanoutCounters, FanoutOutput, FanoutSettings, FanoutStat,
-    MediaKind, PacketInfo, SubscriberId,
-};
+use crate::fanout::{FanoutSettings, MediaKind, SubscriberId};
 use crate::session::{MediaEvent, ParticipantId, SessionId, Signal};
 use crate::transfer::Transfers;
 
@@ -56,16 +57,9 @@ pub(crate) enum Event {
     Failed(ParticipantId),
     /// A participant opened a data channel.
     DataChannel(ParticipantId, Arc<dyn DataChannel>),
-    /// A participant's track arrived (only the customer's are used).
+    /// A participant's track arrived (the customer's screen and voice, or an agent's
+    /// screen share).
     Track(ParticipantId, Arc<dyn TrackRemote>),
-}
-
-/// One packet on its way to one agent: the payload is shared by every agent.
-struct Forward {
-    kind: MediaKind,
-    packet: rtp::Packet,
-    keyframe_start: bool,
-    arrived: Instant,
 }
 
 /// A customer's published track.
@@ -75,28 +69,20 @@ struct Published {
     codec: RTCRtpCodec,
 }
 
-/// The fan-out core and the agents' queues, under one short lock.
-struct Plane {
-    fanout: Fanout,
-    sinks: HashMap<SubscriberId, mpsc::Sender<Forward>>,
-    reported: FanoutCounters,
-}
-
 /// What the hot path and the data-channel tasks share with the session task.
 pub(super) struct Shared {
     pub(super) id: SessionId,
     pub(super) inner: Arc<Inner>,
-    plane: Mutex<Plane>,
+    /// The customer's screen (and voice) to the agents.
+    screen: MediaPath,
+    /// The sharing agent's screen to the customer.
+    share: MediaPath,
     /// File transfers: the core and the participants' `files` queues.
     pub(super) files: Mutex<FilePlane>,
     /// The customer's `input` channel, once open.
     customer_input: Mutex<Option<Arc<dyn DataChannel>>>,
-    /// The customer's video track and its SSRC, for keyframe requests.
-    customer_video: Mutex<Option<(Arc<dyn TrackRemote>, u32)>>,
     /// Every participant's rights, mirrored from the session core.
     grants: Mutex<HashMap<ParticipantId, (Role, Permission)>>,
-    /// Wakes the keyframe-request task.
-    keyframe: Notify,
     /// Sequence numbers of the input events the customer receives: the relay numbers
     /// them itself, so two agents' own counters cannot tell the customer that two
     /// (possibly masked) agents are sending.
@@ -108,39 +94,16 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Runs `f` on the fan-out, then turns its outputs into keyframe requests and
-    /// metrics.
-    fn with_plane<R>(&self, f: impl FnOnce(&mut Plane) -> R) -> R {
-        let mut plane = lock(&self.plane);
-        let r = f(&mut plane);
-        let m = &self.inner.metrics;
-        while let Some(out) = plane.fanout.poll_output() {
-            match out {
-                FanoutOutput::RequestKeyframe => self.keyframe.notify_one(),
-                FanoutOutput::Stat(FanoutStat::KeyframeRequest(o)) => m
-                    .keyframe_requests_total
-                    .with_label_values(&[o.as_str()])
-                    .inc(),
-            }
+    fn path(&self, direction: Direction) -> &MediaPath {
+        match direction {
+            Direction::Screen => &self.screen,
+            Direction::Share => &self.share,
         }
-        let now = *plane.fanout.counters();
-        let d = now.since(&plane.reported);
-        plane.reported = now;
-        drop(plane);
-        if d != FanoutCounters::default() {
-            m.rtp_packets_forwarded_total.inc_by(d.packets_forwarded);
-            m.frames_forwarded_total.inc_by(d.frames_forwarded);
-            for reason in [DropReason::QueueFull, DropReason::AwaitingKeyframe] {
-                let n = d.frames_dropped(reason, MediaKind::Video)
-                    + d.frames_dropped(reason, MediaKind::Audio);
-                if n > 0 {
-                    m.frames_dropped_total
-                        .with_label_values(&[reason.as_str()])
-                        .inc_by(n);
-                }
-            }
-        }
-        r
+    }
+
+    /// Runs `f` on the fan-out of `direction`, then handles its outputs.
+    fn with_plane<R>(&self, direction: Direction, f: impl FnOnce(&mut Plane) -> R) -> R {
+        self.path(direction).with_plane(&self.inner.metrics, f)
     }
 
     /// Sends `msg` to a participant's WebSocket (through the session core).
@@ -166,6 +129,11 @@ struct Peer {
     /// Local tracks towards an agent, by kind, with their SSRC and codec.
     tracks: Vec<LocalTrack>,
     subscriber: Option<SubscriberId>,
+    /// The customer's side of an agent's share (see [`share`]).
+    share_out: share::ShareOut,
+    /// An agent's screen-share track, once it arrived (forwarded only while the session
+    /// core names this agent the sharer).
+    share_in: Option<share::ShareIn>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -186,6 +154,10 @@ pub(crate) struct SessionMedia {
     published: Vec<Published>,
     next_subscriber: u64,
     customer: Option<ParticipantId>,
+    /// The agent the session core lets share its screen now.
+    sharer: Option<ParticipantId>,
+    /// The task forwarding the sharer's track, while it runs.
+    share_reader: Option<JoinHandle<()>>,
 }
 
 impl SessionMedia {
@@ -204,16 +176,11 @@ impl SessionMedia {
             shared: Arc::new(Shared {
                 id,
                 inner,
-                plane: Mutex::new(Plane {
-                    fanout: Fanout::new(settings),
-                    sinks: HashMap::new(),
-                    reported: FanoutCounters::default(),
-                }),
+                screen: MediaPath::new(settings.clone()),
+                share: MediaPath::new(settings),
                 files: Mutex::new(FilePlane::new(Transfers::new(transfers))),
                 customer_input: Mutex::new(None),
-                customer_video: Mutex::new(None),
                 grants: Mutex::new(HashMap::new()),
-                keyframe: Notify::new(),
                 input_seq: AtomicU32::new(1),
             }),
             events,
@@ -221,21 +188,25 @@ impl SessionMedia {
             published: Vec::new(),
             next_subscriber: 1,
             customer: None,
+            sharer: None,
+            share_reader: None,
         }
     }
 
     /// Processes the session's events until it ends.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
-        let requester = tokio::spawn(request_keyframes(self.shared.clone()));
+        let requesters = [Direction::Screen, Direction::Share]
+            .map(|d| tokio::spawn(request_keyframes(self.shared.clone(), d)));
         loop {
-            let due = lock(&self.shared.plane).fanout.poll_timeout();
+            let due = self.shared.screen.poll_timeout();
+            let share_due = self.shared.share.poll_timeout();
             let files_due = with_files(&self.shared, |core| core.poll_timeout());
             let now = Instant::now();
             if files_due.is_some_and(|d| d <= now) {
                 // Also when events keep the sleep below from ever firing.
                 with_files(&self.shared, |core| core.handle_timeout(now));
             }
-            let wake = [due, files_due]
+            let wake = [due, share_due, files_due]
                 .into_iter()
                 .flatten()
                 .fold(now + TICK, Instant::min);
@@ -246,12 +217,18 @@ impl SessionMedia {
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
-                    self.shared.with_plane(|p| p.fanout.handle_timeout(now));
+                    for d in [Direction::Screen, Direction::Share] {
+                        self.shared.with_plane(d, |p| p.fanout.handle_timeout(now));
+                    }
                     with_files(&self.shared, |core| core.handle_timeout(now));
                 }
             }
         }
-        requester.abort();
+        for requester in requesters {
+            requester.abort();
+        }
+        // The session is over: nothing is left to tell the core about a lost share.
+        self.sharer = None;
         let all: Vec<ParticipantId> = self.peers.keys().cloned().collect();
         for pid in all {
             self.close_peer(&pid).await;
@@ -302,12 +279,14 @@ impl SessionMedia {
                     }
                 }
             },
+            Event::Control(MediaEvent::Share { sharer, .. }) => self.on_share(sharer).await,
             Event::Control(MediaEvent::SessionEnded { .. }) => {}
             Event::Connected(pid) => {
                 if let Some(peer) = self.peers.get_mut(&pid) {
                     peer.connected = true;
                 }
                 self.subscribe(&pid);
+                self.subscribe_share(&pid);
             }
             Event::Failed(pid) => {
                 let known = self.peers.get(&pid).is_some_and(|p| p.connected);
@@ -379,6 +358,8 @@ impl SessionMedia {
                             connected: false,
                             tracks: Vec::new(),
                             subscriber: None,
+                            share_out: share::ShareOut::default(),
+                            share_in: None,
                             tasks: Vec::new(),
                         },
                     );
@@ -399,6 +380,7 @@ impl SessionMedia {
                     .tell(&pid, ServerMsg::Answer { sdp: answer })
                     .await;
                 self.subscribe(&pid);
+                self.subscribe_share(&pid);
             }
             Err(e) => {
                 metrics
@@ -417,6 +399,7 @@ impl SessionMedia {
     }
 
     async fn negotiate(&mut self, pid: &ParticipantId, sdp: String) -> Result<String, String> {
+        self.prepare_share_out(pid).await?;
         let published = self.published.clone();
         let peer = self.peers.get_mut(pid).ok_or("no peer connection")?;
         let offer = RTCSessionDescription::offer(sdp).map_err(|e| e.to_string())?;
@@ -429,26 +412,7 @@ impl SessionMedia {
                 if peer.tracks.iter().any(|t| t.kind == p.kind) {
                     continue;
                 }
-                let ssrc = rand::random::<u32>();
-                let kind = match p.kind {
-                    MediaKind::Video => RtpCodecKind::Video,
-                    MediaKind::Audio => RtpCodecKind::Audio,
-                };
-                let name = format!("relay-{}", p.kind.as_str());
-                let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-                    "relay".to_owned(),
-                    name.clone(),
-                    name,
-                    kind,
-                    vec![RTCRtpEncodingParameters {
-                        rtp_coding_parameters: RTCRtpCodingParameters {
-                            ssrc: Some(ssrc),
-                            ..Default::default()
-                        },
-                        codec: p.codec.clone(),
-                        ..Default::default()
-                    }],
-                )));
+                let (track, ssrc) = relay_track(p.kind, p.kind.as_str(), &p.codec);
                 let sender = peer
                     .pc
                     .add_track(track.clone() as Arc<dyn TrackLocal>)
@@ -483,7 +447,8 @@ impl SessionMedia {
             .local_description()
             .await
             .ok_or("no local description")?;
-        Ok(local.sdp)
+        self.confirm_share_out(pid).await;
+        Ok(self.shared.inner.settings.advertised_sdp(local.sdp))
     }
 
     /// Starts forwarding to an agent once its connection is up and carries tracks.
@@ -505,6 +470,7 @@ impl SessionMedia {
         for t in &tracks {
             peer.tasks.push(tokio::spawn(read_feedback(
                 self.shared.clone(),
+                Direction::Screen,
                 id,
                 t.track.clone(),
             )));
@@ -515,14 +481,14 @@ impl SessionMedia {
             .metrics
             .agent_queue_depth
             .with_label_values(&[self.shared.id.as_str(), pid.as_str()]);
-        peer.tasks.push(tokio::spawn(write_agent(
+        peer.tasks.push(tokio::spawn(write_subscriber(
             self.shared.clone(),
             rx,
             tracks,
             gauge,
         )));
         peer.subscriber = Some(id);
-        self.shared.with_plane(|p| {
+        self.shared.with_plane(Direction::Screen, |p| {
             p.sinks.insert(id, tx);
             p.fanout.add_subscriber(Instant::now(), id);
         });
@@ -566,8 +532,7 @@ impl SessionMedia {
 
     async fn on_track(&mut self, pid: ParticipantId, track: Arc<dyn TrackRemote>) {
         if self.customer.as_ref() != Some(&pid) {
-            tracing::info!("ignoring a track from a participant that is not the customer");
-            return;
+            return self.on_share_track(pid, track).await;
         }
         let Some(&ssrc) = track.ssrcs().await.first() else {
             return;
@@ -585,7 +550,7 @@ impl SessionMedia {
                 tracing::warn!(mime = %codec.mime_type, "unsupported video codec");
                 return;
             }
-            *lock(&self.shared.customer_video) = Some((track.clone(), ssrc));
+            *lock(&self.shared.screen.publisher_video) = Some((track.clone(), ssrc));
         }
         tracing::info!(kind = kind.as_str(), mime = %codec.mime_type, "customer publishes");
         self.published.retain(|p| p.kind != kind);
@@ -594,16 +559,18 @@ impl SessionMedia {
             codec: codec.clone(),
         });
         if let Some(peer) = self.peers.get_mut(&pid) {
-            peer.tasks.push(tokio::spawn(read_customer(
+            peer.tasks.push(tokio::spawn(read_publisher(
                 self.shared.clone(),
+                Direction::Screen,
                 track,
                 kind,
                 video_codec,
             )));
         }
         if kind == MediaKind::Video {
-            self.shared
-                .with_plane(|p| p.fanout.set_publisher(Instant::now(), true));
+            self.shared.with_plane(Direction::Screen, |p| {
+                p.fanout.set_publisher(Instant::now(), true)
+            });
         }
         // Agents whose connection lacks this track renegotiate to get it.
         let stale: Vec<ParticipantId> = self
@@ -624,11 +591,14 @@ impl SessionMedia {
         // Its data channels go with it: chat back to its WebSocket, transfers cancelled.
         chat::release(&self.shared, pid, None).await;
         files::release(&self.shared, pid, None);
+        self.release_share(pid, &peer).await;
         if let Some(id) = peer.subscriber {
-            self.shared.with_plane(|p| {
+            self.shared.with_plane(Direction::Screen, |p| {
                 p.sinks.remove(&id);
                 p.fanout.remove_subscriber(id);
             });
+        }
+        if peer.subscriber.is_some() || peer.share_out.subscriber.is_some() {
             let _ = self
                 .shared
                 .inner
@@ -638,10 +608,11 @@ impl SessionMedia {
         }
         if peer.role == Role::Customer {
             *lock(&self.shared.customer_input) = None;
-            *lock(&self.shared.customer_video) = None;
+            *lock(&self.shared.screen.publisher_video) = None;
             self.published.clear();
-            self.shared
-                .with_plane(|p| p.fanout.set_publisher(Instant::now(), false));
+            self.shared.with_plane(Direction::Screen, |p| {
+                p.fanout.set_publisher(Instant::now(), false)
+            });
         }
         for task in &peer.tasks {
             task.abort();
@@ -652,186 +623,34 @@ impl SessionMedia {
     }
 }
 
-/// Sends a PLI to the customer each time the fan-out asks for a keyframe.
-async fn request_keyframes(shared: Arc<Shared>) {
-    loop {
-        shared.keyframe.notified().await;
-        let target = lock(&shared.customer_video).clone();
-        if let Some((track, media_ssrc)) = target {
-            let pli = PictureLossIndication {
-                sender_ssrc: 0,
-                media_ssrc,
-            };
-            if let Err(e) = track.write_rtcp(vec![Box::new(pli)]).await {
-                tracing::debug!(error = %e, "keyframe request not sent");
-            }
-        }
-    }
-}
-
-/// The hot path: every RTP packet of one customer track, routed to the agents' queues.
-async fn read_customer(
-    shared: Arc<Shared>,
-    track: Arc<dyn TrackRemote>,
+/// A local track of the relay towards one participant, with a fresh SSRC, carrying
+/// `codec` (the publisher's: the relay never transcodes).
+fn relay_track(
     kind: MediaKind,
-    codec: Option<VideoCodec>,
-) {
-    while let Some(event) = track.poll().await {
-        let TrackRemoteEvent::OnRtpPacket(mut packet) = event else {
-            continue;
-        };
-        let arrived = Instant::now();
-        // The customer leg's header extensions mean nothing on the agents' legs; they
-        // are removed once here, so the per-agent header copies below allocate nothing.
-        packet.header.extension = false;
-        packet.header.extensions.clear();
-        let keyframe_start = match (kind, codec) {
-            (MediaKind::Video, Some(c)) => is_keyframe_start(c, &packet.payload),
-            _ => false,
-        };
-        let info = PacketInfo {
-            kind,
-            keyframe_start,
-            frame_end: packet.header.marker,
-        };
-        shared.with_plane(|plane| {
-            let Plane { fanout, sinks, .. } = plane;
-            fanout.route(arrived, &info, |id| {
-                let Some(sink) = sinks.get(&id) else {
-                    return Delivery::Full;
-                };
-                let forward = Forward {
-                    kind,
-                    packet: packet.clone(),
-                    keyframe_start,
-                    arrived,
-                };
-                match sink.try_send(forward) {
-                    Ok(()) => Delivery::Queued,
-                    Err(_) => Delivery::Full,
-                }
-            });
-        });
-    }
-}
-
-/// Per-agent RTP header rewriting: its own SSRC and payload type, and sequence numbers
-/// without the holes left by packets it skipped.
-struct Rewrite {
-    ssrc: u32,
-    payload_type: u8,
-    offset: u16,
-    next_in: Option<u16>,
-}
-
-impl Rewrite {
-    fn apply(&mut self, header: &mut rtp::header::Header, keyframe_start: bool) {
-        let seq = header.sequence_number;
-        if let Some(next_in) = self.next_in.filter(|&n| keyframe_start && n != seq) {
-            // Resuming after a drop: continue right after the last packet sent, whose
-            // outgoing number was `next_in - 1 + offset`.
-            self.offset = next_in.wrapping_add(self.offset).wrapping_sub(seq);
-        }
-        self.next_in = Some(seq.wrapping_add(1));
-        header.sequence_number = seq.wrapping_add(self.offset);
-        header.ssrc = self.ssrc;
-        header.payload_type = self.payload_type;
-    }
-}
-
-/// Empties one agent's queue into its peer connection.
-async fn write_agent(
-    shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<Forward>,
-    tracks: Vec<LocalTrack>,
-    depth: prometheus::IntGauge,
-) {
-    let mut lanes = Vec::new();
-    for LocalTrack {
-        kind,
-        mime,
-        ssrc,
-        track,
-        sender,
-    } in tracks
-    {
-        let payload_type = match sender.get_parameters().await {
-            Ok(p) => p
-                .rtp_parameters
-                .codecs
-                .iter()
-                .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
-                .map(|c| c.payload_type),
-            Err(_) => None,
-        };
-        let Some(payload_type) = payload_type else {
-            tracing::warn!(%mime, "agent did not negotiate the customer's codec");
-            continue;
-        };
-        lanes.push((
-            kind,
-            track,
-            Rewrite {
-                ssrc,
-                payload_type,
-                offset: 0,
-                next_in: None,
+    name: &str,
+    codec: &RTCRtpCodec,
+) -> (Arc<TrackLocalStaticRTP>, u32) {
+    let ssrc = rand::random::<u32>();
+    let rtp_kind = match kind {
+        MediaKind::Video => RtpCodecKind::Video,
+        MediaKind::Audio => RtpCodecKind::Audio,
+    };
+    let name = format!("relay-{name}");
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "relay".to_owned(),
+        name.clone(),
+        name,
+        rtp_kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
             },
-            false,
-        ));
-    }
-    let latency = shared.inner.metrics.forward_latency_seconds.clone();
-    while let Some(mut f) = rx.recv().await {
-        depth.set(rx.len() as i64);
-        let Some((_, track, rewrite, bound)) = lanes.iter_mut().find(|l| l.0 == f.kind) else {
-            continue;
-        };
-        rewrite.apply(&mut f.packet.header, f.keyframe_start);
-        let result = if *bound {
-            track.write_rtp(f.packet).await
-        } else {
-            // Right after negotiation the sender may not be bound yet: until its first
-            // write succeeds, wait briefly and retry (only then is the packet cloned).
-            let mut result = track.write_rtp(f.packet.clone()).await;
-            for _ in 0..50 {
-                if result.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                result = track.write_rtp(f.packet.clone()).await;
-            }
-            result
-        };
-        if result.is_err() {
-            continue;
-        }
-        *bound = true;
-        latency.observe(f.arrived.elapsed().as_secs_f64());
-    }
-    depth.set(0);
-}
-
-/// An agent's RTCP feedback: PLI/FIR become coalesced keyframe requests, receiver
-/// reports feed its statistics.
-async fn read_feedback(shared: Arc<Shared>, id: SubscriberId, track: Arc<TrackLocalStaticRTP>) {
-    while let Some(event) = track.poll().await {
-        let TrackLocalEvent::OnRtcpPacket(packets) = event else {
-            continue;
-        };
-        for packet in packets {
-            let any = packet.as_any();
-            if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
-                shared.with_plane(|p| p.fanout.keyframe_requested(Instant::now(), id));
-            } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
-                for r in &rr.reports {
-                    shared.with_plane(|p| {
-                        p.fanout
-                            .receiver_report(id, r.fraction_lost, r.total_lost, r.jitter)
-                    });
-                }
-            }
-        }
-    }
+            codec: codec.clone(),
+            ..Default::default()
+        }],
+    )));
+    (track, ssrc)
 }
 
 /// An agent's input events: checked against its permission, one by one, and forwarded
@@ -885,40 +704,5 @@ async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn Da
             Ok(()) => count("delivered"),
             Err(_) => count("no_customer"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Rewrite;
-    use rtc::rtp::header::Header;
-
-    fn out(r: &mut Rewrite, seq: u16, keyframe_start: bool) -> u16 {
-        let mut h = Header {
-            sequence_number: seq,
-            ..Default::default()
-        };
-        r.apply(&mut h, keyframe_start);
-        assert_eq!((h.ssrc, h.payload_type), (7, 96));
-        h.sequence_number
-    }
-
-    #[test]
-    fn sequence_numbers_close_the_hole_left_by_a_drop_and_keep_upstream_gaps() {
-        let mut r = Rewrite {
-            ssrc: 7,
-            payload_type: 96,
-            offset: 0,
-            next_in: None,
-        };
-        assert_eq!(out(&mut r, 65534, true), 65534);
-        assert_eq!(out(&mut r, 65535, false), 65535);
-        // Packets 0..=9 skipped (waiting for a keyframe): the keyframe follows on.
-        assert_eq!(out(&mut r, 10, true), 0);
-        assert_eq!(out(&mut r, 11, false), 1);
-        // An upstream loss inside a frame stays visible, so the agent can NACK it.
-        assert_eq!(out(&mut r, 13, false), 3);
-        // A keyframe right after the previous packet changes nothing.
-        assert_eq!(out(&mut r, 14, true), 4);
     }
 }
