@@ -10,6 +10,8 @@
 //!   `/proc`.
 //! - [`run`]: `relay-bench run`, sessions driven side by side and scored into a
 //!   [`run::report::Report`] (the JSON ops scripts read).
+//! - [`roles`]: `relay-bench customer` / `relay-bench agent`, one client on a session
+//!   URL obtained elsewhere.
 //! - [`prom`]: looking series up in Prometheus text.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -18,4 +20,5 @@ pub mod api;
 pub mod client;
 pub mod prom;
 pub mod relay_process;
+pub mod roles;
 pub mod run;

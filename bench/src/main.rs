@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_bench::roles::{AgentArgs, CustomerArgs, run_agent, run_customer};
 use relay_bench::run::{RunArgs, run};
 
 /// Benchmark and load generator for the edge relay.
@@ -28,21 +29,44 @@ enum Command {
     /// publishing the VP8 screen fixture, measures for --duration seconds, then prints
     /// a summary and writes --json FILE.
     Run(RunArgs),
+    /// Join a session as its customer (WebSocket URL from `POST /v1/join`) and publish
+    /// frames for --duration seconds, then report.
+    Customer(CustomerArgs),
+    /// Join a session as an agent (WebSocket URL from an accepted invitation or a new
+    /// session), receive and check frames, optionally send input; exits 1 when the
+    /// stream was not clean.
+    Agent(AgentArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match cli.command {
-        Command::Run(args) => match run_and_report(&args).await {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("relay-bench: {e:#}");
-                ExitCode::from(2)
-            }
-        },
-    }
+    let result = match cli.command {
+        Command::Run(args) => run_and_report(&args).await,
+        Command::Customer(args) => run_customer(&args)
+            .await
+            .map(|report| {
+                println!("{report}");
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
+        Command::Agent(args) => run_agent(&args)
+            .await
+            .map(|(report, clean)| {
+                println!("{report}");
+                if clean {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
+            .map_err(anyhow::Error::from),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("relay-bench: {e:#}");
+        ExitCode::from(2)
+    })
 }
 
 async fn run_and_report(args: &RunArgs) -> anyhow::Result<ExitCode> {
