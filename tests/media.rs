@@ -5,6 +5,7 @@
 //! customer never learns of, a stalled agent that does not hurt the others.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -112,8 +113,28 @@ async fn eight_agents_and_a_customer(fixture_name: &str) -> Result<Session> {
         .refused(409, ErrorCode::SessionFull)?;
 
     // Agents connect together, before there is media (they renegotiate when it comes).
+    let agents = connect_agents(&urls, &tls).await?;
+    let customer = join_and_publish(&relay, &session.support_key, tls, fixture_name).await?;
+    customer
+        .wait_input_open(WAIT)
+        .await
+        .context("customer's input channel")?;
+    Ok(Session {
+        relay,
+        customer,
+        agents,
+        masked_id,
+    })
+}
+
+/// Connects every `(name, ws_url)` as an agent, all at once, and waits for each peer
+/// connection.
+async fn connect_agents(
+    urls: &[(String, String)],
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Vec<(String, Agent)>> {
     let connects = urls.iter().map(|(name, url)| {
-        let tls = tls.clone();
+        let tls = Arc::clone(tls);
         async move {
             let agent = Agent::connect(url, tls, AgentOptions::default())
                 .await
@@ -125,9 +146,18 @@ async fn eight_agents_and_a_customer(fixture_name: &str) -> Result<Session> {
             anyhow::Ok((name.clone(), agent))
         }
     });
-    let agents = futures_util::future::try_join_all(connects).await?;
+    futures_util::future::try_join_all(connects).await
+}
 
-    let carol = relay.join("Carol Customer", &session.support_key).await?;
+/// A customer joins with `support_key` and publishes the fixture `fixture_name`, its
+/// peer connection up.
+async fn join_and_publish(
+    relay: &Relay,
+    support_key: &str,
+    tls: Arc<rustls::ClientConfig>,
+    fixture_name: &str,
+) -> Result<Customer> {
+    let carol = relay.join("Carol Customer", support_key).await?;
     let source = FrameSource::open(fixture(fixture_name))?;
     let customer = Customer::connect(&carol.ws_url, tls, source, CustomerOptions::default())
         .await
@@ -136,16 +166,7 @@ async fn eight_agents_and_a_customer(fixture_name: &str) -> Result<Session> {
         .wait_connected(WAIT)
         .await
         .context("customer's peer connection")?;
-    customer
-        .wait_input_open(WAIT)
-        .await
-        .context("customer's input channel")?;
-    Ok(Session {
-        relay,
-        customer,
-        agents,
-        masked_id,
-    })
+    Ok(customer)
 }
 
 /// Maps each received frame to the index of the frame the customer sent with the same

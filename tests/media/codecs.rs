@@ -3,13 +3,11 @@
 //! and in order from their first keyframe on.
 
 use anyhow::{Context, Result, ensure};
-use relay_bench::client::{
-    Agent, AgentOptions, Customer, CustomerOptions, FrameSource, VideoCodec, tls_trusting_pem_file,
-};
+use relay_bench::client::{Agent, AgentOptions, FrameSource, VideoCodec, tls_trusting_pem_file};
 use relay_e2e::RelayBuilder;
 use relay_e2e::wire::{InviteTarget, Permission, Visibility};
 
-use super::{WAIT, assert_complete_and_in_order, fixture};
+use super::{WAIT, assert_complete_and_in_order, fixture, join_and_publish};
 
 async fn passes_through(fixture_name: &str, codec: VideoCodec) -> Result<()> {
     relay_e2e::install_crypto();
@@ -38,19 +36,8 @@ async fn passes_through(fixture_name: &str, codec: VideoCodec) -> Result<()> {
         "{fixture_name} is {}",
         source.codec()
     );
-    let carol = relay.join("Carol Customer", &session.support_key).await?;
-    let customer = Customer::connect(
-        &carol.ws_url,
-        tls.clone(),
-        source,
-        CustomerOptions::default(),
-    )
-    .await
-    .context("customer connects")?;
-    customer
-        .wait_connected(WAIT)
-        .await
-        .context("customer's peer connection")?;
+    let customer =
+        join_and_publish(&relay, &session.support_key, tls.clone(), fixture_name).await?;
 
     let mut agents = Vec::new();
     for (name, url) in [("host", &session.host.ws_url), ("bob", &bob.ws_url)] {

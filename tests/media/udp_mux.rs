@@ -5,13 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use relay_bench::client::{
-    Agent, AgentOptions, Customer, CustomerOptions, FrameSource, Transcript, tls_trusting_pem_file,
-};
+use relay_bench::client::{Transcript, tls_trusting_pem_file};
 use relay_e2e::RelayBuilder;
 use relay_e2e::wire::{InviteTarget, Permission, ServerMsg, Visibility};
 
-use super::{WAIT, assert_complete_and_in_order, fixture};
+use super::{WAIT, assert_complete_and_in_order, connect_agents, join_and_publish};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_udp_port_carries_a_customer_and_three_agents_whole_and_in_order() -> Result<()> {
@@ -41,34 +39,8 @@ async fn one_udp_port_carries_a_customer_and_three_agents_whole_and_in_order() -
         let creds = relay.accept(&jwt, &inv.invitation_id).await?;
         urls.push((name.to_owned(), creds.ws_url));
     }
-    let connects = urls.iter().map(|(name, url)| {
-        let tls = tls.clone();
-        async move {
-            let agent = Agent::connect(url, tls, AgentOptions::default())
-                .await
-                .with_context(|| format!("{name} connects"))?;
-            agent
-                .wait_connected(WAIT)
-                .await
-                .with_context(|| format!("{name}'s peer connection over the mux"))?;
-            anyhow::Ok((name.clone(), agent))
-        }
-    });
-    let agents = futures_util::future::try_join_all(connects).await?;
-
-    let carol = relay.join("Carol Customer", &session.support_key).await?;
-    let customer = Customer::connect(
-        &carol.ws_url,
-        tls,
-        FrameSource::open(fixture("screen-vp8.ivf"))?,
-        CustomerOptions::default(),
-    )
-    .await
-    .context("customer connects")?;
-    customer
-        .wait_connected(WAIT)
-        .await
-        .context("customer's peer connection over the mux")?;
+    let agents = connect_agents(&urls, &tls).await?;
+    let customer = join_and_publish(&relay, &session.support_key, tls, "screen-vp8.ivf").await?;
 
     for (name, agent) in &agents {
         agent
