@@ -1,4 +1,5 @@
-//! The `relay` command line: `serve`, `token` and `config check|defaults`.
+//! The `relay` command line: `serve`, `token`, `config check|defaults`, `review-key new`
+//! and `recordings verify|repair|list|transcript|events|export`.
 //!
 //! Settings are layered: built-in defaults, then the `--config` file, then environment
 //! variables and flags (clap reads each flag's `RELAY_*` variable; a flag given on the
@@ -70,6 +71,15 @@ pub enum Command {
     /// Manage the keys that protect a portal's session recordings.
     #[command(subcommand)]
     ReviewKey(ReviewKeyCommand),
+    /// Review session recordings: verify, repair, list, transcript, events, export.
+    ///
+    /// Recordings are encrypted to their portal's review key; every subcommand needs the
+    /// portal's identity file (--identity, made by `relay review-key new`) and its
+    /// passphrase (asked for, or the first line of --passphrase-file). There is no
+    /// reset: without the identity file and its passphrase the recordings cannot be
+    /// read by anyone.
+    #[command(subcommand)]
+    Recordings(RecordingsCommand),
 }
 
 /// Flags of `relay serve`; each overrides the matching configuration key.
@@ -266,6 +276,173 @@ pub enum ReviewKeyCommand {
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
     },
+}
+
+/// The identity file and passphrase every `relay recordings` subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct IdentityArgs {
+    /// The portal's identity file (from `relay review-key new`).
+    #[arg(long, value_name = "FILE")]
+    pub identity: PathBuf,
+    /// Read the identity's passphrase from the first line of this file instead of
+    /// asking.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    /// Reads the identity file and opens it with the passphrase.
+    pub fn open(&self) -> anyhow::Result<age::x25519::Identity> {
+        let bytes = std::fs::read(&self.identity).with_context(|| {
+            format!("cannot read the identity file {}", self.identity.display())
+        })?;
+        let passphrase = read_passphrase(self.passphrase_file.as_deref(), false)?;
+        crate::record::keys::open_identity(&bytes, passphrase)
+            .with_context(|| format!("cannot open {}", self.identity.display()))
+    }
+}
+
+/// `relay recordings ...`.
+#[derive(Debug, Subcommand)]
+pub enum RecordingsCommand {
+    /// Check a recording: what is intact and what was lost.
+    ///
+    /// Prints the encryption layer's status (intact, or cut off / damaged after N
+    /// bytes) and the container's report (footer, intact and corrupt chunks, lost
+    /// tail, duration, record counts). Exit status: 0 when intact, 1 when something
+    /// was lost (the rest is still readable; see `repair`), 2 on error (wrong
+    /// passphrase, not a recording, not for this identity).
+    Verify {
+        /// The recording (.rec).
+        file: PathBuf,
+        /// The identity that opens the recording.
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Rewrite a damaged recording into a new file with a fresh index.
+    ///
+    /// Decrypts what is readable, keeps every chunk that verifies (byte for byte, so
+    /// that the loss stays visible as missing chunk numbers), writes a new index and
+    /// encrypts the result to the identity's own public key. The input is never
+    /// modified and the output is never overwritten.
+    Repair {
+        /// The damaged recording.
+        file: PathBuf,
+        /// Where to write the repaired recording (a new file).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The identity that opens the recording.
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// List the recordings under a folder.
+    ///
+    /// One line per .rec file found (recursively): session id, portal, start (UTC),
+    /// duration, agents (from the roster), size on disk and compression ratio (raw
+    /// over stored chunk bytes). Recordings of other portals are listed as "not for
+    /// this identity".
+    List {
+        /// The folder (the relay writes <dir>/<portal>/<yyyy-mm-dd>/<session>.rec).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The identity that opens the recording.
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Print the chat transcript and roster changes.
+    ///
+    /// In time order, with the time since the start and the UTC time. Masked agents
+    /// appear by name, marked "masked" (the customer saw them as anonymous); agent
+    /// notes are marked "agents only".
+    Transcript {
+        /// The recording.
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: crate::record::review::TranscriptFormat,
+        /// The identity that opens the recording.
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// List the input events agents sent, with what the relay did with each.
+    Events {
+        /// The recording.
+        file: PathBuf,
+        /// The identity that opens the recording.
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Export the screen video: VP8/VP9 as WebM, H.264 as MP4.
+    ///
+    /// The container is chosen by --out's extension (.webm or .mp4). Frame times come
+    /// from the recording; with --from the video starts at the last keyframe at or
+    /// before that time, so that it decodes from its first frame. An existing output
+    /// file is not overwritten.
+    Export {
+        /// The recording.
+        file: PathBuf,
+        /// The video file to write (.webm or .mp4).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Start here: seconds (90, 1.5) or a duration (1m30s) since the recording
+        /// started.
+        #[arg(long, value_name = "T", value_parser = crate::record::review::parse_time)]
+        from: Option<u64>,
+        /// Stop after this time (same forms as --from).
+        #[arg(long, value_name = "T", value_parser = crate::record::review::parse_time)]
+        to: Option<u64>,
+        /// The identity that opens the recording.
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+}
+
+/// What a `relay recordings` subcommand printed, and how it ends.
+#[derive(Debug)]
+pub struct RecordingsOutcome {
+    /// What to print on stdout.
+    pub output: String,
+    /// The exit status: 0, or 1 when `verify` found something lost.
+    pub exit_code: u8,
+}
+
+/// Runs a `relay recordings` subcommand. Errors mean exit status 2.
+pub fn run_recordings(cmd: &RecordingsCommand) -> anyhow::Result<RecordingsOutcome> {
+    use crate::record::review;
+    let done = |output: String| RecordingsOutcome {
+        output,
+        exit_code: 0,
+    };
+    Ok(match cmd {
+        RecordingsCommand::Verify { file, identity } => {
+            let (output, intact) = review::verify(file, &identity.open()?)?;
+            RecordingsOutcome {
+                output,
+                exit_code: if intact { 0 } else { 1 },
+            }
+        }
+        RecordingsCommand::Repair {
+            file,
+            out,
+            identity,
+        } => done(review::repair(file, out, &identity.open()?)?),
+        RecordingsCommand::List { dir, identity } => done(review::list(dir, &identity.open()?)?),
+        RecordingsCommand::Transcript {
+            file,
+            format,
+            identity,
+        } => done(review::transcript(file, &identity.open()?, *format)?),
+        RecordingsCommand::Events { file, identity } => {
+            done(review::events(file, &identity.open()?)?)
+        }
+        RecordingsCommand::Export {
+            file,
+            out,
+            from,
+            to,
+            identity,
+        } => done(review::export(file, &identity.open()?, out, *from, *to)?),
+    })
 }
 
 /// Reads a passphrase: the first line of `file`, or from the terminal (twice when

@@ -16,6 +16,22 @@ fn main() -> ExitCode {
         Command::Token(args) => cli::run_token(&args).map(|t| println!("{t}")),
         Command::Config(cmd) => cli::run_config(&cmd).map(|out| println!("{out}")),
         Command::ReviewKey(cmd) => cli::run_review_key(&cmd).map(|out| println!("{out}")),
+        // Their own exit statuses: 0 intact, 1 something lost (verify), 2 error.
+        Command::Recordings(cmd) => {
+            return match cli::run_recordings(&cmd) {
+                Ok(outcome) => {
+                    print!("{}", outcome.output);
+                    if !outcome.output.ends_with('\n') {
+                        println!();
+                    }
+                    ExitCode::from(outcome.exit_code)
+                }
+                Err(e) => {
+                    eprintln!("relay: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

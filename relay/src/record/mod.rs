@@ -4,4 +4,8 @@
 //! session's portal; only the holder of the portal's passphrase-protected identity
 //! file can read them. The container itself is `relay_codec::recording`.
 
+pub mod bitstream;
+pub mod export;
+pub mod file;
 pub mod keys;
+pub mod review;

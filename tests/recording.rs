@@ -1,0 +1,538 @@
+//! Recordings and the review tools (issue 4): recordings built with the library
+//! (`RecordingWriter` + the encrypted file writer, real VP8 and H.264 fixtures, chat,
+//! roster and input records), reviewed with the REAL `relay recordings ...` commands,
+//! and the exported video checked with ffprobe.
+//!
+//! ffprobe must be installed (`.ci/run` installs ffmpeg): the test fails without it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use age::secrecy::SecretString;
+use bytes::Bytes;
+use relay::record::file::{RecordingFileWriter, SyncPolicy, open_recording, recording_path};
+use relay::record::keys::new_review_key;
+use relay_bench::client::FrameSource;
+use relay_codec::input::{InputEvent, InputKind, encode_to_vec};
+use relay_codec::recording::{
+    ChatRecord, ChunkSettings, InputOutcome, InputRecord, Record, Recording, RecordingHeader,
+    RecordingWriter, RosterChange, RosterRecord, VideoFrame,
+};
+use relay_codec::wire::{Audience, Permission, Role, Visibility};
+
+const PASSPHRASE: &str = "correct horse battery staple";
+const FPS: u64 = 15;
+
+/// A portal identity on disk with its passphrase file.
+struct Reviewer {
+    identity: PathBuf,
+    passphrase_file: PathBuf,
+    recipient: age::x25519::Recipient,
+}
+
+fn reviewer(dir: &Path, name: &str, passphrase: &str) -> Reviewer {
+    let key = new_review_key(
+        "support",
+        SecretString::from(passphrase.to_owned()),
+        Some(10),
+    )
+    .expect("review key");
+    let identity = dir.join(format!("{name}.age"));
+    std::fs::write(&identity, &key.identity_file).expect("write identity");
+    let passphrase_file = dir.join(format!("{name}.pass"));
+    std::fs::write(&passphrase_file, format!("{passphrase}\n")).expect("write passphrase");
+    Reviewer {
+        identity,
+        passphrase_file,
+        recipient: key.recipient,
+    }
+}
+
+/// What a built recording holds.
+struct Built {
+    path: PathBuf,
+    frames: u64,
+    chats: Vec<String>,
+}
+
+/// Writes a recording of the fixture's 60 frames (4 s at 15 fps) with a roster (a
+/// customer, a host and a masked agent), chat lines, a note and input events.
+fn build_recording(dir: &Path, fixture: &str, session: &str, to: &Reviewer) -> Built {
+    let source = FrameSource::open(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(fixture),
+    )
+    .expect("fixture");
+    let header = RecordingHeader {
+        session_id: session.into(),
+        portal: "support".into(),
+        start_unix_ms: 1_763_900_000_000,
+        video_codecs: vec![source.codec().mime_type().into()],
+        audio_codecs: vec![],
+    };
+    let (mut writer, header_bytes) =
+        RecordingWriter::new(&header, ChunkSettings::default()).expect("writer");
+    let path = recording_path(dir, &header.portal, header.start_unix_ms, session);
+    let mut file =
+        RecordingFileWriter::create(&path, &to.recipient, &header_bytes, SyncPolicy::default())
+            .expect("file writer");
+    let mut push = |at_ms: u64, record: Record| {
+        if let Some(chunk) = writer.push(at_ms, &record).expect("push") {
+            file.append_chunk(&chunk).expect("append");
+        }
+    };
+    let roster = |change, id: &str, role, name: &str, visibility, permission| {
+        Record::Roster(RosterRecord {
+            change,
+            participant_id: id.into(),
+            role,
+            name: name.into(),
+            visibility,
+            permission,
+        })
+    };
+    use Permission::{Control, View};
+    use Visibility::{Masked, Visible};
+    push(
+        0,
+        roster(
+            RosterChange::Joined,
+            "c1",
+            Role::Customer,
+            "Carol",
+            Visible,
+            View,
+        ),
+    );
+    push(
+        0,
+        roster(
+            RosterChange::Joined,
+            "a1",
+            Role::Host,
+            "Alice",
+            Visible,
+            Control,
+        ),
+    );
+    push(
+        5,
+        roster(
+            RosterChange::Joined,
+            "a2",
+            Role::Agent,
+            "Bob",
+            Visible,
+            View,
+        ),
+    );
+    push(
+        6,
+        roster(RosterChange::Masked, "a2", Role::Agent, "Bob", Masked, View),
+    );
+
+    let chats = [
+        (
+            "c1",
+            "Carol",
+            Role::Customer,
+            false,
+            Audience::All,
+            "My printer is offline",
+        ),
+        (
+            "a1",
+            "Alice",
+            Role::Host,
+            false,
+            Audience::All,
+            "Let me have a look",
+        ),
+        (
+            "a2",
+            "Bob",
+            Role::Agent,
+            true,
+            Audience::All,
+            "Try the driver settings",
+        ),
+        (
+            "a2",
+            "Bob",
+            Role::Agent,
+            true,
+            Audience::Agents,
+            "Her driver is outdated",
+        ),
+        (
+            "c1",
+            "Carol",
+            Role::Customer,
+            false,
+            Audience::All,
+            "It works now, thanks!",
+        ),
+    ];
+    let frames = source.frames();
+    for (i, frame) in frames.iter().enumerate() {
+        let i = i as u64;
+        let at_ms = i * 1000 / FPS;
+        push(
+            at_ms,
+            Record::Video(VideoFrame {
+                keyframe: frame.is_keyframe,
+                codec: 0,
+                rtp_timestamp: (i * 90_000 / FPS) as u32,
+                data: frame.data.clone(),
+            }),
+        );
+        if i % 12 == 3 {
+            let (id, name, role, masked, audience, text) = chats[(i / 12) as usize];
+            push(
+                at_ms,
+                Record::Chat(ChatRecord {
+                    participant_id: id.into(),
+                    name: name.into(),
+                    role,
+                    masked,
+                    audience,
+                    text: text.into(),
+                }),
+            );
+        }
+        if i % 10 == 5 {
+            let (id, outcome) = if i % 20 == 5 {
+                ("a1", InputOutcome::Delivered)
+            } else {
+                ("a2", InputOutcome::RefusedViewOnly)
+            };
+            let event = encode_to_vec(&InputEvent {
+                seq: i as u32,
+                kind: InputKind::MouseMove {
+                    x: 1000 * i as u16,
+                    y: 500,
+                },
+            })
+            .expect("input");
+            push(
+                at_ms,
+                Record::Input(InputRecord {
+                    participant_id: id.into(),
+                    outcome,
+                    event: Bytes::from(event),
+                }),
+            );
+        }
+    }
+    push(
+        3990,
+        roster(RosterChange::Left, "a2", Role::Agent, "Bob", Masked, View),
+    );
+    file.finish(&writer.finish()).expect("finish");
+    Built {
+        path,
+        frames: frames.len() as u64,
+        chats: chats.iter().map(|c| c.5.to_owned()).collect(),
+    }
+}
+
+/// Runs `relay recordings <args> --identity .. --passphrase-file ..`.
+fn recordings(who: &Reviewer, args: &[&str]) -> Output {
+    let bin = relay_e2e::relay_binary().expect("relay binary");
+    Command::new(bin)
+        .arg("recordings")
+        .args(args)
+        .arg("--identity")
+        .arg(&who.identity)
+        .arg("--passphrase-file")
+        .arg(&who.passphrase_file)
+        .output()
+        .expect("run relay")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn expect_status(out: &Output, code: i32, what: &str) -> String {
+    let (stdout, stderr) = text(out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: exit status\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    stdout
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// What ffprobe reads from a video: codec, decoded frames, duration in seconds.
+fn ffprobe(video: &Path) -> (String, u64, f64) {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-show_entries"])
+        .arg("stream=nb_read_frames,codec_name")
+        .args(["-show_entries", "format=duration", "-of", "json"])
+        .arg(video)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("ffprobe is required for this test (apt-get install ffmpeg): {e}")
+        });
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "ffprobe failed: {stderr}");
+    assert!(stderr.trim().is_empty(), "ffprobe complained: {stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("ffprobe json");
+    let stream = &json["streams"][0];
+    let frames = stream["nb_read_frames"]
+        .as_str()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no frame count: {stdout}"));
+    let duration = json["format"]["duration"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no duration: {stdout}"));
+    (
+        stream["codec_name"].as_str().unwrap_or("").to_owned(),
+        frames,
+        duration,
+    )
+}
+
+#[test]
+fn a_vp8_recording_verifies_exports_to_webm_and_transcribes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let rec_dir = dir.path().join("recordings");
+    let built = build_recording(&rec_dir, "screen-vp8.ivf", "sess-vp8", &who);
+    assert!(
+        built.path.ends_with("support/2025-11-23/sess-vp8.rec"),
+        "{}",
+        built.path.display()
+    );
+
+    let out = expect_status(&recordings(&who, &["verify", s(&built.path)]), 0, "verify");
+    assert!(out.contains(": intact"), "{out}");
+    assert!(out.contains("encryption: intact"), "{out}");
+    assert!(out.contains("60 video frames (2 keyframes)"), "{out}");
+
+    let video = dir.path().join("screen.webm");
+    let out = expect_status(
+        &recordings(&who, &["export", s(&built.path), "--out", s(&video)]),
+        0,
+        "export",
+    );
+    assert!(out.contains("60 frames"), "{out}");
+    let (codec, frames, duration) = ffprobe(&video);
+    assert_eq!(codec, "vp8");
+    assert_eq!(frames, built.frames);
+    assert!((duration - 4.0).abs() < 0.01, "duration {duration}");
+
+    // From 2.5 s: the video starts at the keyframe at 2.0 s (frame 30).
+    let part = dir.path().join("part.webm");
+    expect_status(
+        &recordings(
+            &who,
+            &["export", s(&built.path), "--out", s(&part), "--from", "2.5"],
+        ),
+        0,
+        "export --from",
+    );
+    let (_, frames, duration) = ffprobe(&part);
+    assert_eq!(frames, 30);
+    assert!((duration - 2.0).abs() < 0.01, "duration {duration}");
+
+    let out = expect_status(
+        &recordings(&who, &["transcript", s(&built.path)]),
+        0,
+        "transcript",
+    );
+    let mut rest = out.as_str();
+    for line in &built.chats {
+        let at = rest
+            .find(line.as_str())
+            .unwrap_or_else(|| panic!("{line:?} missing or out of order in:\n{out}"));
+        rest = &rest[at + line.len()..];
+    }
+    assert!(
+        out.contains("Bob (agent, masked): Try the driver settings"),
+        "{out}"
+    );
+    assert!(out.contains("note (agents only)"), "{out}");
+    assert!(out.contains("Bob (agent, masked) became masked"), "{out}");
+    assert!(out.contains("2025-11-23T"), "{out}");
+    let json = expect_status(
+        &recordings(&who, &["transcript", s(&built.path), "--format", "json"]),
+        0,
+        "transcript json",
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).expect("json transcript");
+    let texts: Vec<&str> = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(texts, built.chats);
+
+    let out = expect_status(&recordings(&who, &["events", s(&built.path)]), 0, "events");
+    assert_eq!(out.lines().count(), 6, "{out}");
+    assert!(out.contains("Alice") && out.contains("delivered"), "{out}");
+    assert!(
+        out.contains("Bob") && out.contains("refused (view only)"),
+        "{out}"
+    );
+    assert!(out.contains("mouse move 5000,500"), "{out}");
+
+    let out = expect_status(&recordings(&who, &["list", s(&rec_dir)]), 0, "list");
+    let line = out
+        .lines()
+        .find(|l| l.contains("sess-vp8"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("Alice, Bob"), "{line}");
+    assert!(line.contains("3.990s"), "{line}");
+}
+
+#[test]
+fn an_h264_recording_exports_to_mp4() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let built = build_recording(dir.path(), "screen-h264.h264", "sess-h264", &who);
+    let video = dir.path().join("screen.mp4");
+    expect_status(
+        &recordings(&who, &["export", s(&built.path), "--out", s(&video)]),
+        0,
+        "export",
+    );
+    let (codec, frames, duration) = ffprobe(&video);
+    assert_eq!(codec, "h264");
+    assert_eq!(frames, built.frames);
+    assert!((duration - 4.0).abs() < 0.01, "duration {duration}");
+
+    // H.264 does not go into WebM.
+    let out = recordings(
+        &who,
+        &[
+            "export",
+            s(&built.path),
+            "--out",
+            s(&dir.path().join("x.webm")),
+        ],
+    );
+    expect_status(&out, 2, "export h264 as webm");
+    assert!(text(&out).1.contains("use .mp4"), "{}", text(&out).1);
+}
+
+#[test]
+fn a_wrong_passphrase_or_another_identity_cannot_read_a_recording() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let built = build_recording(dir.path(), "screen-vp8.ivf", "sess", &who);
+
+    let wrong = Reviewer {
+        passphrase_file: dir.path().join("wrong.pass"),
+        identity: who.identity.clone(),
+        recipient: who.recipient.clone(),
+    };
+    std::fs::write(&wrong.passphrase_file, "not the passphrase at all\n").expect("write");
+    let out = recordings(&wrong, &["verify", s(&built.path)]);
+    expect_status(&out, 2, "wrong passphrase");
+    assert!(
+        text(&out)
+            .1
+            .contains("wrong passphrase for this identity file"),
+        "{}",
+        text(&out).1
+    );
+
+    let other = reviewer(dir.path(), "billing", "another long passphrase");
+    let out = recordings(&other, &["transcript", s(&built.path)]);
+    expect_status(&out, 2, "other identity");
+    assert!(
+        text(&out)
+            .1
+            .contains("this recording is not for this identity"),
+        "{}",
+        text(&out).1
+    );
+    let out = expect_status(&recordings(&other, &["list", s(dir.path())]), 0, "list");
+    assert!(out.contains("(not for this identity)"), "{out}");
+    // The file itself holds nothing in clear.
+    let bytes = std::fs::read(&built.path).expect("read");
+    assert!(!bytes.windows(5).any(|w| w == b"Carol"));
+}
+
+#[test]
+fn a_cut_off_recording_verifies_to_its_last_complete_chunk_and_repair_makes_it_exportable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let built = build_recording(dir.path(), "screen-vp8.ivf", "sess", &who);
+    let whole = std::fs::read(&built.path).expect("read");
+    let identity = relay::record::keys::open_identity(
+        &std::fs::read(&who.identity).expect("identity"),
+        SecretString::from(PASSPHRASE.to_owned()),
+    )
+    .map_err(|e| e.to_string())
+    .expect("open identity");
+    let full = open_recording(&built.path, &identity).expect("open");
+    let full = Recording::parse(&full.container).expect("parse");
+
+    for percent in [45, 70, 90, 99] {
+        let cut = whole.len() * percent / 100;
+        let path = dir.path().join(format!("cut-{percent}.rec"));
+        std::fs::write(&path, &whole[..cut]).expect("write");
+        let decrypted = open_recording(&path, &identity).expect("open cut");
+        let kept = full
+            .chunks()
+            .iter()
+            .filter(|c| c.range().end <= decrypted.container.len() as u64)
+            .count();
+        assert!(kept > 0, "cut at {percent}% keeps no chunk");
+        let out = expect_status(
+            &recordings(&who, &["verify", s(&path)]),
+            1,
+            &format!("verify cut at {percent}%"),
+        );
+        assert!(out.contains("DAMAGED"), "{out}");
+        assert!(out.contains("encryption: cut off"), "{out}");
+        assert!(
+            out.contains(&format!("chunks: {kept} intact")),
+            "cut at {percent}%: expected {kept} chunks\n{out}"
+        );
+
+        let repaired = dir.path().join(format!("repaired-{percent}.rec"));
+        expect_status(
+            &recordings(&who, &["repair", s(&path), "--out", s(&repaired)]),
+            0,
+            "repair",
+        );
+        let out = expect_status(
+            &recordings(&who, &["verify", s(&repaired)]),
+            0,
+            "verify repaired",
+        );
+        let frames: u64 = out
+            .split(" video frames")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(frames > 0 && frames < built.frames, "{out}");
+        let video = dir.path().join(format!("repaired-{percent}.webm"));
+        expect_status(
+            &recordings(&who, &["export", s(&repaired), "--out", s(&video)]),
+            0,
+            "export repaired",
+        );
+        let (_, exported, _) = ffprobe(&video);
+        assert_eq!(exported, frames, "cut at {percent}%");
+    }
+
+    // Repair never overwrites its input.
+    let out = recordings(&who, &["repair", s(&built.path), "--out", s(&built.path)]);
+    expect_status(&out, 2, "repair onto itself");
+}
