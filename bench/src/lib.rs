@@ -10,6 +10,8 @@
 //!   `/proc`.
 //! - [`run`]: `relay-bench run`, sessions driven side by side and scored into a
 //!   [`run::report::Report`] (the JSON ops scripts read).
+//! - [`ramp`]: `relay-bench ramp`, `run` with more sessions step by step until an
+//!   objective breaks; the capacity and an SVG chart.
 //! - [`roles`]: `relay-bench customer` / `relay-bench agent`, one client on a session
 //!   URL obtained elsewhere.
 //! - [`prom`]: looking series up in Prometheus text.
@@ -19,6 +21,7 @@
 pub mod api;
 pub mod client;
 pub mod prom;
+pub mod ramp;
 pub mod relay_process;
 pub mod roles;
 pub mod run;

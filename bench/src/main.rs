@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_bench::ramp::{RampArgs, ramp};
 use relay_bench::roles::{AgentArgs, CustomerArgs, run_agent, run_customer};
 use relay_bench::run::{RunArgs, run};
 
@@ -29,6 +30,11 @@ enum Command {
     /// publishing the VP8 screen fixture, measures for --duration seconds, then prints
     /// a summary and writes --json FILE.
     Run(RunArgs),
+    /// Run with 1, 2, 3... sessions (--sessions, --step, --max-sessions) until an
+    /// objective breaks: a frame lost by a healthy agent, latency p99 over --max-p99-ms,
+    /// relay CPU over --max-cpu of the cores. Prints the capacity, writes --chart (SVG)
+    /// and --json (every step's report).
+    Ramp(RampArgs),
     /// Join a session as its customer (WebSocket URL from `POST /v1/join`) and publish
     /// frames for --duration seconds, then report.
     Customer(CustomerArgs),
@@ -44,6 +50,7 @@ async fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Run(args) => run_and_report(&args).await,
+        Command::Ramp(args) => ramp_and_report(&args).await,
         Command::Customer(args) => run_customer(&args)
             .await
             .map(|report| {
@@ -67,6 +74,20 @@ async fn main() -> ExitCode {
         eprintln!("relay-bench: {e:#}");
         ExitCode::from(2)
     })
+}
+
+async fn ramp_and_report(args: &RampArgs) -> anyhow::Result<ExitCode> {
+    let report = ramp(args).await?;
+    print!("{}", report.table());
+    report
+        .draw_chart(&args.chart)
+        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", args.chart.display()))?;
+    println!("chart: {}", args.chart.display());
+    if let Some(path) = &args.run.json {
+        let json = serde_json::to_string_pretty(&report)? + "\n";
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_and_report(args: &RunArgs) -> anyhow::Result<ExitCode> {
