@@ -12,11 +12,8 @@ use bytes::BytesMut;
 use relay_codec::input::{InputEvent, encode_to_vec};
 use relay_codec::wire::{ClientMsg, ServerMsg};
 use rtc::interceptor::Registry;
-use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -27,12 +24,13 @@ use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionState};
 
 use super::channels::{CHAT_LABEL, ChatChannel, FILES_LABEL, FileTransfers};
-use super::codec::{ClientCodec, VideoCodec};
+use super::codec::VideoCodec;
 use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
 use super::publish::{
-    KeyframeRequest, PublishRecords, Publisher, SentFrame, publish, watch_keyframe_requests,
+    KeyframeRequest, PublishRecords, Publisher, SentFrame, publish, video_track,
+    watch_keyframe_requests,
 };
 use super::receive::{ReceiveStats, ReceivedFrame, Receiver};
 use super::rtcp::with_keyframe_request_marker;
@@ -471,23 +469,7 @@ impl Agent {
     /// made it send.
     async fn add_share_track(&self, codec: VideoCodec) -> Result<ShareTrack, ClientError> {
         let ssrc = rand::random::<u32>();
-        let track = Arc::new(TrackLocalStaticSample::new(
-            Instant::now(),
-            MediaStreamTrack::new(
-                "agent-screen".to_owned(),
-                "agent-screen-video".to_owned(),
-                "agent-screen".to_owned(),
-                RtpCodecKind::Video,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(ssrc),
-                        ..Default::default()
-                    },
-                    codec: codec.rtp_codec_parameters().rtp_codec,
-                    ..Default::default()
-                }],
-            ),
-        )?);
+        let track = video_track("agent-screen", codec, ssrc)?;
         // Its own transceiver: `add_track` would take the `recvonly` one of the
         // customer's screen.
         let transceiver = self

@@ -11,15 +11,11 @@ use std::time::{Duration, Instant};
 use relay_codec::input::{InputError, InputEvent, decode};
 use relay_codec::wire::{ClientMsg, ServerMsg};
 use rtc::interceptor::Registry;
-use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use webrtc::media_stream::track_local::TrackLocal;
-use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionState};
 
@@ -29,7 +25,8 @@ use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
 use super::publish::{
-    KeyframeRequest, PublishRecords, Publisher, SentFrame, publish, watch_keyframe_requests,
+    KeyframeRequest, PublishRecords, Publisher, SentFrame, publish, video_track,
+    watch_keyframe_requests,
 };
 use super::receive::{ReceiveStats, ReceivedFrame, Receiver};
 use super::rtcp::with_keyframe_request_marker;
@@ -184,23 +181,7 @@ impl Customer {
                 .await?;
 
         let ssrc = rand::random::<u32>();
-        let track = Arc::new(TrackLocalStaticSample::new(
-            Instant::now(),
-            MediaStreamTrack::new(
-                "screen".to_owned(),
-                "screen-video".to_owned(),
-                "screen".to_owned(),
-                RtpCodecKind::Video,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(ssrc),
-                        ..Default::default()
-                    },
-                    codec: codec.rtp_codec_parameters().rtp_codec,
-                    ..Default::default()
-                }],
-            ),
-        )?);
+        let track = video_track("screen", codec, ssrc)?;
         // add_track binds the track at once, so its RTCP feedback can be polled from now.
         let sender = pc
             .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)

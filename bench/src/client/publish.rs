@@ -8,16 +8,47 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rtc::media::Sample;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
 use tokio::sync::watch;
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
 use webrtc::rtp_transceiver::RtpSender;
 
-use super::codec::frame_digest;
+use super::ClientError;
+use super::codec::{ClientCodec, VideoCodec, frame_digest};
 use super::peer::lock;
 use super::rtcp::{KeyframeRequestKind, keyframe_requests};
 use super::source::FrameSource;
+
+/// A new video track for publishing `codec` frames with SSRC `ssrc`; `id` names it (and
+/// its stream) in the SDP.
+pub(crate) fn video_track(
+    id: &str,
+    codec: VideoCodec,
+    ssrc: u32,
+) -> Result<Arc<TrackLocalStaticSample>, ClientError> {
+    Ok(Arc::new(TrackLocalStaticSample::new(
+        Instant::now(),
+        MediaStreamTrack::new(
+            id.to_owned(),
+            format!("{id}-video"),
+            id.to_owned(),
+            RtpCodecKind::Video,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: codec.rtp_codec_parameters().rtp_codec,
+                ..Default::default()
+            }],
+        ),
+    )?))
+}
 
 /// A frame a publisher (the customer, or an agent sharing its screen) handed to its
 /// video track.
