@@ -536,3 +536,243 @@ fn a_cut_off_recording_verifies_to_its_last_complete_chunk_and_repair_makes_it_e
     let out = recordings(&who, &["repair", s(&built.path), "--out", s(&built.path)]);
     expect_status(&out, 2, "repair onto itself");
 }
+
+/// A live session recorded by the real relay: a customer publishing the VP8 fixture, a
+/// host sending input and chat (on the data channel and the WebSocket), a note; the
+/// host ends the session, and the real binary's review tools read the recording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_input() {
+    use relay_bench::client::{
+        Agent, AgentOptions, Customer, CustomerOptions, tls_trusting_pem_file,
+    };
+    use relay_codec::frame::frame_digest;
+    use relay_codec::keyframe::VideoCodec;
+    use relay_e2e::RelayBuilder;
+    use relay_e2e::wire::{ClientMsg, InviteTarget};
+    use std::time::Duration;
+
+    const WAIT: Duration = Duration::from_secs(20);
+    relay_e2e::install_crypto();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let key = who.recipient.to_string();
+    let relay = RelayBuilder::new()
+        .extra_toml(&format!("[recording.review_keys]\nsupport = \"{key}\"\n"))
+        .start()
+        .await
+        .expect("relay starts");
+    let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem")).expect("tls");
+    let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
+    let session = relay
+        .create_session(&host_jwt, "support", Visibility::Visible)
+        .await
+        .expect("session");
+    let sid = session.session_id.clone();
+    let bob_jwt = relay.token("a1", "Bob Masked", &["support"], false);
+    let inv = relay
+        .invite(
+            &host_jwt,
+            &sid,
+            InviteTarget::Agent("a1".into()),
+            Visibility::Masked,
+            Permission::View,
+            None,
+        )
+        .await
+        .expect("invite");
+    let bob_creds = relay
+        .accept(&bob_jwt, &inv.invitation_id)
+        .await
+        .expect("accept");
+    let host = Agent::connect(&session.host.ws_url, tls.clone(), AgentOptions::default())
+        .await
+        .expect("host connects");
+    let bob = Agent::connect(&bob_creds.ws_url, tls.clone(), AgentOptions::default())
+        .await
+        .expect("bob connects");
+    host.wait_connected(WAIT).await.expect("host's connection");
+    bob.wait_connected(WAIT).await.expect("bob's connection");
+    let carol = relay
+        .join("Carol Customer", &session.support_key)
+        .await
+        .expect("join");
+    let source = FrameSource::open(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join("screen-vp8.ivf"),
+    )
+    .expect("fixture");
+    let customer = Customer::connect(&carol.ws_url, tls, source, CustomerOptions::default())
+        .await
+        .expect("customer connects");
+    customer
+        .wait_connected(WAIT)
+        .await
+        .expect("customer's connection");
+    customer.wait_input_open(WAIT).await.expect("input channel");
+
+    let chats = [
+        "Hello, I am Alice",
+        "Bob here, quietly",
+        "Hi, my printer is broken",
+        "Let me look at the driver",
+    ];
+    host.chat()
+        .send(chats[0], Audience::All)
+        .await
+        .expect("chat");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bob.chat()
+        .send(chats[1], Audience::Agents)
+        .await
+        .expect("note");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    customer
+        .chat()
+        .send(chats[2], Audience::All)
+        .await
+        .expect("chat");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    host.send(&ClientMsg::Chat {
+        text: chats[3].into(),
+        audience: Audience::All,
+    })
+    .await
+    .expect("chat on the WebSocket");
+    let moves: Vec<InputEvent> = (0..5u32)
+        .map(|i| InputEvent {
+            seq: i + 1,
+            kind: InputKind::MouseMove {
+                x: 100 * i as u16,
+                y: 500,
+            },
+        })
+        .collect();
+    for m in &moves {
+        host.send_input(m).await.expect("input");
+        // Bob may only view: refused, and recorded as refused.
+        bob.send_input(m).await.expect("input");
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while customer.input_events().len() < moves.len() || customer.frames_sent() < 45 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "input or video too slow"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    customer.set_publishing(false);
+    // Whatever is in flight reaches the relay before the session ends.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let sent = customer.sent_frames();
+    relay.end_session(&host_jwt, &sid).await.expect("end");
+
+    // The recording is finished (its footer written) shortly after the end.
+    let rec_dir = relay.data_dir().join("recordings");
+    let path = {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let found = find_recordings(&rec_dir);
+            if let [path] = &found[..] {
+                let out = recordings(&who, &["verify", s(path)]);
+                if out.status.success() && text(&out).0.contains("footer: valid") {
+                    break path.clone();
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no finished recording in {}: {found:?}",
+                rec_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert!(
+        path.ends_with(format!("{sid}.rec")) && path.to_string_lossy().contains("/support/"),
+        "{}",
+        path.display()
+    );
+    let out = expect_status(&recordings(&who, &["verify", s(&path)]), 0, "verify");
+    assert!(out.contains("encryption: intact"), "{out}");
+
+    // Recorded from the first keyframe the relay saw: find it among the sent frames.
+    let identity = relay::record::keys::open_identity(
+        &std::fs::read(&who.identity).expect("identity"),
+        SecretString::from(PASSPHRASE.to_owned()),
+    )
+    .expect("identity opens");
+    let plain = open_recording(&path, &identity).expect("decrypts");
+    let recording = Recording::parse(&plain.container).expect("parses");
+    let frames: Vec<VideoFrame> = recording
+        .records()
+        .map(|r| r.expect("intact"))
+        .filter_map(|r| match r.record {
+            Record::Video(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    let first = frames.first().expect("video recorded");
+    assert!(first.keyframe);
+    let digest = frame_digest(VideoCodec::Vp8, &first.data);
+    let from = sent
+        .iter()
+        .position(|f| f.digest == digest)
+        .expect("the first recorded frame was sent");
+    let expected = sent.len() - from;
+    assert_eq!(frames.len(), expected, "recorded frames (sent from {from})");
+    for (i, (got, want)) in frames.iter().zip(&sent[from..]).enumerate() {
+        assert_eq!(
+            frame_digest(VideoCodec::Vp8, &got.data),
+            want.digest,
+            "frame {i}"
+        );
+        assert_eq!(got.keyframe, want.is_keyframe, "keyframe flag of frame {i}");
+    }
+
+    let video = dir.path().join("live.webm");
+    expect_status(
+        &recordings(&who, &["export", s(&path), "--out", s(&video)]),
+        0,
+        "export",
+    );
+    let (codec, count, _) = ffprobe(&video);
+    assert_eq!(codec, "vp8");
+    assert_eq!(count, expected as u64, "ffprobe's frame count");
+
+    let out = expect_status(
+        &recordings(&who, &["transcript", s(&path)]),
+        0,
+        "transcript",
+    );
+    let mut rest = out.as_str();
+    for line in chats {
+        let at = rest
+            .find(line)
+            .unwrap_or_else(|| panic!("{line:?} missing or out of order in:\n{out}"));
+        rest = &rest[at + line.len()..];
+    }
+    assert!(out.contains("Bob Masked (agent, masked)"), "{out}");
+    assert!(out.contains("Carol Customer"), "{out}");
+
+    let out = expect_status(&recordings(&who, &["events", s(&path)]), 0, "events");
+    let delivered = out.lines().filter(|l| l.contains("delivered")).count();
+    let refused = out
+        .lines()
+        .filter(|l| l.contains("refused (view only)"))
+        .count();
+    assert_eq!((delivered, refused), (5, 5), "{out}");
+}
+
+/// Every `.rec` file under `dir`.
+fn find_recordings(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(find_recordings(&path));
+        } else if path.extension().is_some_and(|e| e == "rec") {
+            out.push(path);
+        }
+    }
+    out
+}

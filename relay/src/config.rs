@@ -316,12 +316,47 @@ impl Default for LogConfig {
 }
 
 /// Session recordings (`[recording]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecordingConfig {
+    /// Record sessions whose portal has a review key.
+    pub enabled: bool,
+    /// Where recordings go (`<dir>/<portal>/<yyyy-mm-dd>/<session>.rec`); default
+    /// `<data_dir>/recordings`.
+    pub dir: Option<PathBuf>,
+    /// Items (RTP packets of the customer's video, other records) queued per recording
+    /// for its writer. Video may use three quarters of it; past that the recording
+    /// keeps keyframes only until the writer catches up (64 ..= 65536).
+    pub queue_items: usize,
+    /// Recordings older than this are purged.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
     /// Each portal's public review key (`age1…`, printed by `relay review-key new`):
-    /// its sessions' recordings are encrypted to it.
+    /// its sessions' recordings are encrypted to it. A portal without one is not
+    /// recorded.
     pub review_keys: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        RecordingConfig {
+            enabled: true,
+            dir: None,
+            queue_items: 2048,
+            retention: Duration::from_secs(90 * 86_400),
+            review_keys: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Where recordings are written: `recording.dir`, else `<data_dir>/recordings`.
+    pub fn recording_dir(&self) -> PathBuf {
+        self.recording
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("recordings"))
+    }
 }
 
 /// Log line format.
@@ -529,6 +564,19 @@ impl Config {
             }
         }
 
+        let r = &self.recording;
+        if !(64..=65_536).contains(&r.queue_items) {
+            return invalid(format!(
+                "recording.queue_items must be 64 ..= 65536 (got {})",
+                r.queue_items
+            ));
+        }
+        if r.retention < Duration::from_secs(3600) {
+            return invalid("recording.retention must be at least 1h");
+        }
+        if r.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return invalid("recording.dir must not be empty (remove it for the default)");
+        }
         for (portal, key) in &self.recording.review_keys {
             if let Err(e) = crate::record::keys::parse_recipient(key) {
                 return invalid(format!("recording.review_keys.{portal}: {e}"));

@@ -54,6 +54,11 @@ pub const FILE_TRANSFER_OUTCOMES: [&str; 7] = [
 /// What became of chat on `chat` data channels (`outcome` label of
 /// `relay_chat_data_channel_total`).
 pub const CHAT_CHANNEL_OUTCOMES: [&str; 3] = ["received", "delivered", "fallback_websocket"];
+/// Why the recorder left out video frames (`reason` label of
+/// `relay_recording_frames_dropped_total`).
+pub const RECORDING_DROP_REASONS: [&str; 3] = ["queue_full", "awaiting_keyframe", "incomplete"];
+/// Why a session was not recorded (`reason` label of `relay_recordings_skipped_total`).
+pub const RECORDING_SKIP_REASONS: [&str; 1] = ["no_review_key"];
 /// Data channels tracked in `relay_data_channels_open{label}`.
 pub const DATA_CHANNEL_LABELS: [&str; 2] = ["chat", "files"];
 /// The codes of malformed client messages, pre-created in `relay_messages_rejected_total`.
@@ -122,6 +127,22 @@ pub struct Metrics {
     pub data_channels_open: IntGaugeVec,
     /// Agents' screen shares to the customer: started, refused or ended, by outcome.
     pub agent_shares_total: IntCounterVec,
+    /// `relay_recordings_active`: recordings being written.
+    pub recordings_active: IntGauge,
+    /// `relay_recording_bytes_total{stage}`: bytes recorded, raw (records before
+    /// compression) and compressed (written to the file, before encryption).
+    pub recording_bytes_total: IntCounterVec,
+    /// `relay_recording_write_errors_total`: recordings cut short by a write error.
+    pub recording_write_errors_total: IntCounter,
+    /// `relay_recording_queue_depth`: items waiting for the recordings' writers.
+    pub recording_queue_depth: IntGauge,
+    /// `relay_recording_frames_dropped_total{reason}`: video frames not recorded.
+    pub recording_frames_dropped_total: IntCounterVec,
+    /// `relay_recording_records_dropped_total`: other records not recorded (the
+    /// writer's queue was full even beyond video's share, or the container refused them).
+    pub recording_records_dropped_total: IntCounter,
+    /// `relay_recordings_skipped_total{reason}`: sessions not recorded.
+    pub recordings_skipped_total: IntCounterVec,
     /// `relay_build_info{version}`: always 1; carries the version as a label.
     pub build_info: IntGaugeVec,
 }
@@ -311,6 +332,41 @@ impl Metrics {
                  session_ended).",
                 &["outcome"],
             ),
+            recordings_active: gauge(
+                "relay_recordings_active",
+                "Session recordings being written.",
+            ),
+            recording_bytes_total: counter_vec(
+                "relay_recording_bytes_total",
+                "Bytes recorded, by stage (raw: records before compression; compressed: \
+                 the container's bytes written to files, before encryption).",
+                &["stage"],
+            ),
+            recording_write_errors_total: counter(
+                "relay_recording_write_errors_total",
+                "Recordings cut short by a write error (the session went on unrecorded).",
+            ),
+            recording_queue_depth: gauge(
+                "relay_recording_queue_depth",
+                "Items waiting in the recordings' writer queues (all recordings).",
+            ),
+            recording_frames_dropped_total: counter_vec(
+                "relay_recording_frames_dropped_total",
+                "Video frames left out of recordings, by reason (queue_full: the writer \
+                 fell behind and the recording kept keyframes only; awaiting_keyframe: \
+                 before the first keyframe or after a loss; incomplete: a packet was lost).",
+                &["reason"],
+            ),
+            recording_records_dropped_total: counter(
+                "relay_recording_records_dropped_total",
+                "Chat, roster, input and other records left out of recordings (the \
+                 writer's queue was full, or the container refused the record).",
+            ),
+            recordings_skipped_total: counter_vec(
+                "relay_recordings_skipped_total",
+                "Sessions not recorded, by reason (no_review_key: their portal has none).",
+                &["reason"],
+            ),
             build_info: gauge_vec(
                 "relay_build_info",
                 "Always 1; the version label says which relay build runs.",
@@ -367,6 +423,16 @@ impl Metrics {
         for outcome in ShareOutcome::ALL {
             m.agent_shares_total.with_label_values(&[outcome.as_str()]);
         }
+        for stage in ["raw", "compressed"] {
+            m.recording_bytes_total.with_label_values(&[stage]);
+        }
+        for reason in RECORDING_DROP_REASONS {
+            m.recording_frames_dropped_total
+                .with_label_values(&[reason]);
+        }
+        for reason in RECORDING_SKIP_REASONS {
+            m.recordings_skipped_total.with_label_values(&[reason]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -406,6 +472,12 @@ mod tests {
             "relay_chat_data_channel_total",
             "relay_data_channels_open",
             "relay_agent_shares_total",
+            "relay_recordings_active",
+            "relay_recording_bytes_total",
+            "relay_recording_write_errors_total",
+            "relay_recording_queue_depth",
+            "relay_recording_frames_dropped_total",
+            "relay_recordings_skipped_total",
             "relay_build_info",
         ] {
             assert!(
@@ -427,6 +499,9 @@ mod tests {
             "relay_file_transfers_total{outcome=\"refused_too_large\"} 0",
             "relay_chat_data_channel_total{outcome=\"fallback_websocket\"} 0",
             "relay_agent_shares_total{outcome=\"refused_busy\"} 0",
+            "relay_recording_bytes_total{stage=\"compressed\"} 0",
+            "relay_recording_frames_dropped_total{reason=\"queue_full\"} 0",
+            "relay_recordings_skipped_total{reason=\"no_review_key\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

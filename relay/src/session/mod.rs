@@ -174,11 +174,35 @@ pub enum MediaEvent {
         /// The sharing agent, or `None`.
         sharer: Option<ParticipantId>,
     },
+    /// Something for the session's recording. Recordings are for supervisors: agents
+    /// are named whether masked or not, with what the customer saw in the record.
+    Record {
+        /// The session.
+        session: SessionId,
+        /// What happened.
+        entry: RecordEntry,
+    },
     /// The session ended: every peer connection of it closes.
     SessionEnded {
         /// The session.
         session: SessionId,
     },
+}
+
+/// What the session core tells the session's recorder (the media plane adds the
+/// customer's video, input events and file transfers it sees itself).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordEntry {
+    /// The session opened: it is recorded if its portal has a review key. Comes
+    /// before every other event of the session.
+    Start {
+        /// The session's portal.
+        portal: String,
+    },
+    /// The roster changed.
+    Roster(relay_codec::recording::RosterRecord),
+    /// A chat message or an agent note was posted.
+    Chat(relay_codec::recording::ChatRecord),
 }
 
 /// A participant's WebRTC signalling, as received on its WebSocket.

@@ -28,8 +28,8 @@ use super::invitation::Invitation;
 use super::participant::Participant;
 use super::state::{ChatRecord, SessionState};
 use super::{
-    InvitationOutcome, KeyOutcome, MAX_AGENTS, MAX_KEY_TTL, MediaEvent, Output, SessionError,
-    Settings, ShareOutcome, Signal, Stat,
+    InvitationOutcome, KeyOutcome, MAX_AGENTS, MAX_KEY_TTL, MediaEvent, Output, RecordEntry,
+    SessionError, Settings, ShareOutcome, Signal, Stat,
 };
 use crate::identity::AgentIdentity;
 use crate::throttle::{KeyThrottle, Verdict};
@@ -389,12 +389,19 @@ impl Node {
         self.links.insert(link.digest(), id.clone());
         self.tokens
             .insert(token.digest(), (id.clone(), host_id.clone()));
+        self.outputs.push_back(Output::Media(MediaEvent::Record {
+            session: id.clone(),
+            entry: RecordEntry::Start {
+                portal: req.portal.clone(),
+            },
+        }));
         self.outputs.push_back(Output::Media(MediaEvent::Member {
             session: id.clone(),
             participant: host_id.clone(),
             role: Role::Host,
             permission: Permission::Control,
         }));
+        state.record_roster(None, Some(&state.participants[0]), &mut self.outputs);
         self.sessions.insert(id.clone(), state);
         self.stat(Stat::SessionCreated);
         self.stat(Stat::ParticipantAdded(Role::Host));

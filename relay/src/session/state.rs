@@ -3,12 +3,15 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use relay_codec::wire::{Audience, ChatMessage, LeaveReason, Role, RosterEntry, ServerMsg};
+use relay_codec::recording::{self as rec, RosterChange};
+use relay_codec::wire::{
+    Audience, ChatMessage, LeaveReason, Permission, Role, RosterEntry, ServerMsg, Visibility,
+};
 
 use super::ids::{ParticipantId, SecretDigest, SessionId, SupportKey};
 use super::invitation::Invitation;
 use super::participant::Participant;
-use super::{MediaEvent, Output};
+use super::{MediaEvent, Output, RecordEntry};
 
 /// A chat message as stored, with everything any recipient might be shown.
 #[derive(Debug, Clone)]
@@ -186,6 +189,7 @@ impl SessionState {
             })),
             _ => {}
         }
+        self.record_roster(before, after, out);
         for viewer in &self.participants {
             let Some(conn) = viewer.conn else { continue };
             let was = before.and_then(|s| s.seen_by(viewer.role));
@@ -207,6 +211,59 @@ impl SessionState {
         }
     }
 
+    /// Tells the recording what changed in the roster (nothing for a mere change of
+    /// connection). Masked agents are recorded by name, with their visibility.
+    pub fn record_roster(
+        &self,
+        before: Option<&Participant>,
+        after: Option<&Participant>,
+        out: &mut VecDeque<Output>,
+    ) {
+        let mut changes = Vec::new();
+        match (before, after) {
+            (None, Some(a)) => changes.push((RosterChange::Joined, a)),
+            (Some(b), None) => changes.push((RosterChange::Left, b)),
+            (Some(b), Some(a)) => {
+                if b.role != a.role {
+                    changes.push((RosterChange::RoleChanged, a));
+                }
+                if b.permission != a.permission {
+                    changes.push((RosterChange::PermissionChanged, a));
+                }
+                if b.visibility != a.visibility {
+                    let change = match a.visibility {
+                        Visibility::Masked => RosterChange::Masked,
+                        Visibility::Visible => RosterChange::Unmasked,
+                    };
+                    changes.push((change, a));
+                }
+            }
+            (None, None) => {}
+        }
+        for (change, p) in changes {
+            let customer = p.role == Role::Customer;
+            out.push_back(Output::Media(MediaEvent::Record {
+                session: self.id.clone(),
+                entry: RecordEntry::Roster(rec::RosterRecord {
+                    change,
+                    participant_id: p.id.as_str().to_owned(),
+                    role: p.role,
+                    name: p.name.clone(),
+                    visibility: if customer {
+                        Visibility::Visible
+                    } else {
+                        p.visibility
+                    },
+                    permission: if customer {
+                        Permission::View
+                    } else {
+                        p.permission
+                    },
+                }),
+            }));
+        }
+    }
+
     /// Sends `record` to every participant it is for, once: on its `chat` data channel
     /// if it has one open, else on its WebSocket if connected; and keeps it in the
     /// bounded history.
@@ -225,6 +282,17 @@ impl SessionState {
                 out.push_back(Output::Send { conn, msg });
             }
         }
+        out.push_back(Output::Media(MediaEvent::Record {
+            session: self.id.clone(),
+            entry: RecordEntry::Chat(rec::ChatRecord {
+                participant_id: record.from.as_str().to_owned(),
+                name: record.from_name.clone(),
+                role: record.from_role,
+                masked: record.from_hidden_from_customer,
+                audience: record.audience,
+                text: record.text.clone(),
+            }),
+        }));
         self.chat.push_back(record);
         while self.chat.len() > history {
             self.chat.pop_front();

@@ -79,6 +79,8 @@ struct Sim {
     closed: Vec<ConnId>,
     stats: Vec<Stat>,
     media: Vec<MediaEvent>,
+    /// What the core told the recording (kept apart from `media`).
+    records: Vec<RecordEntry>,
     /// Chat delivered on `chat` data channels, by participant.
     on_channel: Vec<(ParticipantId, ServerMsg)>,
 }
@@ -100,6 +102,7 @@ impl Sim {
             closed: Vec::new(),
             stats: Vec::new(),
             media: Vec::new(),
+            records: Vec::new(),
             on_channel: Vec::new(),
         }
     }
@@ -116,6 +119,7 @@ impl Sim {
                 }
                 Output::Close { conn } => self.closed.push(conn),
                 Output::Stat(s) => self.stats.push(s),
+                Output::Media(MediaEvent::Record { entry, .. }) => self.records.push(entry),
                 Output::Media(m) => self.media.push(m),
                 Output::ChatOnChannel {
                     participant, msg, ..
@@ -1567,4 +1571,82 @@ fn a_share_ends_when_its_agent_loses_control_leaves_loses_its_connection_or_the_
             ShareOutcome::SessionEnded,
         ]
     );
+}
+
+#[test]
+fn the_recording_is_told_of_the_start_the_roster_and_chat_naming_masked_agents() {
+    use relay_codec::recording::{ChatRecord as Chat, RosterChange, RosterRecord};
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let mallory = agent("mallory", &["support"]);
+    let (created, _host_conn, customer, _customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let m = sim
+        .invite_and_accept(&alice, &sid, &mallory, Visibility::Masked, Permission::View)
+        .unwrap();
+    let m_conn = sim.connect(&m);
+    sim.send(
+        m_conn,
+        ClientMsg::Chat {
+            text: "note from the back office".into(),
+            audience: Audience::Agents,
+        },
+    );
+    let roster = |change, p: &Credentials, role, name: &str, visibility, permission| {
+        RecordEntry::Roster(RosterRecord {
+            change,
+            participant_id: p.participant_id.as_str().to_owned(),
+            role,
+            name: name.to_owned(),
+            visibility,
+            permission,
+        })
+    };
+    let records = std::mem::take(&mut sim.records);
+    assert_eq!(
+        records[0],
+        RecordEntry::Start {
+            portal: "support".into()
+        }
+    );
+    let (host, masked) = (&created.host, &m);
+    let expected = [
+        roster(
+            RosterChange::Joined,
+            host,
+            Role::Host,
+            "Agent alice",
+            Visibility::Visible,
+            Permission::Control,
+        ),
+        roster(
+            RosterChange::Joined,
+            &customer,
+            Role::Customer,
+            "Carol Customer",
+            Visibility::Visible,
+            Permission::View,
+        ),
+        roster(
+            RosterChange::Joined,
+            masked,
+            Role::Agent,
+            "Agent mallory",
+            Visibility::Masked,
+            Permission::View,
+        ),
+        RecordEntry::Chat(Chat {
+            participant_id: m.participant_id.as_str().to_owned(),
+            name: "Agent mallory".into(),
+            role: Role::Agent,
+            masked: true,
+            audience: Audience::Agents,
+            text: "note from the back office".into(),
+        }),
+    ];
+    assert_eq!(records[1..], expected[..]);
+    // A connection change is not recorded; leaving is.
+    sim.node.disconnected(sim.now, m_conn);
+    sim.drain();
+    assert!(sim.records.is_empty(), "{:?}", sim.records);
 }

@@ -33,7 +33,7 @@ mod session;
 
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
@@ -43,6 +43,7 @@ use relay_codec::wire::ServerMsg;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::record::live::{RecordingSettings, Recordings};
 use crate::session::{MediaEvent, ParticipantId, SessionId};
 use crate::signal::Actor;
 use crate::transfer::TransferSettings;
@@ -119,6 +120,8 @@ struct Inner {
     sessions: DashMap<SessionId, mpsc::Sender<Event>>,
     /// The writers of open `chat` channels, for the actor to hand chat to at once.
     chat: DashMap<(SessionId, ParticipantId), mpsc::Sender<ServerMsg>>,
+    /// Starts each session's recording.
+    recordings: Recordings,
 }
 
 impl MediaPlane {
@@ -141,11 +144,12 @@ impl MediaPlane {
         Ok(MediaPlane {
             inner: Arc::new(Inner {
                 settings,
-                metrics,
+                metrics: metrics.clone(),
                 ports,
                 actor: OnceLock::new(),
                 sessions: DashMap::new(),
                 chat: DashMap::new(),
+                recordings: Recordings::new(RecordingSettings::from_config(config), metrics),
             }),
         })
     }
@@ -185,6 +189,7 @@ impl MediaPlane {
             | MediaEvent::Left { session, .. }
             | MediaEvent::Signal { session, .. }
             | MediaEvent::Share { session, .. }
+            | MediaEvent::Record { session, .. }
             | MediaEvent::SessionEnded { session } => session.clone(),
         };
         if let MediaEvent::SessionEnded { .. } = event {
@@ -201,7 +206,13 @@ impl MediaPlane {
             .entry(session.clone())
             .or_insert_with(|| self.spawn_session(session.clone()))
             .clone();
-        if tx.try_send(Event::Control(event)).is_err() {
+        let event = match event {
+            // Stamped here: the core keeps no clock, and the actor hands its outputs
+            // over as soon as it produced them.
+            MediaEvent::Record { entry, .. } => Event::Record(Instant::now(), entry),
+            event => Event::Control(event),
+        };
+        if tx.try_send(event).is_err() {
             tracing::warn!(session = %session.as_str(), "media event queue full; event dropped");
             self.inner
                 .metrics

@@ -7,11 +7,12 @@ mod share;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use relay_codec::keyframe::VideoCodec;
+use relay_codec::recording::{GapKind, GapRecord, InputOutcome, InputRecord, Record};
 use relay_codec::wire::{ErrorCode, Permission, Role, ServerMsg};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -35,11 +36,15 @@ use super::files::{self, FILES_LABEL, FilePlane, with_files};
 use super::peer::{self, PeerEvents};
 use super::ports::Lease;
 use crate::fanout::{FanoutSettings, MediaKind, SubscriberId};
-use crate::session::{MediaEvent, ParticipantId, SessionId, Signal};
+use crate::record::live::RecordingHandle;
+use crate::session::{MediaEvent, ParticipantId, RecordEntry, SessionId, Signal};
 use crate::transfer::Transfers;
 
 /// The data channel agents send input events on and the customer receives them on.
 pub const INPUT_LABEL: &str = "input";
+
+/// Bytes of a malformed input message kept in the recording (enough to see what it was).
+const MAX_RECORDED_MALFORMED_INPUT: usize = 256;
 
 /// How long the relay waits for its own ICE candidates before answering anyway.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,6 +65,8 @@ pub(crate) enum Event {
     /// A participant's track arrived (the customer's screen and voice, or an agent's
     /// screen share).
     Track(ParticipantId, Arc<dyn TrackRemote>),
+    /// From the session core, for the recording, stamped when it was handed over.
+    Record(Instant, RecordEntry),
 }
 
 /// A customer's published track.
@@ -87,6 +94,8 @@ pub(super) struct Shared {
     /// them itself, so two agents' own counters cannot tell the customer that two
     /// (possibly masked) agents are sending.
     input_seq: AtomicU32,
+    /// The session's recording, once started (never, if its portal has no review key).
+    pub(super) recording: OnceLock<RecordingHandle>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +113,13 @@ impl Shared {
     /// Runs `f` on the fan-out of `direction`, then handles its outputs.
     fn with_plane<R>(&self, direction: Direction, f: impl FnOnce(&mut Plane) -> R) -> R {
         self.path(direction).with_plane(&self.inner.metrics, f)
+    }
+
+    /// Adds a record to the session's recording, if it is recorded. Never blocks.
+    pub(super) fn record(&self, at: Instant, record: Record) {
+        if let Some(recording) = self.recording.get() {
+            recording.record(at, record);
+        }
     }
 
     /// Sends `msg` to a participant's WebSocket (through the session core).
@@ -158,6 +174,9 @@ pub(crate) struct SessionMedia {
     sharer: Option<ParticipantId>,
     /// The task forwarding the sharer's track, while it runs.
     share_reader: Option<JoinHandle<()>>,
+    /// The customer's connection closed while it published: the recording has a gap
+    /// until its video is back.
+    customer_away: bool,
 }
 
 impl SessionMedia {
@@ -182,6 +201,7 @@ impl SessionMedia {
                 customer_input: Mutex::new(None),
                 grants: Mutex::new(HashMap::new()),
                 input_seq: AtomicU32::new(1),
+                recording: OnceLock::new(),
             }),
             events,
             peers: HashMap::new(),
@@ -190,6 +210,7 @@ impl SessionMedia {
             customer: None,
             sharer: None,
             share_reader: None,
+            customer_away: false,
         }
     }
 
@@ -226,6 +247,9 @@ impl SessionMedia {
         }
         for requester in requesters {
             requester.abort();
+        }
+        if let Some(recording) = self.shared.recording.get() {
+            recording.end();
         }
         // The session is over: nothing is left to tell the core about a lost share.
         self.sharer = None;
@@ -280,7 +304,8 @@ impl SessionMedia {
                 }
             },
             Event::Control(MediaEvent::Share { sharer, .. }) => self.on_share(sharer).await,
-            Event::Control(MediaEvent::SessionEnded { .. }) => {}
+            Event::Control(MediaEvent::SessionEnded { .. } | MediaEvent::Record { .. }) => {}
+            Event::Record(at, entry) => self.on_record(at, entry),
             Event::Connected(pid) => {
                 if let Some(peer) = self.peers.get_mut(&pid) {
                     peer.connected = true;
@@ -298,6 +323,26 @@ impl SessionMedia {
             Event::DataChannel(pid, channel) => self.on_data_channel(pid, channel).await,
             Event::Track(pid, track) => self.on_track(pid, track).await,
         }
+    }
+
+    /// The core's part of the recording: its start, roster changes, chat.
+    fn on_record(&mut self, at: Instant, entry: RecordEntry) {
+        let record = match entry {
+            RecordEntry::Start { portal } => {
+                if let Some(handle) = self
+                    .shared
+                    .inner
+                    .recordings
+                    .start(self.shared.id.as_str(), &portal)
+                {
+                    let _ = self.shared.recording.set(handle);
+                }
+                return;
+            }
+            RecordEntry::Roster(r) => Record::Roster(r),
+            RecordEntry::Chat(c) => Record::Chat(c),
+        };
+        self.shared.record(at, record);
     }
 
     fn role_of(&self, pid: &ParticipantId) -> Option<Role> {
@@ -553,6 +598,15 @@ impl SessionMedia {
             *lock(&self.shared.screen.publisher_video) = Some((track.clone(), ssrc));
         }
         tracing::info!(kind = kind.as_str(), mime = %codec.mime_type, "customer publishes");
+        if kind == MediaKind::Video && std::mem::take(&mut self.customer_away) {
+            self.shared.record(
+                Instant::now(),
+                Record::Gap(GapRecord {
+                    kind: GapKind::CustomerReturned,
+                    dropped: 0,
+                }),
+            );
+        }
         self.published.retain(|p| p.kind != kind);
         self.published.push(Published {
             kind,
@@ -607,6 +661,16 @@ impl SessionMedia {
                 .remove_label_values(&[self.shared.id.as_str(), pid.as_str()]);
         }
         if peer.role == Role::Customer {
+            if !self.published.is_empty() {
+                self.shared.record(
+                    Instant::now(),
+                    Record::Gap(GapRecord {
+                        kind: GapKind::CustomerReconnecting,
+                        dropped: 0,
+                    }),
+                );
+                self.customer_away = true;
+            }
             *lock(&self.shared.customer_input) = None;
             *lock(&self.shared.screen.publisher_video) = None;
             self.published.clear();
@@ -668,14 +732,29 @@ async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn Da
         let DataChannelEvent::OnMessage(msg) = event else {
             continue;
         };
+        let at = Instant::now();
+        let record = |outcome, event: Bytes| {
+            shared.record(
+                at,
+                Record::Input(InputRecord {
+                    participant_id: pid.as_str().to_owned(),
+                    outcome,
+                    event,
+                }),
+            )
+        };
         if msg.is_string || relay_codec::input::decode(&msg.data).is_err() {
             count("malformed");
+            let mut bad = msg.data;
+            bad.truncate(MAX_RECORDED_MALFORMED_INPUT);
+            record(InputOutcome::Malformed, bad.freeze());
             continue;
         }
         let grant = lock(&shared.grants).get(&pid).copied();
         let allowed = matches!(grant, Some((Role::Host | Role::Agent, Permission::Control)));
         if !allowed {
             count("refused_view_only");
+            record(InputOutcome::RefusedViewOnly, msg.data.freeze());
             if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 last_warning = Some(Instant::now());
                 shared
@@ -698,10 +777,15 @@ async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn Da
             continue;
         };
         let mut data: BytesMut = msg.data;
+        // As the agent sent it (its own sequence number), before the relay renumbers it.
+        let received = Bytes::copy_from_slice(&data);
         let seq = shared.input_seq.fetch_add(1, Ordering::Relaxed);
         data[relay_codec::input::SEQ_RANGE].copy_from_slice(&seq.to_le_bytes());
         match customer.send(data).await {
-            Ok(()) => count("delivered"),
+            Ok(()) => {
+                count("delivered");
+                record(InputOutcome::Delivered, received);
+            }
             Err(_) => count("no_customer"),
         }
     }

@@ -142,6 +142,13 @@ pub(super) async fn read_publisher(
     kind: MediaKind,
     codec: Option<VideoCodec>,
 ) {
+    // The customer's screen is recorded (from the first keyframe on); a share is not.
+    let mut recording = match (direction, kind, codec) {
+        (Direction::Screen, MediaKind::Video, Some(c)) => {
+            shared.recording.get().map(|r| r.video(c))
+        }
+        _ => None,
+    };
     while let Some(event) = track.poll().await {
         let TrackRemoteEvent::OnRtpPacket(mut packet) = event else {
             continue;
@@ -161,6 +168,9 @@ pub(super) async fn read_publisher(
             keyframe_start,
             frame_end: packet.header.marker,
         };
+        if let Some(tap) = recording.as_mut() {
+            tap.packet(arrived, &packet.header, &packet.payload, keyframe_start);
+        }
         shared.with_plane(direction, |plane| {
             let Plane { fanout, sinks, .. } = plane;
             fanout.route(arrived, &info, |id| {
