@@ -508,35 +508,15 @@ impl SessionMedia {
         {
             return;
         }
-        let id = SubscriberId(self.next_subscriber);
-        self.next_subscriber += 1;
-        let (tx, rx) = mpsc::channel(self.shared.inner.settings.agent_queue_packets);
-        let tracks = peer.tracks.clone();
-        for t in &tracks {
-            peer.tasks.push(tokio::spawn(read_feedback(
-                self.shared.clone(),
-                Direction::Screen,
-                id,
-                t.track.clone(),
-            )));
-        }
-        let gauge = self
-            .shared
-            .inner
-            .metrics
-            .agent_queue_depth
-            .with_label_values(&[self.shared.id.as_str(), pid.as_str()]);
-        peer.tasks.push(tokio::spawn(write_subscriber(
-            self.shared.clone(),
-            rx,
-            tracks,
-            gauge,
-        )));
+        let id = start_subscriber(
+            &self.shared,
+            &mut self.next_subscriber,
+            Direction::Screen,
+            pid,
+            peer.tracks.clone(),
+            &mut peer.tasks,
+        );
         peer.subscriber = Some(id);
-        self.shared.with_plane(Direction::Screen, |p| {
-            p.sinks.insert(id, tx);
-            p.fanout.add_subscriber(Instant::now(), id);
-        });
         tracing::debug!(participant = %pid.as_str(), "agent receives media");
     }
 
@@ -789,4 +769,45 @@ async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn Da
             Err(_) => count("no_customer"),
         }
     }
+}
+
+/// Starts a subscriber of `direction`'s fan-out for `pid`, sending on `tracks`: its
+/// bounded queue (`media.agent_queue_packets`), its writer task and one RTCP feedback
+/// reader per track (both pushed to `tasks`, which end with the peer), then adds it to
+/// the fan-out.
+fn start_subscriber(
+    shared: &Arc<Shared>,
+    next_subscriber: &mut u64,
+    direction: Direction,
+    pid: &ParticipantId,
+    tracks: Vec<LocalTrack>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> SubscriberId {
+    let id = SubscriberId(*next_subscriber);
+    *next_subscriber += 1;
+    let (tx, rx) = mpsc::channel(shared.inner.settings.agent_queue_packets);
+    for t in &tracks {
+        tasks.push(tokio::spawn(read_feedback(
+            shared.clone(),
+            direction,
+            id,
+            t.track.clone(),
+        )));
+    }
+    let gauge = shared
+        .inner
+        .metrics
+        .agent_queue_depth
+        .with_label_values(&[shared.id.as_str(), pid.as_str()]);
+    tasks.push(tokio::spawn(write_subscriber(
+        shared.clone(),
+        rx,
+        tracks,
+        gauge,
+    )));
+    shared.with_plane(direction, |p| {
+        p.sinks.insert(id, tx);
+        p.fanout.add_subscriber(Instant::now(), id);
+    });
+    id
 }

@@ -24,15 +24,11 @@ use relay_codec::keyframe::VideoCodec;
 use relay_codec::wire::{Role, ServerMsg};
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::rtp_transceiver::RtpTransceiver;
 
-use super::{
-    Direction, LocalTrack, Peer, SessionMedia, lock, read_feedback, read_publisher, relay_track,
-    write_subscriber,
-};
+use super::{Direction, LocalTrack, Peer, SessionMedia, lock, read_publisher, relay_track};
 use crate::fanout::{MediaKind, SubscriberId};
 use crate::session::ParticipantId;
 
@@ -237,32 +233,15 @@ impl SessionMedia {
         {
             return;
         }
-        let id = SubscriberId(self.next_subscriber);
-        self.next_subscriber += 1;
-        let (tx, rx) = mpsc::channel(self.shared.inner.settings.agent_queue_packets);
-        peer.tasks.push(tokio::spawn(read_feedback(
-            self.shared.clone(),
+        let id = super::start_subscriber(
+            &self.shared,
+            &mut self.next_subscriber,
             Direction::Share,
-            id,
-            local.track.clone(),
-        )));
-        let gauge = self
-            .shared
-            .inner
-            .metrics
-            .agent_queue_depth
-            .with_label_values(&[self.shared.id.as_str(), pid.as_str()]);
-        peer.tasks.push(tokio::spawn(write_subscriber(
-            self.shared.clone(),
-            rx,
+            pid,
             vec![local.clone()],
-            gauge,
-        )));
+            &mut peer.tasks,
+        );
         out.subscriber = Some(id);
-        self.shared.with_plane(Direction::Share, |p| {
-            p.sinks.insert(id, tx);
-            p.fanout.add_subscriber(Instant::now(), id);
-        });
         tracing::debug!("the customer receives agents' shares");
     }
 
