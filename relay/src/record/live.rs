@@ -128,14 +128,7 @@ impl Recordings {
         };
         let capacity = self.settings.queue_items;
         let (tx, rx) = sync_channel(capacity);
-        let shared = Arc::new(QueueState {
-            queued: AtomicUsize::new(0),
-            video_limit: capacity - capacity / 4,
-            resume_at: capacity / 2,
-            ending: AtomicBool::new(false),
-            warned_full: AtomicBool::new(false),
-            warned_degrade: AtomicBool::new(false),
-        });
+        let shared = Arc::new(QueueState::new(capacity));
         let start = Instant::now();
         let start_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -185,6 +178,21 @@ struct QueueState {
     ending: AtomicBool,
     warned_full: AtomicBool,
     warned_degrade: AtomicBool,
+}
+
+impl QueueState {
+    /// An empty queue of `capacity` items: video may fill three quarters of it and
+    /// comes back to every frame once it is at most half full.
+    fn new(capacity: usize) -> Self {
+        QueueState {
+            queued: AtomicUsize::new(0),
+            video_limit: capacity - capacity / 4,
+            resume_at: capacity / 2,
+            ending: AtomicBool::new(false),
+            warned_full: AtomicBool::new(false),
+            warned_degrade: AtomicBool::new(false),
+        }
+    }
 }
 
 enum Item {
@@ -539,14 +547,7 @@ mod tests {
 
     fn handle(capacity: usize) -> (RecordingHandle, Receiver<Item>) {
         let (tx, rx) = sync_channel(capacity);
-        let shared = Arc::new(QueueState {
-            queued: AtomicUsize::new(0),
-            video_limit: capacity - capacity / 4,
-            resume_at: capacity / 2,
-            ending: AtomicBool::new(false),
-            warned_full: AtomicBool::new(false),
-            warned_degrade: AtomicBool::new(false),
-        });
+        let shared = Arc::new(QueueState::new(capacity));
         let metrics = Arc::new(Metrics::new());
         (
             RecordingHandle {
