@@ -56,7 +56,7 @@ pub(super) async fn open(
             .await;
     }
     if !replaced {
-        gauge(&shared).inc();
+        shared.open_channels(CHAT_LABEL).inc();
     }
     tokio::spawn(read(shared, pid, channel, tx))
 }
@@ -79,21 +79,13 @@ pub(super) async fn release(
     if !removed {
         return;
     }
-    gauge(shared).dec();
+    shared.open_channels(CHAT_LABEL).dec();
     if let Some(actor) = shared.inner.actor.get() {
         let (sid, p) = (shared.id.clone(), pid.clone());
         let _ = actor
             .call(move |node, _| node.chat_channel(&sid, &p, false))
             .await;
     }
-}
-
-fn gauge(shared: &Shared) -> prometheus::IntGauge {
-    shared
-        .inner
-        .metrics
-        .data_channels_open
-        .with_label_values(&[CHAT_LABEL])
 }
 
 /// Reads a participant's chat messages until the channel closes, then releases it.

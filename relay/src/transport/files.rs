@@ -102,7 +102,7 @@ pub(super) fn open(
         .is_some();
     with_files(shared, |core| core.channel_opened(pid));
     if !replaced {
-        gauge(shared).inc();
+        shared.open_channels(FILES_LABEL).inc();
     }
     [
         tokio::spawn(write(rx, channel.clone())),
@@ -125,17 +125,9 @@ pub(super) fn release(shared: &Shared, pid: &ParticipantId, tx: Option<&mpsc::Se
         ours
     };
     if ours {
-        gauge(shared).dec();
+        shared.open_channels(FILES_LABEL).dec();
         with_files(shared, |core| core.channel_closed(Instant::now(), pid));
     }
-}
-
-fn gauge(shared: &Shared) -> prometheus::IntGauge {
-    shared
-        .inner
-        .metrics
-        .data_channels_open
-        .with_label_values(&[FILES_LABEL])
 }
 
 /// Decodes a participant's messages until its channel closes, then releases it.

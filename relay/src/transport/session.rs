@@ -103,6 +103,14 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The gauge of participants' open `label` data channels (`chat`, `files`).
+    pub(super) fn open_channels(&self, label: &str) -> prometheus::IntGauge {
+        self.inner
+            .metrics
+            .data_channels_open
+            .with_label_values(&[label])
+    }
+
     fn path(&self, direction: Direction) -> &MediaPath {
         match direction {
             Direction::Screen => &self.screen,
