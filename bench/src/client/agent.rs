@@ -172,7 +172,7 @@ impl Agent {
                     dc,
                     Arc::clone(&messages),
                     None,
-                    |_| {},
+                    |_| std::future::ready(()),
                 ));
             }
         };
@@ -213,7 +213,7 @@ impl Agent {
                 Arc::clone(&input),
                 Arc::clone(&messages),
                 Some(open_tx),
-                |_| {},
+                |_| std::future::ready(()),
             )),
             tokio::spawn(peer::run_negotiation(
                 Arc::clone(&pc),

@@ -19,10 +19,10 @@ use relay_codec::files::{self, CancelReason, FileMsg, MAX_CHUNK_BYTES, TransferI
 use relay_codec::wire::{Audience, ChatMessage, ClientMsg, ServerMsg};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelState};
+use webrtc::data_channel::DataChannel;
 
 use super::ClientError;
-use super::peer::{DataChannelMessage, lock};
+use super::peer::{DataChannelMessage, lock, record_data_channel};
 
 /// Label of the data channel that carries chat.
 pub const CHAT_LABEL: &str = "chat";
@@ -52,50 +52,6 @@ async fn wait_until<T>(
         ))),
         Err(_) => Err(ClientError::Timeout(what)),
     }
-}
-
-/// Who handles a channel's messages.
-enum Handler {
-    Chat(Arc<ChatChannel>),
-    Files(Arc<FileTransfers>),
-}
-
-/// Reads a channel until it closes: reports it open on `open`, records every message
-/// in `log` and hands it to `handler`.
-async fn pump(
-    dc: Arc<dyn DataChannel>,
-    open: watch::Sender<bool>,
-    log: Arc<Mutex<Vec<DataChannelMessage>>>,
-    handler: Handler,
-) {
-    let label = dc.label().await.unwrap_or_default();
-    // A channel may open before this task polls it.
-    if let Ok(RTCDataChannelState::Open) = dc.ready_state().await {
-        open.send_replace(true);
-    }
-    while let Some(event) = dc.poll().await {
-        match event {
-            DataChannelEvent::OnOpen => {
-                open.send_replace(true);
-            }
-            DataChannelEvent::OnMessage(msg) => {
-                let message = DataChannelMessage {
-                    label: label.clone(),
-                    is_string: msg.is_string,
-                    data: msg.data.freeze(),
-                    received_at: Instant::now(),
-                };
-                lock(&log).push(message.clone());
-                match &handler {
-                    Handler::Chat(chat) => chat.on_message(&message),
-                    Handler::Files(files) => files.on_message(&message).await,
-                }
-            }
-            DataChannelEvent::OnClose => break,
-            _ => {}
-        }
-    }
-    open.send_replace(false);
 }
 
 /// The client's `chat` data channel.
@@ -128,7 +84,13 @@ impl ChatChannel {
             open,
             received,
         });
-        let reader = pump(dc, open_tx, log, Handler::Chat(Arc::clone(&chat)));
+        let reader = {
+            let chat = Arc::clone(&chat);
+            record_data_channel(dc, log, Some(open_tx), move |message| {
+                chat.on_message(&message);
+                std::future::ready(())
+            })
+        };
         (chat, reader)
     }
 
@@ -312,7 +274,13 @@ impl FileTransfers {
             records: Mutex::new(Records::default()),
             changed,
         });
-        let reader = pump(dc, open_tx, log, Handler::Files(Arc::clone(&files)));
+        let reader = {
+            let files = Arc::clone(&files);
+            record_data_channel(dc, log, Some(open_tx), move |message| {
+                let files = Arc::clone(&files);
+                async move { files.on_message(&message).await }
+            })
+        };
         (files, reader)
     }
 

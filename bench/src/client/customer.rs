@@ -156,7 +156,7 @@ impl Customer {
                     dc,
                     Arc::clone(&messages),
                     None,
-                    |_| {},
+                    |_| std::future::ready(()),
                 ));
             }
         };
@@ -215,6 +215,7 @@ impl Customer {
                     event: decode(&msg.data),
                     received_at: msg.received_at,
                 });
+                std::future::ready(())
             })
         }));
         tasks.push(tokio::spawn(peer::run_negotiation(

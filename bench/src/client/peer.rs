@@ -379,13 +379,15 @@ pub(crate) async fn wait_open(
 
 /// Reads a data channel's events until it closes: records every message in `log`
 /// (labelled with `label`), reports opening on `open`, and hands each message to
-/// `on_message`.
-pub(crate) async fn record_data_channel(
+/// `on_message`, waiting for the future it returns before reading the next.
+pub(crate) async fn record_data_channel<Handled>(
     dc: Arc<dyn DataChannel>,
     log: Arc<Mutex<Vec<DataChannelMessage>>>,
     open: Option<watch::Sender<bool>>,
-    on_message: impl Fn(&DataChannelMessage) + Send,
-) {
+    mut on_message: impl FnMut(DataChannelMessage) -> Handled + Send,
+) where
+    Handled: std::future::Future<Output = ()> + Send,
+{
     let label = dc.label().await.unwrap_or_default();
     // A channel announced by the remote is already open when we get it.
     if let (Some(open), Ok(webrtc::data_channel::RTCDataChannelState::Open)) =
@@ -407,8 +409,8 @@ pub(crate) async fn record_data_channel(
                     data: msg.data.freeze(),
                     received_at: Instant::now(),
                 };
-                on_message(&message);
-                lock(&log).push(message);
+                lock(&log).push(message.clone());
+                on_message(message).await;
             }
             DataChannelEvent::OnClose => break,
             _ => {}
