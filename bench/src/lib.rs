@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod client;
+pub mod compare;
 pub mod prom;
 pub mod ramp;
 pub mod relay_process;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_bench::compare::{CompareArgs, compare};
 use relay_bench::ramp::{RampArgs, ramp};
 use relay_bench::roles::{AgentArgs, CustomerArgs, run_agent, run_customer};
 use relay_bench::run::{RunArgs, run};
@@ -35,6 +36,11 @@ enum Command {
     /// relay CPU over --max-cpu of the cores. Prints the capacity, writes --chart (SVG)
     /// and --json (every step's report).
     Ramp(RampArgs),
+    /// Run the same load against this relay, Janus's VideoRoom plugin (started on
+    /// loopback from --janus-bin) and a plain UDP fan-out forwarder (the machine's
+    /// packet ceiling), one after the other; print each one's CPU per forwarded packet
+    /// and the ratios, write --json ({"runs": [...], "ratios": {...}}).
+    Compare(CompareArgs),
     /// Join a session as its customer (WebSocket URL from `POST /v1/join`) and publish
     /// frames for --duration seconds, then report.
     Customer(CustomerArgs),
@@ -51,6 +57,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_and_report(&args).await,
         Command::Ramp(args) => ramp_and_report(&args).await,
+        Command::Compare(args) => compare_and_report(&args).await,
         Command::Customer(args) => run_customer(&args)
             .await
             .map(|report| {
@@ -88,6 +95,28 @@ async fn ramp_and_report(args: &RampArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn compare_and_report(args: &CompareArgs) -> anyhow::Result<ExitCode> {
+    let report = compare(args).await?;
+    print!("{}", report.table());
+    if let Some(path) = &args.run.json {
+        let json = serde_json::to_string_pretty(&report)? + "\n";
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failures: Vec<String> = report
+        .runs
+        .iter()
+        .flat_map(|r| r.failures().into_iter().map(|f| format!("{}: {f}", r.target)))
+        .collect();
+    for f in &failures {
+        eprintln!("relay-bench: {f}");
+    }
+    Ok(if args.run.check && !failures.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn run_and_report(args: &RunArgs) -> anyhow::Result<ExitCode> {
