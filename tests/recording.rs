@@ -20,6 +20,9 @@ use relay_codec::recording::{
 };
 use relay_codec::wire::{Audience, Permission, Role, Visibility};
 
+#[path = "recording/export_av1.rs"]
+mod export_av1;
+
 const PASSPHRASE: &str = "correct horse battery staple";
 const FPS: u64 = 15;
 
