@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 
 use age::secrecy::SecretString;
 use bytes::Bytes;
@@ -540,41 +541,177 @@ fn a_cut_off_recording_verifies_to_its_last_complete_chunk_and_repair_makes_it_e
     expect_status(&out, 2, "repair onto itself");
 }
 
+/// A relay recording to a portal review key, with a session whose host is connected.
+struct Live {
+    relay: relay_e2e::Relay,
+    tls: Arc<rustls::ClientConfig>,
+    host_jwt: String,
+    session: relay_e2e::wire::CreateSessionResponse,
+    host: relay_bench::client::Agent,
+}
+
+impl Live {
+    /// Starts the relay with `who`'s public key for the portal `support`, opens a
+    /// session and connects its host.
+    async fn start(who: &Reviewer) -> Live {
+        use relay_bench::client::{Agent, AgentOptions, tls_trusting_pem_file};
+        relay_e2e::install_crypto();
+        let key = who.recipient.to_string();
+        let relay = relay_e2e::RelayBuilder::new()
+            .extra_toml(&format!("[recording.review_keys]\nsupport = \"{key}\"\n"))
+            .start()
+            .await
+            .expect("relay starts");
+        let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem")).expect("tls");
+        let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
+        let session = relay
+            .create_session(&host_jwt, "support", Visibility::Visible)
+            .await
+            .expect("session");
+        let host = Agent::connect(&session.host.ws_url, tls.clone(), AgentOptions::default())
+            .await
+            .expect("host connects");
+        host.wait_connected(LIVE_WAIT)
+            .await
+            .expect("host's connection");
+        Live {
+            relay,
+            tls,
+            host_jwt,
+            session,
+            host,
+        }
+    }
+
+    /// The customer joins with the support key and publishes the VP8 fixture.
+    async fn customer(&self, name: &str) -> relay_bench::client::Customer {
+        use relay_bench::client::{Customer, CustomerOptions};
+        let joined = self
+            .relay
+            .join(name, &self.session.support_key)
+            .await
+            .expect("join");
+        let source = FrameSource::open(fixture_path("screen-vp8.ivf")).expect("fixture");
+        let customer = Customer::connect(
+            &joined.ws_url,
+            self.tls.clone(),
+            source,
+            CustomerOptions::default(),
+        )
+        .await
+        .expect("customer connects");
+        customer
+            .wait_connected(LIVE_WAIT)
+            .await
+            .expect("customer's connection");
+        customer
+            .wait_input_open(LIVE_WAIT)
+            .await
+            .expect("input channel");
+        customer
+    }
+
+    /// The one recording file under the relay's recording folder, once `ready` holds
+    /// for it.
+    async fn recording_when(&self, what: &str, ready: impl Fn(&Path) -> bool) -> PathBuf {
+        let rec_dir = self.relay.data_dir().join("recordings");
+        let deadline = std::time::Instant::now() + LIVE_WAIT;
+        loop {
+            let found = find_recordings(&rec_dir);
+            if let [path] = &found[..]
+                && ready(path)
+            {
+                return path.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no recording {what} in {}: {found:?}",
+                rec_dir.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Longest wait for a connection, a frame or a file in the live tests.
+const LIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// The video frames of the recording at `path`, read with `who`'s identity; each
+/// chunk must be intact.
+fn recorded_frames(path: &Path, who: &Reviewer) -> Vec<VideoFrame> {
+    let identity = relay::record::keys::open_identity(
+        &std::fs::read(&who.identity).expect("identity"),
+        SecretString::from(PASSPHRASE.to_owned()),
+    )
+    .expect("identity opens");
+    let plain = open_recording(path, &identity).expect("decrypts");
+    let recording = Recording::parse(&plain.container).expect("parses");
+    recording
+        .records()
+        .map(|r| r.expect("intact"))
+        .filter_map(|r| match r.record {
+            Record::Video(v) => Some(v),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Checks that `recorded` starts at a keyframe and is, frame by frame, the frames the
+/// customer sent from that keyframe on; returns the index in `sent` of that keyframe.
+fn assert_recorded_from_first_keyframe(
+    recorded: &[VideoFrame],
+    sent: &[relay_bench::client::SentFrame],
+) -> usize {
+    use relay_codec::frame::frame_digest;
+    use relay_codec::keyframe::VideoCodec;
+    let first = recorded.first().expect("video recorded");
+    assert!(first.keyframe);
+    let digest = frame_digest(VideoCodec::Vp8, &first.data);
+    let from = sent
+        .iter()
+        .position(|f| f.digest == digest)
+        .expect("the first recorded frame was sent");
+    assert!(
+        recorded.len() <= sent.len() - from,
+        "{} frames recorded, {} sent from {from}",
+        recorded.len(),
+        sent.len()
+    );
+    for (i, (got, want)) in recorded.iter().zip(&sent[from..]).enumerate() {
+        assert_eq!(
+            frame_digest(VideoCodec::Vp8, &got.data),
+            want.digest,
+            "frame {i}"
+        );
+        assert_eq!(got.keyframe, want.is_keyframe, "keyframe flag of frame {i}");
+    }
+    from
+}
+
 /// A live session recorded by the real relay: a customer publishing the VP8 fixture, a
 /// host sending input and chat (on the data channel and the WebSocket), a note; the
 /// host ends the session, and the real binary's review tools read the recording.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_input() {
-    use relay_bench::client::{
-        Agent, AgentOptions, Customer, CustomerOptions, tls_trusting_pem_file,
-    };
-    use relay_codec::frame::frame_digest;
-    use relay_codec::keyframe::VideoCodec;
-    use relay_e2e::RelayBuilder;
+    use relay_bench::client::{Agent, AgentOptions};
     use relay_e2e::wire::{ClientMsg, InviteTarget};
     use std::time::Duration;
 
-    const WAIT: Duration = Duration::from_secs(20);
-    relay_e2e::install_crypto();
     let dir = tempfile::tempdir().expect("tempdir");
     let who = reviewer(dir.path(), "support", PASSPHRASE);
-    let key = who.recipient.to_string();
-    let relay = RelayBuilder::new()
-        .extra_toml(&format!("[recording.review_keys]\nsupport = \"{key}\"\n"))
-        .start()
-        .await
-        .expect("relay starts");
-    let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem")).expect("tls");
-    let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
-    let session = relay
-        .create_session(&host_jwt, "support", Visibility::Visible)
-        .await
-        .expect("session");
-    let sid = session.session_id.clone();
+    let live = Live::start(&who).await;
+    let (relay, host) = (&live.relay, &live.host);
+    let sid = live.session.session_id.clone();
     let bob_jwt = relay.token("a1", "Bob Masked", &["support"], false);
     let inv = relay
         .invite(
-            &host_jwt,
+            &live.host_jwt,
             &sid,
             InviteTarget::Agent("a1".into()),
             Visibility::Masked,
@@ -587,33 +724,13 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
         .accept(&bob_jwt, &inv.invitation_id)
         .await
         .expect("accept");
-    let host = Agent::connect(&session.host.ws_url, tls.clone(), AgentOptions::default())
-        .await
-        .expect("host connects");
-    let bob = Agent::connect(&bob_creds.ws_url, tls.clone(), AgentOptions::default())
+    let bob = Agent::connect(&bob_creds.ws_url, live.tls.clone(), AgentOptions::default())
         .await
         .expect("bob connects");
-    host.wait_connected(WAIT).await.expect("host's connection");
-    bob.wait_connected(WAIT).await.expect("bob's connection");
-    let carol = relay
-        .join("Carol Customer", &session.support_key)
+    bob.wait_connected(LIVE_WAIT)
         .await
-        .expect("join");
-    let source = FrameSource::open(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures")
-            .join("screen-vp8.ivf"),
-    )
-    .expect("fixture");
-    let customer = Customer::connect(&carol.ws_url, tls, source, CustomerOptions::default())
-        .await
-        .expect("customer connects");
-    customer
-        .wait_connected(WAIT)
-        .await
-        .expect("customer's connection");
-    customer.wait_input_open(WAIT).await.expect("input channel");
-
+        .expect("bob's connection");
+    let customer = live.customer("Carol Customer").await;
     let chats = [
         "Hello, I am Alice",
         "Bob here, quietly",
@@ -656,7 +773,7 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
         // Bob may only view: refused, and recorded as refused.
         bob.send_input(m).await.expect("input");
     }
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = std::time::Instant::now() + LIVE_WAIT;
     while customer.input_events().len() < moves.len() || customer.frames_sent() < 45 {
         assert!(
             std::time::Instant::now() < deadline,
@@ -668,28 +785,15 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
     // Whatever is in flight reaches the relay before the session ends.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let sent = customer.sent_frames();
-    relay.end_session(&host_jwt, &sid).await.expect("end");
+    relay.end_session(&live.host_jwt, &sid).await.expect("end");
 
     // The recording is finished (its footer written) shortly after the end.
-    let rec_dir = relay.data_dir().join("recordings");
-    let path = {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let found = find_recordings(&rec_dir);
-            if let [path] = &found[..] {
-                let out = recordings(&who, &["verify", s(path)]);
-                if out.status.success() && text(&out).0.contains("footer: valid") {
-                    break path.clone();
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no finished recording in {}: {found:?}",
-                rec_dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let path = live
+        .recording_when("with its footer", |path| {
+            let out = recordings(&who, &["verify", s(path)]);
+            out.status.success() && text(&out).0.contains("footer: valid")
+        })
+        .await;
     assert!(
         path.ends_with(format!("{sid}.rec")) && path.to_string_lossy().contains("/support/"),
         "{}",
@@ -698,39 +802,11 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
     let out = expect_status(&recordings(&who, &["verify", s(&path)]), 0, "verify");
     assert!(out.contains("encryption: intact"), "{out}");
 
-    // Recorded from the first keyframe the relay saw: find it among the sent frames.
-    let identity = relay::record::keys::open_identity(
-        &std::fs::read(&who.identity).expect("identity"),
-        SecretString::from(PASSPHRASE.to_owned()),
-    )
-    .expect("identity opens");
-    let plain = open_recording(&path, &identity).expect("decrypts");
-    let recording = Recording::parse(&plain.container).expect("parses");
-    let frames: Vec<VideoFrame> = recording
-        .records()
-        .map(|r| r.expect("intact"))
-        .filter_map(|r| match r.record {
-            Record::Video(v) => Some(v),
-            _ => None,
-        })
-        .collect();
-    let first = frames.first().expect("video recorded");
-    assert!(first.keyframe);
-    let digest = frame_digest(VideoCodec::Vp8, &first.data);
-    let from = sent
-        .iter()
-        .position(|f| f.digest == digest)
-        .expect("the first recorded frame was sent");
+    // Recorded from the first keyframe the relay saw, every frame sent after it.
+    let frames = recorded_frames(&path, &who);
+    let from = assert_recorded_from_first_keyframe(&frames, &sent);
     let expected = sent.len() - from;
     assert_eq!(frames.len(), expected, "recorded frames (sent from {from})");
-    for (i, (got, want)) in frames.iter().zip(&sent[from..]).enumerate() {
-        assert_eq!(
-            frame_digest(VideoCodec::Vp8, &got.data),
-            want.digest,
-            "frame {i}"
-        );
-        assert_eq!(got.keyframe, want.is_keyframe, "keyframe flag of frame {i}");
-    }
 
     let video = dir.path().join("live.webm");
     expect_status(
@@ -764,6 +840,90 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
         .filter(|l| l.contains("refused (view only)"))
         .count();
     assert_eq!((delivered, refused), (5, 5), "{out}");
+}
+
+/// The relay killed with SIGKILL in the middle of a recorded session: the file it
+/// leaves verifies as cut off with its complete chunks intact, and `repair` makes a
+/// file that verifies clean and exports every frame it kept, in order, from the first
+/// keyframe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_mid_session_leaves_a_recording_that_repair_makes_exportable() {
+    use relay::record::file::AGE_BLOCK_BYTES;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let mut live = Live::start(&who).await;
+    let customer = live.customer("Carol Customer").await;
+    live.host
+        .chat()
+        .send("Hello before the crash", Audience::All)
+        .await
+        .expect("chat");
+    // Several sealed age blocks on disk: what a crash cannot take away.
+    let on_disk = 3 * AGE_BLOCK_BYTES;
+    let path = live
+        .recording_when("of three age blocks", |path| {
+            std::fs::metadata(path).is_ok_and(|m| m.len() > on_disk)
+        })
+        .await;
+    live.relay.sigkill().expect("SIGKILL");
+    let status = live
+        .relay
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("the relay dies");
+    assert!(!status.success(), "{status:?}");
+    let sent = customer.sent_frames();
+
+    let out = expect_status(&recordings(&who, &["verify", s(&path)]), 1, "verify");
+    assert!(out.contains("DAMAGED"), "{out}");
+    assert!(out.contains("encryption: cut off"), "{out}");
+    assert!(out.contains("footer: absent"), "{out}");
+    let intact: u64 = out
+        .split("chunks: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no chunk count:\n{out}"));
+    assert!(intact >= 2, "{out}");
+
+    let repaired = dir.path().join("repaired.rec");
+    expect_status(
+        &recordings(&who, &["repair", s(&path), "--out", s(&repaired)]),
+        0,
+        "repair",
+    );
+    let out = expect_status(
+        &recordings(&who, &["verify", s(&repaired)]),
+        0,
+        "verify repaired",
+    );
+    assert!(out.contains("footer: valid"), "{out}");
+    let frames = recorded_frames(&repaired, &who);
+    assert_recorded_from_first_keyframe(&frames, &sent);
+
+    let video = dir.path().join("repaired.webm");
+    expect_status(
+        &recordings(&who, &["export", s(&repaired), "--out", s(&video)]),
+        0,
+        "export repaired",
+    );
+    let (codec, count, duration) = ffprobe(&video);
+    assert_eq!(codec, "vp8");
+    assert_eq!(count, frames.len() as u64, "ffprobe's frame count");
+    let expected = frames.len() as f64 / FPS as f64;
+    assert!(
+        (duration - expected).abs() < 0.5,
+        "duration {duration} s for {} frames",
+        frames.len()
+    );
+    let out = expect_status(
+        &recordings(&who, &["transcript", s(&repaired)]),
+        0,
+        "transcript",
+    );
+    assert!(out.contains("Hello before the crash"), "{out}");
 }
 
 /// Every `.rec` file under `dir`.

@@ -808,14 +808,23 @@ impl Relay {
         Ok(metric_value(&self.metrics().await?, query))
     }
 
-    /// Sends SIGTERM to the relay.
+    /// Sends SIGTERM to the relay (a graceful drain).
     pub fn sigterm(&self) -> Result<()> {
+        self.signal(rustix::process::Signal::TERM)
+    }
+
+    /// Sends SIGKILL to the relay (a crash: nothing of it runs afterwards).
+    pub fn sigkill(&self) -> Result<()> {
+        self.signal(rustix::process::Signal::KILL)
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) -> Result<()> {
         let pid = i32::try_from(self.process.child.id())
             .ok()
             .and_then(rustix::process::Pid::from_raw)
             .context("relay pid")?;
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
-            .context("sending SIGTERM to the relay")
+        rustix::process::kill_process(pid, signal)
+            .with_context(|| format!("sending {signal:?} to the relay"))
     }
 
     /// Waits at most `timeout` for the relay to exit.
