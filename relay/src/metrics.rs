@@ -143,6 +143,10 @@ pub struct Metrics {
     pub recording_records_dropped_total: IntCounter,
     /// `relay_recordings_skipped_total{reason}`: sessions not recorded.
     pub recordings_skipped_total: IntCounterVec,
+    /// `relay_recordings_purged_total`: recordings deleted by the retention purge.
+    pub recordings_purged_total: IntCounter,
+    /// `relay_recording_purge_errors_total`: files the purge could not read or delete.
+    pub recording_purge_errors_total: IntCounter,
     /// `relay_build_info{version}`: always 1; carries the version as a label.
     pub build_info: IntGaugeVec,
 }
@@ -367,6 +371,14 @@ impl Metrics {
                 "Sessions not recorded, by reason (no_review_key: their portal has none).",
                 &["reason"],
             ),
+            recordings_purged_total: counter(
+                "relay_recordings_purged_total",
+                "Recordings deleted because they were older than recording.retention.",
+            ),
+            recording_purge_errors_total: counter(
+                "relay_recording_purge_errors_total",
+                "Recording files or folders the retention purge could not read or delete.",
+            ),
             build_info: gauge_vec(
                 "relay_build_info",
                 "Always 1; the version label says which relay build runs.",
@@ -478,6 +490,8 @@ mod tests {
             "relay_recording_queue_depth",
             "relay_recording_frames_dropped_total",
             "relay_recordings_skipped_total",
+            "relay_recordings_purged_total",
+            "relay_recording_purge_errors_total",
             "relay_build_info",
         ] {
             assert!(

@@ -6,7 +6,8 @@
 //!
 //! Live recording: [`recorder`] is the sans-IO core (RTP to frames, records to
 //! chunks); [`live`] its IO shell (a writer thread per recording, the bounded queue the
-//! media path feeds, metrics).
+//! media path feeds, metrics). [`retention`] deletes recordings older than
+//! `recording.retention`.
 
 pub mod bitstream;
 pub mod export;
@@ -14,4 +15,5 @@ pub mod file;
 pub mod keys;
 pub mod live;
 pub mod recorder;
+pub mod retention;
 pub mod review;

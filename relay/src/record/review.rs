@@ -11,7 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use age::x25519;
 use relay_codec::input::{self, InputKind};
 use relay_codec::recording::{
-    self, CHUNK_HEADER_BYTES, InputOutcome, Record, Recording, RecordingError, RosterChange,
+    self, CHUNK_HEADER_BYTES, FileDirection, FileOutcome, InputOutcome, Record, Recording, RecordingError, RosterChange,
     TimedRecord,
 };
 use relay_codec::wire::{Audience, Permission, Role, Visibility};
@@ -273,7 +273,7 @@ pub enum TranscriptFormat {
     Json,
 }
 
-/// `transcript`: chat, notes and roster changes in time order. Masked agents appear by
+/// `transcript`: chat, notes, roster changes and file transfers in time order. Masked agents appear by
 /// name, marked "(masked)": transcripts are for supervisors.
 pub fn transcript(
     path: &Path,
@@ -285,11 +285,23 @@ pub fn transcript(
     let start = recording.header().start_unix_ms;
     let mut lines: Vec<&TimedRecord> = Vec::new();
     let records = all_records(&recording);
-    lines.extend(
-        records
-            .iter()
-            .filter(|r| matches!(r.record, Record::Chat(_) | Record::Roster(_))),
-    );
+    lines.extend(records.iter().filter(|r| {
+        matches!(
+            r.record,
+            Record::Chat(_) | Record::Roster(_) | Record::FileTransfer(_)
+        )
+    }));
+    // Who each participant id is (file records name only the id).
+    let people: HashMap<&str, (&str, Role, bool)> = records
+        .iter()
+        .filter_map(|r| match &r.record {
+            Record::Roster(p) => Some((
+                p.participant_id.as_str(),
+                (p.name.as_str(), p.role, p.visibility == Visibility::Masked),
+            )),
+            _ => None,
+        })
+        .collect();
     // Stable: records of one stream keep their order.
     lines.sort_by_key(|r| r.at_ms);
     let mut json = Vec::new();
@@ -327,6 +339,34 @@ pub fn transcript(
                     "change": change, "participant_id": roster.participant_id,
                     "name": roster.name, "role": role_name(roster.role), "masked": masked,
                     "permission": permission,
+                }));
+            }
+            Record::FileTransfer(f) => {
+                let (name, role, masked) = people
+                    .get(f.participant_id.as_str())
+                    .copied()
+                    .unwrap_or((f.participant_id.as_str(), Role::Agent, false));
+                let who = person(name, role, masked);
+                let (verb, direction) = match f.direction {
+                    FileDirection::ToCustomer => ("to the customer", "to_customer"),
+                    FileDirection::FromCustomer => ("from the customer", "from_customer"),
+                };
+                let outcome = match f.outcome {
+                    FileOutcome::Offered => "offered",
+                    FileOutcome::Completed => "completed",
+                    FileOutcome::Declined => "declined",
+                    FileOutcome::Cancelled => "cancelled",
+                };
+                let _ = writeln!(
+                    text,
+                    "{rel}  {abs}  {:<18}  {who}: {:?} ({} bytes) {verb}: {outcome}",
+                    "file", f.name, f.size
+                );
+                json.push(serde_json::json!({
+                    "at_ms": r.at_ms, "time": abs, "kind": "file",
+                    "participant_id": f.participant_id, "name": name,
+                    "role": role_name(role), "masked": masked, "direction": direction,
+                    "file": f.name, "size": f.size, "outcome": outcome,
                 }));
             }
             _ => {}

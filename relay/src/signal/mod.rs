@@ -106,6 +106,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.media.bind_ip, config.media.udp_mux_port
         )
     })?;
+    if config.recording.enabled {
+        crate::record::retention::spawn(
+            config.recording_dir(),
+            config.recording.retention,
+            metrics.clone(),
+        );
+    }
     let actor = Actor::spawn(node, media.clone(), metrics.clone(), idle.clone());
     media.attach(actor.clone());
 

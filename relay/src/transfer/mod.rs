@@ -19,7 +19,8 @@
 //! 2. calls [`Transfers::handle`] with `now` for every decoded message;
 //! 3. after each of those, drains [`Transfers::poll_output`] until it returns `None`,
 //!    queueing every [`TransferOutput::Send`] on its participant's channel, in order,
-//!    and counting every [`TransferOutput::Stat`];
+//!    counting every [`TransferOutput::Stat`] and logging every [`TransferOutput::Event`]
+//!    (into the session's recording);
 //! 4. asks [`Transfers::poll_timeout`] for the next deadline and calls
 //!    [`Transfers::handle_timeout`] when it passes (and drains outputs again).
 //!
@@ -112,6 +113,33 @@ pub enum TransferOutput {
     },
     /// Count something.
     Stat(TransferStat),
+    /// Log something (the session's recording keeps these).
+    Event(TransferEvent),
+}
+
+/// A file offered to a receiver, or one receiver's part of it ended: what the
+/// session's recording keeps of file transfers (never the contents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferEvent {
+    /// Who offered the file.
+    pub sender: ParticipantId,
+    /// The receiver this is about; `None` when the offer was refused before any.
+    pub receiver: Option<ParticipantId>,
+    /// The file, as offered.
+    pub file: FileInfo,
+    /// `None`: offered to `receiver`; else how it ended.
+    pub outcome: Option<Outcome>,
+}
+
+/// A file as its sender offered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Whether it goes from an agent to the customer (else the other way).
+    pub to_customer: bool,
 }
 
 /// Countable events, for `relay_file_transfers_total` and
@@ -206,7 +234,7 @@ struct Leg {
 
 #[derive(Debug)]
 struct Transfer {
-    size: u64,
+    file: FileInfo,
     /// Bytes forwarded so far: the offset the next chunk must start at.
     sent: u64,
     /// Whether the sender was told `Accept`.
@@ -319,7 +347,7 @@ impl Transfers {
             if let Some(t) = self.remove_transfer(&key) {
                 for leg in &t.legs {
                     self.send(&leg.to, cancel(leg.id, CancelReason::SenderLeft));
-                    self.stat(Outcome::Cancelled);
+                    self.ended(&key.0, &t.file, &leg.to, Outcome::Cancelled);
                 }
             }
         }
@@ -330,8 +358,7 @@ impl Transfers {
             .map(|((_, id), key)| (*id, key.clone()))
             .collect();
         for (id, key) in receiving {
-            self.drop_leg(pid, id, &key);
-            self.stat(Outcome::Cancelled);
+            self.leg_ended(pid, id, &key, Outcome::Cancelled);
             self.settle(&key, CancelReason::ReceiverLeft);
         }
     }
@@ -376,15 +403,14 @@ impl Transfers {
                 let Some(key) = self.legs.get(&(from.clone(), id)).cloned() else {
                     return;
                 };
-                self.drop_leg(from, id, &key);
-                self.stat(Outcome::Cancelled);
+                self.leg_ended(from, id, &key, Outcome::Cancelled);
                 self.settle(&key, CancelReason::Cancelled);
             }
             FileMsg::Cancel { id, .. } => {
                 if let Some(t) = self.remove_transfer(&(from.clone(), id)) {
                     for leg in &t.legs {
                         self.send(&leg.to, cancel(leg.id, CancelReason::Cancelled));
-                        self.stat(Outcome::Cancelled);
+                        self.ended(from, &t.file, &leg.to, Outcome::Cancelled);
                     }
                 }
             }
@@ -418,9 +444,8 @@ impl Transfers {
                 .map(|l| (l.to.clone(), l.id))
                 .collect();
             for (to, id) in silent {
-                self.drop_leg(&to, id, &key);
+                self.leg_ended(&to, id, &key, Outcome::Cancelled);
                 self.send(&to, cancel(id, CancelReason::Timeout));
-                self.stat(Outcome::Cancelled);
             }
             self.settle(&key, CancelReason::Timeout);
         }
@@ -453,19 +478,22 @@ impl Transfers {
             return;
         };
         let (may_send, to_agents) = (sender.may_send(), sender.role == Role::Customer);
+        let file = FileInfo {
+            name,
+            size,
+            to_customer: !to_agents,
+        };
         if !may_send {
-            return self.refuse(from, id, CancelReason::Forbidden, Outcome::RefusedForbidden);
+            let o = Outcome::RefusedForbidden;
+            return self.refuse_offer(from, id, file, CancelReason::Forbidden, o);
         }
         if size > self.settings.max_file_bytes {
-            return self.refuse(from, id, CancelReason::TooLarge, Outcome::RefusedTooLarge);
+            let o = Outcome::RefusedTooLarge;
+            return self.refuse_offer(from, id, file, CancelReason::TooLarge, o);
         }
         if self.sent_by(from).len() >= self.settings.max_open_per_sender {
-            return self.refuse(
-                from,
-                id,
-                CancelReason::ProtocolError,
-                Outcome::ProtocolError,
-            );
+            let o = Outcome::ProtocolError;
+            return self.refuse_offer(from, id, file, CancelReason::ProtocolError, o);
         }
         let receivers: Vec<ParticipantId> = self
             .members
@@ -482,7 +510,8 @@ impl Transfers {
             .map(|(pid, _)| pid.clone())
             .collect();
         if receivers.is_empty() {
-            return self.refuse(from, id, CancelReason::NoReceivers, Outcome::NoReceivers);
+            let o = Outcome::NoReceivers;
+            return self.refuse_offer(from, id, file, CancelReason::NoReceivers, o);
         }
         let mut legs = Vec::with_capacity(receivers.len());
         for to in receivers {
@@ -493,10 +522,11 @@ impl Transfers {
                 FileMsg::Offer {
                     id: leg_id,
                     size,
-                    name: name.clone(),
+                    name: file.name.clone(),
                     mime: mime.clone(),
                 },
             );
+            self.event(from, &file, Some(&to), None);
             legs.push(Leg {
                 to,
                 id: leg_id,
@@ -507,7 +537,7 @@ impl Transfers {
         self.transfers.insert(
             key,
             Transfer {
-                size,
+                file,
                 sent: 0,
                 started: false,
                 deadline: now + self.settings.answer_timeout,
@@ -536,8 +566,7 @@ impl Transfers {
             leg.accepted = true;
         } else {
             t.declined += 1;
-            self.drop_leg(from, id, &key);
-            self.stat(Outcome::Declined);
+            self.leg_ended(from, id, &key, Outcome::Declined);
         }
         self.settle(&key, CancelReason::Cancelled);
     }
@@ -559,7 +588,7 @@ impl Transfers {
             Some(CancelReason::ProtocolError)
         } else if offset != t.sent {
             Some(CancelReason::OutOfOrder)
-        } else if end > t.size {
+        } else if end > t.file.size {
             Some(CancelReason::PastSize)
         } else if end > t.floor().saturating_add(window) || t.in_flight.len() >= max_chunks {
             Some(CancelReason::WindowExceeded)
@@ -601,13 +630,13 @@ impl Transfers {
         if !t.started {
             return self.abort(&key, CancelReason::ProtocolError, Outcome::ProtocolError);
         }
-        if t.sent != t.size {
+        if t.sent != t.file.size {
             return self.abort(&key, CancelReason::Incomplete, Outcome::ProtocolError);
         }
         if let Some(t) = self.remove_transfer(&key) {
             for leg in &t.legs {
                 self.send(&leg.to, FileMsg::Complete { id: leg.id, sha256 });
-                self.stat(Outcome::Completed);
+                self.ended(from, &t.file, &leg.to, Outcome::Completed);
             }
         }
     }
@@ -687,8 +716,21 @@ impl Transfers {
         self.send(&key.0, cancel(key.1, reason));
         for leg in &t.legs {
             self.send(&leg.to, cancel(leg.id, reason));
-            self.stat(outcome);
+            self.ended(&key.0, &t.file, &leg.to, outcome);
         }
+    }
+
+    /// Refuses an offer: no receiver gets it.
+    fn refuse_offer(
+        &mut self,
+        from: &ParticipantId,
+        id: TransferId,
+        file: FileInfo,
+        reason: CancelReason,
+        outcome: Outcome,
+    ) {
+        self.refuse(from, id, reason, outcome);
+        self.event(from, &file, None, Some(outcome));
     }
 
     /// Refuses a message about `id` that has no transfer (or gets none).
@@ -705,11 +747,15 @@ impl Transfers {
         Some(t)
     }
 
-    fn drop_leg(&mut self, to: &ParticipantId, id: TransferId, key: &Key) {
+    /// One receiver's part of a transfer that goes on for the others ended.
+    fn leg_ended(&mut self, to: &ParticipantId, id: TransferId, key: &Key, outcome: Outcome) {
         self.legs.remove(&(to.clone(), id));
-        if let Some(t) = self.transfers.get_mut(key) {
-            t.legs.retain(|l| !(l.id == id && l.to == *to));
-        }
+        let Some(t) = self.transfers.get_mut(key) else {
+            return self.stat(outcome);
+        };
+        t.legs.retain(|l| !(l.id == id && l.to == *to));
+        let file = t.file.clone();
+        self.ended(&key.0, &file, to, outcome);
     }
 
     /// Transfers `pid` is sending.
@@ -745,6 +791,27 @@ impl Transfers {
     fn stat(&mut self, outcome: Outcome) {
         self.outputs
             .push_back(TransferOutput::Stat(TransferStat::Outcome(outcome)));
+    }
+
+    /// `to`'s part of `sender`'s transfer of `file` ended: counted and logged.
+    fn ended(&mut self, sender: &ParticipantId, file: &FileInfo, to: &ParticipantId, o: Outcome) {
+        self.stat(o);
+        self.event(sender, file, Some(to), Some(o));
+    }
+
+    fn event(
+        &mut self,
+        sender: &ParticipantId,
+        file: &FileInfo,
+        receiver: Option<&ParticipantId>,
+        outcome: Option<Outcome>,
+    ) {
+        self.outputs.push_back(TransferOutput::Event(TransferEvent {
+            sender: sender.clone(),
+            receiver: receiver.cloned(),
+            file: file.clone(),
+            outcome,
+        }));
     }
 }
 

@@ -31,6 +31,8 @@ struct Sim {
     /// What each participant was sent, in order.
     got: HashMap<String, Vec<FileMsg>>,
     outcomes: Vec<Outcome>,
+    /// What the recording would keep.
+    events: Vec<TransferEvent>,
     forwarded: u64,
 }
 
@@ -61,6 +63,7 @@ impl Sim {
             now: base,
             got: HashMap::new(),
             outcomes: Vec::new(),
+            events: Vec::new(),
             forwarded: 0,
         };
         sim.drain();
@@ -77,6 +80,7 @@ impl Sim {
                     .push(msg),
                 TransferOutput::Stat(TransferStat::Outcome(o)) => self.outcomes.push(o),
                 TransferOutput::Stat(TransferStat::Forwarded(n)) => self.forwarded += n,
+                TransferOutput::Event(e) => self.events.push(e),
             }
         }
     }
@@ -139,6 +143,65 @@ impl Sim {
         assert_eq!(self.take(who), [FileMsg::Accept { id: TransferId(id) }]);
         cid
     }
+}
+
+/// The events as (sender, receiver, outcome) of short names.
+fn event_summary(events: &[TransferEvent]) -> Vec<(&str, Option<&str>, Option<Outcome>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.sender.as_str(),
+                e.receiver.as_ref().map(|r| r.as_str()),
+                e.outcome,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_offer_and_every_receivers_end_is_logged_with_the_file_for_the_recording() {
+    let mut sim = Sim::new();
+    sim.offer(C, 1, 1000);
+    let (h, m, v) = (sim.offered_id(H), sim.offered_id(M), sim.offered_id(V));
+    sim.from(V, FileMsg::Decline { id: v });
+    sim.from(H, FileMsg::Accept { id: h });
+    sim.from(M, FileMsg::Accept { id: m });
+    sim.chunk(C, 1, 0, 1000);
+    sim.core.remove_member(sim.now, &pid(M));
+    sim.drain();
+    sim.from(
+        C,
+        FileMsg::Complete {
+            id: TransferId(1),
+            sha256: SHA,
+        },
+    );
+    // A view-only agent's offer is refused before anyone gets it.
+    sim.offer(V, 9, 10);
+    use Outcome::*;
+    assert_eq!(
+        event_summary(&sim.events),
+        [
+            (C, Some(H), None),
+            (C, Some(M), None),
+            (C, Some(V), None),
+            (C, Some(V), Some(Declined)),
+            (C, Some(M), Some(Cancelled)),
+            (C, Some(H), Some(Completed)),
+            (V, None, Some(RefusedForbidden)),
+        ]
+    );
+    let customer_file = FileInfo {
+        name: "report.pdf".into(),
+        size: 1000,
+        to_customer: false,
+    };
+    assert!(sim.events[..6].iter().all(|e| e.file == customer_file));
+    assert!(sim.events[6].file.to_customer && sim.events[6].file.size == 10);
+    // Every counted end of a known file is logged, and nothing else.
+    let logged: Vec<Outcome> = sim.events.iter().filter_map(|e| e.outcome).collect();
+    assert_eq!(logged, sim.outcomes);
 }
 
 fn cancel_msg(id: TransferId, reason: CancelReason) -> FileMsg {

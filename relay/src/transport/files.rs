@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use relay_codec::files::{self, FileMsg};
+use relay_codec::recording::{FileDirection, FileOutcome, FileTransferRecord, Record};
 use relay_codec::wire::ErrorCode;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -26,7 +27,7 @@ use webrtc::data_channel::{DataChannel, DataChannelEvent};
 
 use super::session::{Shared, lock};
 use crate::session::ParticipantId;
-use crate::transfer::{TransferOutput, TransferStat, Transfers};
+use crate::transfer::{Outcome, TransferEvent, TransferOutput, TransferStat, Transfers};
 
 /// The label of the file-transfer data channel.
 pub(super) const FILES_LABEL: &str = "files";
@@ -83,9 +84,42 @@ pub(super) fn with_files<R>(shared: &Shared, f: impl FnOnce(&mut Transfers) -> R
                 .file_transfers_total
                 .with_label_values(&[o.as_str()])
                 .inc(),
+            TransferOutput::Event(e) => {
+                shared.record(Instant::now(), Record::FileTransfer(file_record(e)))
+            }
         }
     }
     r
+}
+
+/// What the recording keeps of a transfer event: the agent's side of it (the sender
+/// of a file to the customer, the receiver of one from the customer), the file's name
+/// and size, and the outcome (refusals and failures are `Cancelled`).
+fn file_record(e: TransferEvent) -> FileTransferRecord {
+    let (direction, agent) = if e.file.to_customer {
+        (FileDirection::ToCustomer, e.sender)
+    } else {
+        (FileDirection::FromCustomer, e.receiver.unwrap_or(e.sender))
+    };
+    let outcome = match e.outcome {
+        None => FileOutcome::Offered,
+        Some(Outcome::Completed) => FileOutcome::Completed,
+        Some(Outcome::Declined) => FileOutcome::Declined,
+        Some(
+            Outcome::Cancelled
+            | Outcome::RefusedForbidden
+            | Outcome::RefusedTooLarge
+            | Outcome::NoReceivers
+            | Outcome::ProtocolError,
+        ) => FileOutcome::Cancelled,
+    };
+    FileTransferRecord {
+        participant_id: agent.as_str().to_owned(),
+        direction,
+        outcome,
+        size: e.file.size,
+        name: e.file.name,
+    }
 }
 
 /// Takes a participant's new `files` channel into use. Returns its reader and writer.
