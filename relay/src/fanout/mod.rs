@@ -516,6 +516,13 @@ impl Fanout {
         }
     }
 
+    /// The session's recording needs a keyframe (it caught up after keeping keyframes
+    /// only, or lost a packet): passed on to the publisher like a subscriber's own
+    /// ask, coalesced with the others.
+    pub fn recording_wants_keyframe(&mut self, now: Instant) {
+        self.request_keyframe(now, true);
+    }
+
     /// Subscriber `id` sent an RTCP receiver report; kept in its [`SubscriberStats`].
     /// Ignored for an unknown `id`.
     pub fn receiver_report(

@@ -358,6 +358,26 @@ fn subscribers_own_request_is_coalesced_and_sent_at_the_window_end() {
 }
 
 #[test]
+fn the_recordings_ask_is_coalesced_with_the_subscribers() {
+    let mut sim = Sim::new();
+    sim.add(A);
+    sim.frame(true, 1);
+    sim.advance_to(50);
+    // Within the window opened by the join's request: held until its end.
+    sim.fanout.recording_wants_keyframe(sim.now);
+    sim.fanout.keyframe_requested(sim.now, A);
+    sim.drain();
+    assert_eq!(sim.outcomes(KeyframeOutcome::Coalesced), 2);
+    sim.advance_to(1_000);
+    assert_eq!(sim.requests(), vec![0, 300], "one request for both asks");
+    // Alone, outside any window: sent at once, with no subscriber waiting.
+    sim.advance_to(2_000);
+    sim.fanout.recording_wants_keyframe(sim.now);
+    sim.drain();
+    assert_eq!(sim.requests(), vec![0, 300, 2_000]);
+}
+
+#[test]
 fn a_keyframe_answers_a_coalesced_ask() {
     let mut sim = Sim::new();
     sim.add(A);

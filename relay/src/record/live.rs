@@ -93,6 +93,8 @@ pub struct Recordings {
     metrics: Arc<Metrics>,
     /// Portals already warned about (no review key), so that the log says it once.
     warned: Mutex<HashSet<String>>,
+    /// Writer threads running (each decrements it when it ends, however it ends).
+    writers: Arc<AtomicUsize>,
 }
 
 impl Recordings {
@@ -102,7 +104,14 @@ impl Recordings {
             settings,
             metrics,
             warned: Mutex::new(HashSet::new()),
+            writers: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Writer threads still running: a relay shutting down waits for them, so that
+    /// each recording gets its footer.
+    pub fn writers(&self) -> usize {
+        self.writers.load(Ordering::Acquire)
     }
 
     /// Starts recording a session of `portal`, or says why not (`None`: recording is
@@ -150,9 +159,13 @@ impl Recordings {
             shared: shared.clone(),
         };
         let span = tracing::info_span!("recording", session = %session_id);
+        let running = WriterRunning::new(&self.writers);
         let spawned = std::thread::Builder::new()
             .name("relay-recorder".into())
-            .spawn(move || span.in_scope(|| writer.run(rx)));
+            .spawn(move || {
+                let _running = running;
+                span.in_scope(|| writer.run(rx))
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a recording writer thread");
             self.metrics.recording_write_errors_total.inc();
@@ -166,6 +179,23 @@ impl Recordings {
     }
 }
 
+/// Counts a writer thread as running until dropped (when the thread ends, even by a
+/// panic, or when it could not be spawned).
+struct WriterRunning(Arc<AtomicUsize>);
+
+impl WriterRunning {
+    fn new(writers: &Arc<AtomicUsize>) -> Self {
+        writers.fetch_add(1, Ordering::AcqRel);
+        WriterRunning(Arc::clone(writers))
+    }
+}
+
+impl Drop for WriterRunning {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What the senders and the writer share about one queue.
 struct QueueState {
     /// Items in the queue (counted before a send, uncounted if it fails).
@@ -176,6 +206,9 @@ struct QueueState {
     resume_at: usize,
     /// The session ended: the writer drains the queue and finishes the file.
     ending: AtomicBool,
+    /// The writer's recorder waits for a keyframe (before the first one, or after a
+    /// lost packet): the tap asks the publisher for one.
+    keyframe_wanted: AtomicBool,
     warned_full: AtomicBool,
     warned_degrade: AtomicBool,
 }
@@ -189,6 +222,7 @@ impl QueueState {
             video_limit: capacity - capacity / 4,
             resume_at: capacity / 2,
             ending: AtomicBool::new(false),
+            keyframe_wanted: AtomicBool::new(false),
             warned_full: AtomicBool::new(false),
             warned_degrade: AtomicBool::new(false),
         }
@@ -235,6 +269,7 @@ impl RecordingHandle {
             codec,
             keyframes_only: false,
             keyframe_timestamp: None,
+            asked_keyframe: false,
             dropped: 0,
             last_dropped: None,
             dropped_counter: self
@@ -278,6 +313,8 @@ pub struct VideoTap {
     keyframes_only: bool,
     /// The RTP timestamp of the keyframe being passed in keyframes-only mode.
     keyframe_timestamp: Option<u32>,
+    /// In keyframes-only mode, the writer caught up and a keyframe was asked for.
+    asked_keyframe: bool,
     /// Frames left out since keyframes-only began.
     dropped: u32,
     last_dropped: Option<u32>,
@@ -287,17 +324,42 @@ pub struct VideoTap {
 impl VideoTap {
     /// One RTP packet of the track. `keyframe_start`: its payload starts a keyframe.
     /// Never blocks; allocates nothing (the payload is a reference-counted clone).
+    ///
+    /// Returns whether the recording needs a keyframe (its writer caught up after
+    /// keyframes-only, or waits for one after a loss): the caller asks the publisher,
+    /// through the fan-out's coalesced keyframe requests, rather than waiting for the
+    /// encoder's next one (screen encoders may send one only every few minutes).
+    #[must_use]
     pub fn packet(
         &mut self,
         at: Instant,
         header: &rtc::rtp::header::Header,
         payload: &Bytes,
         keyframe_start: bool,
-    ) {
+    ) -> bool {
         if self.handle.closed() {
-            return;
+            return false;
         }
-        let queued = self.handle.shared.queued.load(Ordering::Relaxed);
+        let shared = &self.handle.shared;
+        let queued = shared.queued.load(Ordering::Relaxed);
+        let mut wants_keyframe = shared.keyframe_wanted.load(Ordering::Relaxed)
+            && shared.keyframe_wanted.swap(false, Ordering::Relaxed);
+        if self.keyframes_only && !self.asked_keyframe && queued <= shared.resume_at {
+            self.asked_keyframe = true;
+            wants_keyframe = true;
+        }
+        self.offer(at, header, payload, keyframe_start, queued);
+        wants_keyframe
+    }
+
+    fn offer(
+        &mut self,
+        at: Instant,
+        header: &rtc::rtp::header::Header,
+        payload: &Bytes,
+        keyframe_start: bool,
+        queued: usize,
+    ) {
         if keyframe_start {
             if self.keyframes_only && queued <= self.handle.shared.resume_at {
                 self.keyframes_only = false;
@@ -335,6 +397,7 @@ impl VideoTap {
         if !self.keyframes_only {
             self.keyframes_only = true;
             self.keyframe_timestamp = None;
+            self.asked_keyframe = false;
             self.handle.record(
                 at,
                 Record::Gap(GapRecord {
@@ -499,6 +562,10 @@ impl Writer {
         };
         bytes("raw", c.raw_bytes, &mut r.raw);
         bytes("compressed", recorder.bytes_written(), &mut r.compressed);
+        if c.frames_awaiting_keyframe > r.awaiting_keyframe || c.frames_incomplete > r.incomplete
+        {
+            self.shared.keyframe_wanted.store(true, Ordering::Relaxed);
+        }
         for (reason, now, before) in [
             (
                 "awaiting_keyframe",
@@ -588,9 +655,11 @@ mod tests {
         let mut tap = h.video(VideoCodec::Vp8);
         let now = Instant::now();
         let payload = Bytes::from_static(b"x");
-        // Video may take 6 of 8 slots: one packet per frame, frames 0..=6.
+        // Video may take 6 of 8 slots: one packet per frame, frames 0..=6. A full
+        // queue asks for no keyframe: the writer could not take it.
         for ts in 0..7u32 {
-            tap.packet(now, &header(ts as u16, ts), &payload, ts == 0);
+            let ask = tap.packet(now, &header(ts as u16, ts), &payload, ts == 0);
+            assert!(!ask, "frame {ts}");
         }
         // Frame 6 found video's share full: keyframes only, marked in the file; the gap
         // record took one of the slots kept free for records.
@@ -617,12 +686,13 @@ mod tests {
                 "gCustomerReturned"
             ]
         );
-        // Drained: still keyframes only until a keyframe. A delta frame is left out...
-        tap.packet(now, &header(7, 7), &payload, false);
+        // Drained: still keyframes only until a keyframe. A delta frame is left out, and
+        // the publisher is asked for a keyframe (once)...
+        assert!(tap.packet(now, &header(7, 7), &payload, false));
         // ...a keyframe resumes every frame (two packets of it), and the next delta passes.
-        tap.packet(now, &header(8, 8), &payload, true);
-        tap.packet(now, &header(9, 8), &payload, false);
-        tap.packet(now, &header(10, 9), &payload, false);
+        assert!(!tap.packet(now, &header(8, 8), &payload, true));
+        assert!(!tap.packet(now, &header(9, 8), &payload, false));
+        assert!(!tap.packet(now, &header(10, 9), &payload, false));
         assert_eq!(drain(&rx, &h), ["gFullRate", "v8", "v8", "v9"]);
         assert_eq!(
             h.metrics
@@ -641,7 +711,7 @@ mod tests {
         let now = Instant::now();
         let payload = Bytes::from_static(b"x");
         for ts in 0..7u32 {
-            tap.packet(now, &header(ts as u16, ts), &payload, false);
+            let _ = tap.packet(now, &header(ts as u16, ts), &payload, false);
         }
         let _ = drain(&rx, &h);
         // Refill to above half with records, then a keyframe and a delta frame.
@@ -654,11 +724,25 @@ mod tests {
                 }),
             );
         }
-        tap.packet(now, &header(20, 20), &payload, true);
-        tap.packet(now, &header(21, 21), &payload, false);
+        // Above half full: no keyframe is asked for yet.
+        assert!(!tap.packet(now, &header(20, 20), &payload, true));
+        assert!(!tap.packet(now, &header(21, 21), &payload, false));
         let got = drain(&rx, &h);
         assert_eq!(got[5..], ["v20"], "{got:?}");
         assert!(tap.keyframes_only);
+    }
+
+    #[test]
+    fn a_writer_waiting_for_a_keyframe_has_the_tap_ask_for_one_once() {
+        let (h, _rx) = handle(64);
+        let mut tap = h.video(VideoCodec::Vp8);
+        let now = Instant::now();
+        let payload = Bytes::from_static(b"x");
+        assert!(!tap.packet(now, &header(1, 1), &payload, false));
+        // The writer's recorder lost a packet and waits for a keyframe.
+        h.shared.keyframe_wanted.store(true, Ordering::Relaxed);
+        assert!(tap.packet(now, &header(2, 2), &payload, false));
+        assert!(!tap.packet(now, &header(3, 3), &payload, false));
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub fn settings_from(config: &Config) -> Settings {
 /// How long open connections get to finish once the node has decided to exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a node that is exiting waits for its recordings' writers to finish.
+const RECORDINGS_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs the node until it has drained after SIGTERM/SIGINT. Prints
 /// `listening on <url>` as the first line on stdout once it accepts connections.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -183,6 +186,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let waited = Instant::now();
     while sockets.get() > 0 && waited.elapsed() < SHUTDOWN_GRACE {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every ended session's recording gets its footer before the process exits (a
+    // writer has at most its queue left to write).
+    let waited = Instant::now();
+    while media.recordings_writing() > 0 && waited.elapsed() < RECORDINGS_GRACE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if media.recordings_writing() > 0 {
+        tracing::warn!(
+            writing = media.recordings_writing(),
+            "exiting with recordings unfinished; they read up to their last complete chunk"
+        );
     }
     handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, server).await;

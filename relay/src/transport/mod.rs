@@ -154,6 +154,11 @@ impl MediaPlane {
         })
     }
 
+    /// Recordings whose writer has not finished yet.
+    pub fn recordings_writing(&self) -> usize {
+        self.inner.recordings.writers()
+    }
+
     /// Queues a chat message (a [`ServerMsg::Chat`]) on a participant's open `chat`
     /// channel. Never blocks. Hands the message back (`Some`) when the participant has
     /// no open channel or its queue is full, for the caller to deliver on the WebSocket.

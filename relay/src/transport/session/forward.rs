@@ -168,11 +168,14 @@ pub(super) async fn read_publisher(
             keyframe_start,
             frame_end: packet.header.marker,
         };
-        if let Some(tap) = recording.as_mut() {
-            tap.packet(arrived, &packet.header, &packet.payload, keyframe_start);
-        }
+        let recording_wants_keyframe = recording.as_mut().is_some_and(|tap| {
+            tap.packet(arrived, &packet.header, &packet.payload, keyframe_start)
+        });
         shared.with_plane(direction, |plane| {
             let Plane { fanout, sinks, .. } = plane;
+            if recording_wants_keyframe {
+                fanout.recording_wants_keyframe(arrived);
+            }
             fanout.route(arrived, &info, |id| {
                 let Some(sink) = sinks.get(&id) else {
                     return Delivery::Full;
