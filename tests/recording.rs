@@ -59,7 +59,7 @@ struct Built {
     chats: Vec<String>,
 }
 
-/// Writes a recording of the fixture's 60 frames (4 s at 15 fps) with a roster (a
+/// Writes a recording of the fixture's frames (VP8: 60, 4 s at 15 fps) with a roster (a
 /// customer, a host and a masked agent), chat lines, a note and input events.
 fn build_recording(dir: &Path, fixture: &str, session: &str, to: &Reviewer) -> Built {
     let source = FrameSource::open(
@@ -759,6 +759,32 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
     })
     .await
     .expect("chat on the WebSocket");
+    // A file to the customer: the recording keeps its name, size and outcome.
+    host.files().wait_open(LIVE_WAIT).await.expect("files channel");
+    customer
+        .files()
+        .wait_open(LIVE_WAIT)
+        .await
+        .expect("files channel");
+    let file = host
+        .files()
+        .offer("driver.zip", vec![7u8; 70_000], None)
+        .await
+        .expect("offer");
+    customer
+        .files()
+        .wait_offers(1, LIVE_WAIT)
+        .await
+        .expect("the customer is offered the file");
+    let offered = customer.files().offers()[0].id;
+    customer.files().accept(offered).await.expect("accept");
+    assert_eq!(
+        host.files()
+            .wait_outgoing(file, LIVE_WAIT)
+            .await
+            .expect("sent"),
+        relay_bench::client::OutgoingState::Sent
+    );
     let moves: Vec<InputEvent> = (0..5u32)
         .map(|i| InputEvent {
             seq: i + 1,
@@ -832,6 +858,14 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
     }
     assert!(out.contains("Bob Masked (agent, masked)"), "{out}");
     assert!(out.contains("Carol Customer"), "{out}");
+    let offered = out
+        .find("Alice Host (host): \"driver.zip\" (70000 bytes) to the customer: offered")
+        .unwrap_or_else(|| panic!("no file offer in:\n{out}"));
+    assert!(
+        out[offered..]
+            .contains("Alice Host (host): \"driver.zip\" (70000 bytes) to the customer: completed"),
+        "{out}"
+    );
 
     let out = expect_status(&recordings(&who, &["events", s(&path)]), 0, "events");
     let delivered = out.lines().filter(|l| l.contains("delivered")).count();

@@ -29,7 +29,7 @@ pub fn is_keyframe(codec: VideoCodec, frame: &[u8]) -> bool {
             .iter()
             .any(|nal| nal_type(nal) == Some(NAL_IDR)),
         VideoCodec::Av1 => av1_obus(frame)
-            .iter()
+            .map_while(Result::ok)
             .any(|obu| obu.obu_type == OBU_SEQUENCE_HEADER),
     }
 }
@@ -58,7 +58,7 @@ pub fn frame_digest(codec: VideoCodec, frame: &[u8]) -> [u8; 32] {
             }
         }
         VideoCodec::Av1 => {
-            for obu in av1_obus(frame) {
+            for obu in av1_obus(frame).map_while(Result::ok) {
                 if matches!(
                     obu.obu_type,
                     OBU_TEMPORAL_DELIMITER | OBU_TILE_LIST | OBU_PADDING
@@ -201,66 +201,127 @@ fn vp9_is_keyframe(frame: &[u8]) -> bool {
     (b >> (7 - bit)) & 1 == 0
 }
 
-const OBU_SEQUENCE_HEADER: u8 = 1;
-const OBU_TEMPORAL_DELIMITER: u8 = 2;
-const OBU_TILE_LIST: u8 = 8;
-const OBU_PADDING: u8 = 15;
-const OBU_HAS_SIZE_FIELD: u8 = 0x02;
-const OBU_HAS_EXTENSION: u8 = 0x04;
+/// `obu_type` of a sequence header OBU.
+pub const OBU_SEQUENCE_HEADER: u8 = 1;
+/// `obu_type` of a temporal delimiter OBU.
+pub const OBU_TEMPORAL_DELIMITER: u8 = 2;
+/// `obu_type` of a frame header OBU.
+pub const OBU_FRAME_HEADER: u8 = 3;
+/// `obu_type` of a frame OBU (a frame header and its tile group).
+pub const OBU_FRAME: u8 = 6;
+/// `obu_type` of a tile list OBU (large-scale tile decoding only).
+pub const OBU_TILE_LIST: u8 = 8;
+/// `obu_type` of a padding OBU.
+pub const OBU_PADDING: u8 = 15;
+/// OBU header bit: `obu_forbidden_bit`, always 0 in a valid OBU.
+pub const OBU_FORBIDDEN_BIT: u8 = 0x80;
+/// OBU header bit: `obu_extension_flag`, an extension byte follows the header.
+pub const OBU_HAS_EXTENSION: u8 = 0x04;
+/// OBU header bit: `obu_has_size_field`, a LEB128 payload size follows.
+pub const OBU_HAS_SIZE_FIELD: u8 = 0x02;
 
-struct Obu<'a> {
-    header: u8,
-    obu_type: u8,
-    extension: Option<u8>,
-    payload: &'a [u8],
+/// One OBU of an AV1 temporal unit, borrowed from the buffer it was split from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Obu<'a> {
+    /// The header byte as it was (type, extension and size-field flags).
+    pub header: u8,
+    /// `obu_type`, bits 6..3 of the header.
+    pub obu_type: u8,
+    /// The extension byte (temporal and spatial layer), if the header announces one.
+    pub extension: Option<u8>,
+    /// The payload: what follows the header, extension and size field.
+    pub payload: &'a [u8],
 }
 
-/// The OBUs of an AV1 temporal unit in low-overhead format. An OBU without a size field
-/// runs to the end of the buffer; parsing stops at the first malformed OBU.
-fn av1_obus(data: &[u8]) -> Vec<Obu<'_>> {
-    let mut obus = Vec::new();
-    let mut rest = data;
-    while let Some((&header, after)) = rest.split_first() {
-        let mut after = after;
+impl Obu<'_> {
+    /// Appends the OBU in the low-overhead bitstream format with `obu_has_size_field`
+    /// set: header, extension if any, the payload size as LEB128, the payload.
+    pub fn write_with_size(&self, out: &mut Vec<u8>) {
+        out.push(self.header | OBU_HAS_SIZE_FIELD);
+        out.extend(self.extension);
+        let mut size = self.payload.len();
+        loop {
+            let byte = (size & 0x7f) as u8;
+            size >>= 7;
+            if size == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+        out.extend_from_slice(self.payload);
+    }
+}
+
+/// An OBU that cannot be split off: its extension byte or size field is cut off, or
+/// its size runs past the end of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the AV1 OBU at byte {offset} is cut off")]
+pub struct TruncatedObu {
+    /// Where the OBU's header is in the buffer.
+    pub offset: usize,
+}
+
+/// The OBUs of an AV1 temporal unit in the low-overhead format, in order. An OBU
+/// without a size field runs to the end of the buffer. After a [`TruncatedObu`] the
+/// iterator ends; `.map_while(Result::ok)` takes the OBUs before it.
+pub fn av1_obus(data: &[u8]) -> Av1Obus<'_> {
+    Av1Obus { data, at: 0 }
+}
+
+/// Iterator over the OBUs of a temporal unit; see [`av1_obus`].
+#[derive(Debug, Clone)]
+pub struct Av1Obus<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Av1Obus<'a> {
+    type Item = Result<Obu<'a>, TruncatedObu>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let offset = self.at;
+        let (&header, mut after) = self.data.get(offset..)?.split_first()?;
+        // Whatever happens below, this OBU is the last one unless it is whole.
+        self.at = self.data.len();
+        let truncated = Some(Err(TruncatedObu { offset }));
         let extension = if header & OBU_HAS_EXTENSION != 0 {
             let Some((&ext, tail)) = after.split_first() else {
-                break;
+                return truncated;
             };
             after = tail;
             Some(ext)
         } else {
             None
         };
-        let payload;
-        if header & OBU_HAS_SIZE_FIELD != 0 {
+        let payload = if header & OBU_HAS_SIZE_FIELD != 0 {
             let Some((size, used)) = read_leb128(after) else {
-                break;
+                return truncated;
             };
-            let Some(p) = after.get(used..used + size) else {
-                break;
+            let Some(payload) = used.checked_add(size).and_then(|end| after.get(used..end)) else {
+                return truncated;
             };
-            payload = p;
-            rest = &after[used + size..];
+            self.at = self.data.len() - (after.len() - used - size);
+            payload
         } else {
-            payload = after;
-            rest = &[];
-        }
-        obus.push(Obu {
+            after
+        };
+        Some(Ok(Obu {
             header,
             obu_type: (header >> 3) & 0x0f,
             extension,
             payload,
-        });
+        }))
     }
-    obus
 }
 
+/// A LEB128 value and the bytes it took (at most 8, as the AV1 spec allows).
 fn read_leb128(data: &[u8]) -> Option<(usize, usize)> {
-    let mut value = 0usize;
+    let mut value = 0u64;
     for (i, &b) in data.iter().take(8).enumerate() {
-        value |= usize::from(b & 0x7f) << (7 * i);
+        value |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            return Some((value, i + 1));
+            return Some((usize::try_from(value).ok()?, i + 1));
         }
     }
     None
@@ -324,6 +385,78 @@ mod tests {
             VideoCodec::Av1,
             &[0x12, 0x00, 0x32, 0x01, 0xbb]
         ));
+    }
+
+    #[test]
+    fn av1_obus_split_and_report_truncation() {
+        // TD, sequence header (size 1), frame without a size field to the end.
+        let tu = [0x12, 0x00, 0x0a, 0x01, 0xaa, 0x30, 0xbb, 0xcc];
+        let obus: Vec<_> = av1_obus(&tu).collect::<Result<_, _>>().unwrap();
+        let types: Vec<u8> = obus.iter().map(|o| o.obu_type).collect();
+        assert_eq!(
+            types,
+            [OBU_TEMPORAL_DELIMITER, OBU_SEQUENCE_HEADER, OBU_FRAME]
+        );
+        assert_eq!(obus[1].payload, [0xaa]);
+        assert_eq!(obus[2].payload, [0xbb, 0xcc]);
+
+        let mut low_overhead = Vec::new();
+        obus[2].write_with_size(&mut low_overhead);
+        assert_eq!(low_overhead, [0x32, 0x02, 0xbb, 0xcc]);
+        let big = Obu {
+            header: 0x34, // frame OBU with an extension byte
+            obu_type: OBU_FRAME,
+            extension: Some(0x08),
+            payload: &[7; 200],
+        };
+        let mut out = Vec::new();
+        big.write_with_size(&mut out);
+        assert_eq!(out[..4], [0x36, 0x08, 0xc8, 0x01]); // 200 = 0x48 | 0x80, 0x01
+        let back = av1_obus(&out).next();
+        assert_eq!(
+            back.and_then(Result::ok).map(|o| o.payload),
+            Some(big.payload)
+        );
+
+        // The size says 5 bytes, 2 follow; an extension flag with nothing after it; a
+        // size field that never ends.
+        for (cut, offset) in [
+            (&[0x12, 0x00, 0x32, 0x05, 0xbb, 0xcc][..], 2),
+            (&[0x36][..], 0),
+            (&[0x32, 0x80, 0x80][..], 0),
+        ] {
+            let results: Vec<_> = av1_obus(cut).collect();
+            assert_eq!(
+                results.last(),
+                Some(&Err(TruncatedObu { offset })),
+                "{cut:02x?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, splitting never panics, and the OBUs it finds, written
+        /// back with size fields, split into the same OBUs.
+        #[test]
+        fn av1_obus_written_with_sizes_split_the_same(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let obus: Vec<Obu<'_>> = av1_obus(&data).map_while(Result::ok).collect();
+            let mut written = Vec::new();
+            for obu in &obus {
+                obu.write_with_size(&mut written);
+            }
+            let again: Vec<Obu<'_>> = av1_obus(&written)
+                .collect::<Result<_, _>>()
+                .map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            proptest::prop_assert_eq!(again.len(), obus.len());
+            for (a, b) in again.iter().zip(&obus) {
+                proptest::prop_assert_eq!(
+                    (a.obu_type, a.extension, a.payload),
+                    (b.obu_type, b.extension, b.payload)
+                );
+            }
+        }
     }
 
     #[test]

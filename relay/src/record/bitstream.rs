@@ -1,6 +1,7 @@
 //! The picture size of encoded video, read from the frames themselves: containers
 //! (WebM's `PixelWidth`, MP4's `avc1` box) must declare it, and a recording stores
-//! only the frames.
+//! only the frames. AV1's sequence header, which says more than the size, is read in
+//! [`super::av1`] with the same [`Bits`] reader.
 
 use relay_codec::frame::{annex_b_nals, nal_type};
 
@@ -155,25 +156,26 @@ fn unescape(nal: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A big-endian bit reader.
-struct Bits<'a> {
+/// A big-endian bit reader (MSB first), as VP9, H.264 and AV1 headers are written.
+pub(super) struct Bits<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Bits<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
+    pub(super) fn new(bytes: &'a [u8]) -> Self {
         Self { bytes, pos: 0 }
     }
 
-    fn bit(&mut self) -> Option<u32> {
+    pub(super) fn bit(&mut self) -> Option<u32> {
         let byte = self.bytes.get(self.pos / 8)?;
         let bit = (byte >> (7 - self.pos % 8)) & 1;
         self.pos += 1;
         Some(u32::from(bit))
     }
 
-    fn bits(&mut self, n: u32) -> Option<u32> {
+    /// `n` bits (at most 32) as an unsigned number.
+    pub(super) fn bits(&mut self, n: u32) -> Option<u32> {
         (0..n).try_fold(0u32, |acc, _| Some((acc << 1) | self.bit()?))
     }
 
@@ -196,32 +198,41 @@ impl<'a> Bits<'a> {
     }
 }
 
+/// A file of `tests/fixtures`.
+#[cfg(test)]
+pub(super) fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name),
+    )
+    .expect("fixture")
+}
+
+/// The frames of an IVF fixture.
+#[cfg(test)]
+pub(super) fn fixture_ivf_frames(name: &str) -> Vec<Vec<u8>> {
+    let ivf = fixture(name);
+    let mut at = usize::from(u16::from_le_bytes([ivf[6], ivf[7]]));
+    let mut frames = Vec::new();
+    while at + 12 <= ivf.len() {
+        let len = u32::from_le_bytes(ivf[at..at + 4].try_into().expect("4 bytes")) as usize;
+        frames.push(ivf[at + 12..at + 12 + len].to_vec());
+        at += 12 + len;
+    }
+    frames
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/fixtures")
-                .join(name),
-        )
-        .unwrap()
-    }
-
-    /// The first frame of an IVF file.
-    fn first_ivf_frame(ivf: &[u8]) -> &[u8] {
-        let header = usize::from(u16::from_le_bytes([ivf[6], ivf[7]]));
-        let len = u32::from_le_bytes(ivf[header..header + 4].try_into().unwrap()) as usize;
-        &ivf[header + 12..header + 12 + len]
-    }
-
     #[test]
     fn fixture_sizes_are_read_from_the_bitstream() {
-        let vp8 = fixture("screen-vp8.ivf");
-        assert_eq!(vp8_size(first_ivf_frame(&vp8)), Some((640, 360)));
-        let vp9 = fixture("screen-vp9.ivf");
-        assert_eq!(vp9_size(first_ivf_frame(&vp9)), Some((640, 360)));
+        let vp8 = fixture_ivf_frames("screen-vp8.ivf");
+        assert_eq!(vp8_size(&vp8[0]), Some((640, 360)));
+        let vp9 = fixture_ivf_frames("screen-vp9.ivf");
+        assert_eq!(vp9_size(&vp9[0]), Some((640, 360)));
         let h264 = fixture("screen-h264.h264");
         let (sps, pps) = h264_parameter_sets(&h264[..4096]);
         assert!(pps.is_some());

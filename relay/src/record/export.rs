@@ -1,6 +1,6 @@
 //! `relay recordings export`: the screen video of a recording as a file that players
-//! open: VP8 and VP9 in WebM (written with `webm-iterable`), H.264 in MP4 (written
-//! with `mp4`).
+//! open: VP8, VP9 and AV1 in WebM (written with `webm-iterable`; AV1 as the Matroska
+//! AV1 codec mapping has it, see [`super::av1`]), H.264 in MP4 (written with `mp4`).
 //!
 //! Frame times come from the records: each frame's time after the first is the
 //! previous one's plus the RTP timestamp difference (90 kHz, exact) when that agrees
@@ -16,6 +16,7 @@ use bytes::Bytes;
 use relay_codec::keyframe::VideoCodec;
 use relay_codec::recording::{Record, Recording};
 
+use super::av1::{Av1Blocks, Av1Error};
 use super::bitstream;
 
 /// How far the RTP clock may disagree with the recorded times before the recorded
@@ -27,7 +28,7 @@ const LONE_FRAME_TICKS: u64 = 3000;
 /// The container to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
-    /// WebM: VP8, VP9.
+    /// WebM: VP8, VP9, AV1.
     WebM,
     /// MP4: H.264.
     Mp4,
@@ -48,7 +49,7 @@ impl ExportFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     /// The output name says neither `.webm` nor `.mp4`.
-    #[error("the output file must end in .webm (VP8, VP9) or .mp4 (H.264)")]
+    #[error("the output file must end in .webm (VP8, VP9, AV1) or .mp4 (H.264)")]
     UnknownFormat,
     /// No keyframe in the range asked for (or no video at all).
     #[error("the recording holds no decodable video in the range asked for")]
@@ -69,6 +70,18 @@ pub enum ExportError {
     /// The first keyframe does not say its picture size.
     #[error("cannot read the picture size from the first keyframe")]
     NoPictureSize,
+    /// AV1 video none of whose keyframes in the range asked for carries a sequence
+    /// header, so none can start it.
+    #[error("no AV1 keyframe in the range asked for carries a sequence header")]
+    NoSequenceHeader,
+    /// An AV1 frame that cannot be read.
+    #[error("the AV1 frame at {at_ms} ms cannot be read: {reason}")]
+    MalformedAv1 {
+        /// The frame's time, in ms since the recording started.
+        at_ms: u64,
+        /// What is wrong with it.
+        reason: Av1Error,
+    },
     /// The output exists.
     #[error("{0} exists; export does not overwrite files")]
     Exists(std::path::PathBuf),
@@ -114,7 +127,8 @@ struct Frame {
 
 /// Writes the video between `from_ms` and `to_ms` (ms since the recording started) to
 /// `out`. The video starts at the last keyframe at or before `from_ms`
-/// ([`Recording::records_from`]), so that its first frame decodes.
+/// ([`Recording::records_from`]), so that its first frame decodes; for AV1, at the
+/// first keyframe that carries a sequence header.
 pub fn export_video(
     recording: &Recording<'_>,
     out: &Path,
@@ -127,7 +141,15 @@ pub fn export_video(
         None => recording.records(),
     };
     let to_ms = to_ms.unwrap_or(u64::MAX);
+    let codec_of = |index: u8| {
+        let mime = recording.header().video_codecs.get(usize::from(index));
+        mime.and_then(|m| VideoCodec::from_mime(m))
+    };
     let mut codec_index = None;
+    // AV1 going into WebM: its temporal units become blocks as they are read, since
+    // where the video can start depends on the sequence headers seen.
+    let mut av1: Option<Av1Blocks> = None;
+    let mut awaiting_sequence_header = false;
     let mut frames: Vec<Frame> = Vec::new();
     let (mut corrupt_chunks, mut skipped_frames) = (0, 0);
     let mut need_keyframe = true;
@@ -148,12 +170,35 @@ pub fn export_video(
         if timed.at_ms > to_ms {
             break;
         }
+        if codec_index.is_none()
+            && format == ExportFormat::WebM
+            && codec_of(frame.codec) == Some(VideoCodec::Av1)
+        {
+            av1 = Some(Av1Blocks::default());
+        }
         if *codec_index.get_or_insert(frame.codec) != frame.codec
             || (need_keyframe && !frame.keyframe)
         {
             skipped_frames += 1;
             continue;
         }
+        let data = match &mut av1 {
+            None => frame.data,
+            Some(blocks) => match blocks.block(&frame.data, frame.keyframe) {
+                Ok(Some(block)) => Bytes::from(block),
+                Ok(None) => {
+                    awaiting_sequence_header = true;
+                    skipped_frames += 1;
+                    continue;
+                }
+                Err(reason) => {
+                    return Err(ExportError::MalformedAv1 {
+                        at_ms: timed.at_ms,
+                        reason,
+                    });
+                }
+            },
+        };
         need_keyframe = false;
         let ticks = match last {
             None => {
@@ -176,11 +221,15 @@ pub fn export_video(
         frames.push(Frame {
             ticks,
             keyframe: frame.keyframe,
-            data: frame.data,
+            data,
         });
     }
     let (Some(codec_index), Some(first)) = (codec_index, frames.first()) else {
-        return Err(ExportError::NoVideo);
+        return Err(if awaiting_sequence_header {
+            ExportError::NoSequenceHeader
+        } else {
+            ExportError::NoVideo
+        });
     };
     let mime = recording
         .header()
@@ -193,13 +242,19 @@ pub fn export_video(
         ExportFormat::WebM => ("WebM", ".mp4"),
         ExportFormat::Mp4 => ("MP4", ".webm"),
     };
+    // The AV1 track's CodecPrivate, from the sequence header the video starts with.
+    let av1_track = av1.as_ref().and_then(Av1Blocks::track);
     let (width, height) = match (codec, format) {
         (VideoCodec::Vp8, ExportFormat::WebM) => bitstream::vp8_size(&first.data),
         (VideoCodec::Vp9, ExportFormat::WebM) => bitstream::vp9_size(&first.data),
+        (VideoCodec::Av1, ExportFormat::WebM) => {
+            let track = av1_track.ok_or(ExportError::NoSequenceHeader)?;
+            let header = &track.sequence_header;
+            Some((header.max_width, header.max_height))
+        }
         (VideoCodec::H264, ExportFormat::Mp4) => bitstream::h264_parameter_sets(&first.data)
             .0
             .and_then(bitstream::h264_size),
-        (VideoCodec::Av1, _) => return Err(ExportError::UnsupportedCodec(mime)),
         _ => {
             return Err(ExportError::WrongContainer {
                 codec: mime,
@@ -236,7 +291,15 @@ pub fn export_video(
         })?;
     let written = match (codec, format) {
         (VideoCodec::H264, _) => write_mp4(file, &frames, end_ticks, width, height),
-        _ => write_webm(file, codec, &frames, end_ticks, width, height),
+        _ => write_webm(
+            file,
+            codec,
+            av1_track.map(|t| t.codec_private.as_slice()),
+            &frames,
+            end_ticks,
+            width,
+            height,
+        ),
     };
     if let Err(detail) = written {
         // Leave no half-written video that looks like a result.
@@ -262,6 +325,7 @@ const MAX_CLUSTER_MS: u64 = 30_000;
 fn write_webm(
     file: File,
     codec: VideoCodec,
+    codec_private: Option<&[u8]>,
     frames: &[Frame],
     end_ticks: u64,
     width: u32,
@@ -273,6 +337,7 @@ fn write_webm(
     let codec_id = match codec {
         VideoCodec::Vp8 => "V_VP8",
         VideoCodec::Vp9 => "V_VP9",
+        VideoCodec::Av1 => "V_AV1",
         _ => return Err(format!("{codec:?} does not go into WebM here")),
     };
     let mut w = WebmWriter::new(BufWriter::new(file));
@@ -300,13 +365,18 @@ fn write_webm(
         M::TrackType(1),
         M::FlagLacing(0),
         M::CodecID(codec_id.into()),
+    ];
+    if let Some(private) = codec_private {
+        tags.push(M::CodecPrivate(private.to_vec()));
+    }
+    tags.extend([
         M::Video(Master::Start),
         M::PixelWidth(u64::from(width)),
         M::PixelHeight(u64::from(height)),
         M::Video(Master::End),
         M::TrackEntry(Master::End),
         M::Tracks(Master::End),
-    ];
+    ]);
     for tag in tags.drain(..) {
         w.write(&tag).map_err(|e| e.to_string())?;
     }
@@ -407,4 +477,198 @@ fn length_prefixed(access_unit: &[u8]) -> Vec<u8> {
         out.extend_from_slice(nal);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use relay_codec::frame::{OBU_SEQUENCE_HEADER, OBU_TEMPORAL_DELIMITER, av1_obus};
+    use relay_codec::recording::{ChunkSettings, RecordingHeader, RecordingWriter, VideoFrame};
+
+    use super::*;
+    use crate::record::bitstream::fixture_ivf_frames;
+
+    /// A recording's bytes: these AV1 frames at 15 fps, keyframes at 0 and 15 as in the
+    /// fixture.
+    fn av1_recording(frames: &[Vec<u8>]) -> Vec<u8> {
+        let header = RecordingHeader {
+            session_id: "sess-av1".into(),
+            portal: "support".into(),
+            start_unix_ms: 1_763_900_000_000,
+            video_codecs: vec!["video/AV1".into()],
+            audio_codecs: vec![],
+        };
+        let (mut writer, head) =
+            RecordingWriter::new(&header, ChunkSettings::default()).expect("writer");
+        let mut file = head.to_vec();
+        for (i, data) in frames.iter().enumerate() {
+            let i = i as u64;
+            let frame = Record::Video(VideoFrame {
+                keyframe: i % 15 == 0,
+                codec: 0,
+                rtp_timestamp: (i * 6000) as u32,
+                data: Bytes::from(data.clone()),
+            });
+            if let Some(chunk) = writer.push(i * 1000 / 15, &frame).expect("push") {
+                file.extend_from_slice(&chunk);
+            }
+        }
+        file.extend_from_slice(&writer.finish());
+        file
+    }
+
+    /// A temporal unit without its sequence header.
+    fn without_sequence_header(temporal_unit: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for obu in av1_obus(temporal_unit).map(|o| o.expect("whole OBU")) {
+            if obu.obu_type != OBU_SEQUENCE_HEADER {
+                obu.write_with_size(&mut out);
+            }
+        }
+        out
+    }
+
+    /// What a WebM file holds: CodecID, CodecPrivate, PixelWidth/Height, and each
+    /// SimpleBlock's keyframe flag and data.
+    struct WebM {
+        codec_id: String,
+        codec_private: Vec<u8>,
+        size: (u64, u64),
+        blocks: Vec<(bool, Vec<u8>)>,
+    }
+
+    fn read_webm(path: &Path) -> WebM {
+        use webm_iterable::WebmIterator;
+        use webm_iterable::matroska_spec::{MatroskaSpec as M, SimpleBlock};
+
+        let mut webm = WebM {
+            codec_id: String::new(),
+            codec_private: Vec::new(),
+            size: (0, 0),
+            blocks: Vec::new(),
+        };
+        let file = File::open(path).expect("open webm");
+        for tag in WebmIterator::new(file, &[]) {
+            match tag.expect("a WebM element") {
+                M::CodecID(id) => webm.codec_id = id,
+                M::CodecPrivate(private) => webm.codec_private = private,
+                M::PixelWidth(w) => webm.size.0 = w,
+                M::PixelHeight(h) => webm.size.1 = h,
+                M::SimpleBlock(data) => {
+                    let block = SimpleBlock::try_from(&data).expect("a SimpleBlock");
+                    webm.blocks
+                        .push((block.keyframe, block.raw_frame_data().to_vec()));
+                }
+                _ => {}
+            }
+        }
+        webm
+    }
+
+    #[test]
+    fn av1_goes_into_webm_as_the_matroska_mapping_says() {
+        let frames = fixture_ivf_frames("screen-av1.ivf");
+        let bytes = av1_recording(&frames);
+        let recording = Recording::parse(&bytes).expect("recording");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("screen.webm");
+        let summary = export_video(&recording, &out, None, None).expect("export");
+        assert_eq!(
+            (summary.frames, summary.keyframes, summary.duration_ms),
+            (30, 2, 2000)
+        );
+        assert_eq!((summary.width, summary.height), (640, 360));
+
+        let webm = read_webm(&out);
+        assert_eq!(webm.codec_id, "V_AV1");
+        assert_eq!(webm.size, (640, 360));
+        // The configuration record ffmpeg writes for this stream, then the sequence
+        // header OBU as the first temporal unit holds it (after its temporal delimiter).
+        let sequence_header = &frames[0][2..2 + 13];
+        assert_eq!(sequence_header[0] >> 3 & 0x0f, OBU_SEQUENCE_HEADER);
+        assert_eq!(
+            webm.codec_private,
+            [&[0x81, 0x01, 0x0c, 0x00][..], sequence_header].concat()
+        );
+        assert_eq!(webm.blocks.len(), 30);
+        for (i, ((keyframe, block), frame)) in webm.blocks.iter().zip(&frames).enumerate() {
+            assert_eq!(*keyframe, i % 15 == 0, "block {i}");
+            // The temporal unit less its temporal delimiter (`12 00`), byte for byte.
+            assert_eq!(frame[..2], [0x12, 0x00]);
+            assert!(block[..] == frame[2..], "block {i} differs from its frame");
+            assert!(av1_obus(block).all(|o| o.is_ok_and(|o| o.obu_type != OBU_TEMPORAL_DELIMITER)));
+        }
+
+        // AV1 does not go into MP4.
+        let mp4 = dir.path().join("screen.mp4");
+        let err = export_video(&recording, &mp4, None, None).expect_err("mp4");
+        assert!(err.to_string().contains("use .webm"), "{err}");
+        assert!(!mp4.exists());
+    }
+
+    #[test]
+    fn a_keyframe_without_a_sequence_header_gets_the_last_one_seen() {
+        let mut frames = fixture_ivf_frames("screen-av1.ivf");
+        let original = frames[15].clone();
+        frames[15] = without_sequence_header(&frames[15]);
+        let bytes = av1_recording(&frames);
+        let recording = Recording::parse(&bytes).expect("recording");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("all.webm");
+        let summary = export_video(&recording, &out, None, None).expect("export");
+        assert_eq!((summary.frames, summary.keyframes), (30, 2));
+        let webm = read_webm(&out);
+        // Both sequence headers are the same: block 15 is as the encoder made it.
+        assert!(webm.blocks[15].1[..] == original[2..]);
+
+        // Seeking to it: it cannot start the video, and no later keyframe can.
+        let part = dir.path().join("part.webm");
+        let err = export_video(&recording, &part, Some(1100), None).expect_err("no header");
+        assert!(matches!(err, ExportError::NoSequenceHeader), "{err}");
+        assert!(!part.exists());
+    }
+
+    #[test]
+    fn malformed_av1_is_a_clear_error_and_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("bad.webm");
+
+        let mut frames = fixture_ivf_frames("screen-av1.ivf");
+        let cut = frames[3].len() - 1;
+        frames[3].truncate(cut);
+        let bytes = av1_recording(&frames);
+        let err = export_video(
+            &Recording::parse(&bytes).expect("recording"),
+            &out,
+            None,
+            None,
+        )
+        .expect_err("truncated");
+        assert!(
+            matches!(
+                err,
+                ExportError::MalformedAv1 {
+                    at_ms: 200,
+                    reason: Av1Error::TruncatedObu(_)
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("200 ms"), "{err}");
+        assert!(!out.exists());
+
+        let frames: Vec<Vec<u8>> = fixture_ivf_frames("screen-av1.ivf")
+            .iter()
+            .map(|f| without_sequence_header(f))
+            .collect();
+        let bytes = av1_recording(&frames);
+        let err = export_video(
+            &Recording::parse(&bytes).expect("recording"),
+            &out,
+            None,
+            None,
+        )
+        .expect_err("no sequence header");
+        assert!(matches!(err, ExportError::NoSequenceHeader), "{err}");
+        assert!(!out.exists());
+    }
 }

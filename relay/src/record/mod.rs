@@ -9,6 +9,7 @@
 //! media path feeds, metrics). [`retention`] deletes recordings older than
 //! `recording.retention`.
 
+pub mod av1;
 pub mod bitstream;
 pub mod export;
 pub mod file;
