@@ -760,7 +760,10 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
     .await
     .expect("chat on the WebSocket");
     // A file to the customer: the recording keeps its name, size and outcome.
-    host.files().wait_open(LIVE_WAIT).await.expect("files channel");
+    host.files()
+        .wait_open(LIVE_WAIT)
+        .await
+        .expect("files channel");
     customer
         .files()
         .wait_open(LIVE_WAIT)

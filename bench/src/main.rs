@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use relay_bench::compare::ceiling::forwarder::{ForwarderArgs, serve as serve_udp_forwarder};
 use relay_bench::compare::{CompareArgs, compare};
 use relay_bench::ramp::{RampArgs, ramp};
 use relay_bench::roles::{AgentArgs, CustomerArgs, run_agent, run_customer};
@@ -48,6 +49,10 @@ enum Command {
     /// session), receive and check frames, optionally send input; exits 1 when the
     /// stream was not clean.
     Agent(AgentArgs),
+    /// The plain UDP fan-out forwarder of `compare --targets udp-ceiling`, which starts
+    /// it as its own process.
+    #[command(hide = true)]
+    UdpForwarder(ForwarderArgs),
 }
 
 #[tokio::main]
@@ -55,6 +60,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
+        Command::UdpForwarder(args) => serve_udp_forwarder(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Run(args) => run_and_report(&args).await,
         Command::Ramp(args) => ramp_and_report(&args).await,
         Command::Compare(args) => compare_and_report(&args).await,
@@ -107,7 +115,11 @@ async fn compare_and_report(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let failures: Vec<String> = report
         .runs
         .iter()
-        .flat_map(|r| r.failures().into_iter().map(|f| format!("{}: {f}", r.target)))
+        .flat_map(|r| {
+            r.failures()
+                .into_iter()
+                .map(|f| format!("{}: {f}", r.target))
+        })
         .collect();
     for f in &failures {
         eprintln!("relay-bench: {f}");

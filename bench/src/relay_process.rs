@@ -4,6 +4,8 @@
 //! and a random token secret (passed in `RELAY_AUTH_HS256_SECRET`, never on the command
 //! line), and reads its first stdout line, `listening on https://127.0.0.1:PORT`.
 //! [`ProcStats::read`] samples `/proc/<pid>` for CPU time and resident memory.
+//! [`spawn_until_first_line`] is the start-up step on its own, for the other processes
+//! `compare` measures the same way (the UDP forwarder).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -29,8 +31,9 @@ pub enum ProcessError {
         /// The error.
         source: std::io::Error,
     },
-    /// It exited or printed something else than its listening line.
-    #[error("relay did not start: {0}")]
+    /// It exited or printed something else than its listening line (the message names
+    /// the program: `relay did not start: ...`).
+    #[error("{0}")]
     Startup(String),
     /// `/proc/<pid>` could not be read or parsed.
     #[error("/proc/{pid}: {message}")]
@@ -58,6 +61,64 @@ pub fn default_relay_binary() -> PathBuf {
         Some(path) if path.is_file() => path,
         _ => PathBuf::from("target/release/relay"),
     }
+}
+
+/// Starts `command` with its stdout piped and blocks until it prints its first line (at
+/// most [`STARTUP_TIMEOUT`]), which is returned with the child; stdout is drained from
+/// then on, so the child never blocks on a full pipe. `name` names the program in
+/// errors; `log` is where its stderr goes, whose tail an error quotes. On error the
+/// child is killed.
+pub fn spawn_until_first_line(
+    command: &mut Command,
+    name: &str,
+    log: &Path,
+) -> Result<(Child, String), ProcessError> {
+    let program = Path::new(command.get_program()).display().to_string();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(io(format!("starting {program}")))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        // Keep draining, so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(Some(Ok(line))) => Ok((child, line)),
+        Ok(_) => Err(startup_failed(
+            child,
+            name,
+            log,
+            "it closed stdout without a first line".into(),
+        )),
+        Err(_) => Err(startup_failed(
+            child,
+            name,
+            log,
+            format!("no first line within {STARTUP_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// Kills `child` and says why it did not start, with the tail of its `log`.
+pub(crate) fn startup_failed(
+    mut child: Child,
+    name: &str,
+    log: &Path,
+    what: String,
+) -> ProcessError {
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    ProcessError::Startup(format!(
+        "{name} did not start: {what}; its log ends with:\n{}",
+        tail.join("\n")
+    ))
 }
 
 /// A `relay serve` child process; dropping it kills the process.
@@ -108,48 +169,16 @@ impl LocalRelay {
             .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
             .env("RELAY_AUTH_HS256_SECRET", &secret)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(stderr);
         if let Some(config) = config {
             command.arg("--config").arg(config);
         }
-        let mut child = command
-            .spawn()
-            .map_err(io(format!("starting {}", binary.display())))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            // Keep draining, so the relay never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let startup_error = |child: &mut Child, what: String| {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            ProcessError::Startup(format!("{what}; its log ends with:\n{}", tail.join("\n")))
-        };
-        let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(Some(Ok(line))) => line,
-            Ok(_) => {
-                return Err(startup_error(
-                    &mut child,
-                    "it closed stdout without a listening line".into(),
-                ));
-            }
-            Err(_) => {
-                return Err(startup_error(
-                    &mut child,
-                    format!("no listening line within {STARTUP_TIMEOUT:?}"),
-                ));
-            }
-        };
+        let (child, line) = spawn_until_first_line(&mut command, "relay", &stderr_path)?;
         let Some(url) = line.trim().strip_prefix("listening on ") else {
-            return Err(startup_error(
-                &mut child,
+            return Err(startup_failed(
+                child,
+                "relay",
+                &stderr_path,
                 format!("its first line is {line:?}"),
             ));
         };
@@ -231,6 +260,33 @@ impl ProcStats {
     }
 }
 
+/// CPU time (user + system) of the threads of process `pid` alive now, in seconds, from
+/// `/proc/<pid>/task/*/schedstat`, which counts nanoseconds where [`ProcStats`] counts
+/// clock ticks (10 ms): for a process that uses too little CPU for ticks to measure.
+/// Threads that have exited are not counted, so it suits a process whose threads live
+/// as long as it does (the UDP forwarder), not the relay.
+pub fn live_threads_cpu_seconds(pid: u32) -> Result<f64, ProcessError> {
+    let err = |message: String| ProcessError::Proc { pid, message };
+    let tasks =
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| err(format!("task: {e}")))?;
+    let mut nanos = 0u64;
+    for task in tasks {
+        let task = task.map_err(|e| err(format!("task: {e}")))?;
+        // A thread may end between the listing and the read.
+        let Ok(schedstat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        nanos += parse_schedstat_nanos(&schedstat)
+            .ok_or_else(|| err(format!("schedstat does not parse: {schedstat:?}")))?;
+    }
+    Ok(nanos as f64 / 1e9)
+}
+
+/// The first field of a `schedstat` line: nanoseconds spent on a CPU.
+fn parse_schedstat_nanos(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
+}
+
 /// Clock ticks per second of `/proc/<pid>/stat` times.
 fn clock_ticks_per_second() -> f64 {
     match rustix::param::clock_ticks_per_second() {
@@ -274,6 +330,25 @@ mod tests {
         assert_eq!(parse_status_kib(status, "VmRSS:"), Some(10240));
         assert_eq!(parse_status_kib(status, "VmHWM:"), Some(20480));
         assert_eq!(parse_status_kib(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn parses_schedstat() {
+        assert_eq!(parse_schedstat_nanos("154049 3265218 2\n"), Some(154_049));
+        assert_eq!(parse_schedstat_nanos(""), None);
+    }
+
+    #[test]
+    fn live_threads_cpu_counts_a_spinning_thread_finely() {
+        let before = live_threads_cpu_seconds(std::process::id()).unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(3) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        let after = live_threads_cpu_seconds(std::process::id()).unwrap();
+        // 3 ms is below one clock tick; schedstat still sees it.
+        assert!(after > before, "{x} {before} {after}");
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! that identifies a frame across the relay) are `relay_codec`'s: [`VideoCodec`],
 //! [`relay_codec::frame`].
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use rtc::rtp::codec::av1::Av1Depacketizer;
 use rtc::rtp::codec::h264::H264Packet;
 use rtc::rtp::codec::vp8::Vp8Packet;
 use rtc::rtp::codec::vp9::Vp9Packet;
-use rtc::rtp::packetizer::Depacketizer;
+use rtc::rtp::packetizer::{Depacketizer, Packetizer, new_packetizer};
+use rtc::rtp::sequence::new_random_sequencer;
 use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters};
 
 pub use relay_codec::frame::{digest_hex, frame_digest};
@@ -16,6 +19,30 @@ pub use relay_codec::keyframe::VideoCodec;
 
 /// RTP clock rate of every video codec.
 pub const VIDEO_CLOCK_RATE: u32 = 90_000;
+
+/// Largest RTP packet, header included, that the publishers' video tracks send: the
+/// `webrtc` crate's `TrackLocalStaticSample` packetizes at this MTU.
+pub(crate) const RTP_OUTBOUND_MTU: usize = 1200;
+
+/// A packetizer that cuts `codec` frames into RTP as the publishers' video tracks do
+/// (the codec's payloader, [`RTP_OUTBOUND_MTU`], its default payload type, a random
+/// first sequence number and timestamp), for RTP sent without a peer connection.
+pub(crate) fn rtp_packetizer(
+    codec: VideoCodec,
+    ssrc: u32,
+    now: Instant,
+) -> Result<impl Packetizer, webrtc::error::Error> {
+    let params = codec.rtp_codec_parameters();
+    Ok(new_packetizer(
+        now,
+        RTP_OUTBOUND_MTU,
+        params.payload_type,
+        ssrc,
+        params.rtp_codec.payloader()?,
+        Box::new(new_random_sequencer()),
+        VIDEO_CLOCK_RATE,
+    ))
+}
 
 /// What a WebRTC client needs of a [`VideoCodec`]: the parameters it registers and the
 /// depacketizer that reassembles its frames.
@@ -124,30 +151,19 @@ impl Depacketizer for CodecDepacketizer {
 /// The frame digest survives the rtc crates' payloaders and depacketizers, in memory.
 #[cfg(test)]
 mod round_trip_tests {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use rtc::media::io::sample_builder::SampleBuilder;
-    use rtc::rtp::packetizer::{Packetizer, new_packetizer};
-    use rtc::rtp::sequence::new_random_sequencer;
 
     use super::*;
     use crate::client::source::FrameSource;
     use crate::client::source::tests::fixture;
 
-    /// Packetizes `frames` as `TrackLocalStaticSample` does (MTU 1200) and reassembles
-    /// them with a `SampleBuilder`, returning the frames it releases.
+    /// Packetizes `frames` as `TrackLocalStaticSample` does ([`rtp_packetizer`]) and
+    /// reassembles them with a `SampleBuilder`, returning the frames it releases.
     fn round_trip(codec: VideoCodec, frames: &[Bytes]) -> Vec<Bytes> {
-        let params = codec.rtp_codec_parameters();
         let now = Instant::now();
-        let mut packetizer = new_packetizer(
-            now,
-            1200,
-            params.payload_type,
-            0x1234_5678,
-            params.rtp_codec.payloader().expect("payloader"),
-            Box::new(new_random_sequencer()),
-            VIDEO_CLOCK_RATE,
-        );
+        let mut packetizer = rtp_packetizer(codec, 0x1234_5678, now).expect("payloader");
         let mut builder = SampleBuilder::new(512, codec.depacketizer(), VIDEO_CLOCK_RATE);
         let mut out = Vec::new();
         // One extra frame at the end: the builder releases a frame when the next begins.

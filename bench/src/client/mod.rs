@@ -67,7 +67,19 @@ pub use customer::{Customer, CustomerOptions, ReceivedInput};
 pub use peer::{DataChannelMessage, NegotiationStats};
 pub use publish::{KeyframeRequest, SentFrame};
 pub use receive::{ReceiveStats, ReceivedFrame};
+// RTP without a peer connection (the UDP forwarder of `compare`), cut and reassembled
+// as the tracks do.
+pub(crate) use codec::rtp_packetizer;
+pub(crate) use peer::lock;
+pub(crate) use receive::Assembler;
+// The pieces `compare`'s Janus peers (signalled over Janus's HTTP API) are built from.
+pub(crate) use peer::{build_peer_connection_with, wait_connected};
+pub(crate) use publish::{
+    PublishRecords, Publisher, publish, video_track, watch_keyframe_requests,
+};
+pub(crate) use receive::Receiver;
 pub use rtcp::KeyframeRequestKind;
+pub(crate) use rtcp::with_keyframe_request_marker;
 pub use signalling::{
     CONNECT_TIMEOUT, CloseInfo, Signalling, SignallingSender, Transcript, Welcome, insecure_tls,
     tls_trusting_pem, tls_trusting_pem_file,

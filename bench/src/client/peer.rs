@@ -174,6 +174,17 @@ pub(crate) async fn build_peer_connection(
     registry: Registry,
     shared: Arc<PeerShared>,
 ) -> Result<Arc<dyn PeerConnection>, ClientError> {
+    build_peer_connection_with(bind, media_engine, registry, Arc::new(Handler(shared))).await
+}
+
+/// [`build_peer_connection`] with another event handler, for peers not signalled over the
+/// relay's session socket (the Janus peers of `compare`, signalled over its HTTP API).
+pub(crate) async fn build_peer_connection_with(
+    bind: SocketAddr,
+    media_engine: MediaEngine,
+    registry: Registry,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+) -> Result<Arc<dyn PeerConnection>, ClientError> {
     let settings = SettingEngineBuilder::new()
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
@@ -182,7 +193,7 @@ pub(crate) async fn build_peer_connection(
         .with_media_engine(media_engine)
         .with_setting_engine(settings)
         .with_interceptor_registry(registry)
-        .with_handler(Arc::new(Handler(shared)))
+        .with_handler(handler)
         .with_udp_addrs(vec![bind])
         .build()
         .await?;

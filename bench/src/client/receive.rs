@@ -188,8 +188,10 @@ async fn send_pli(track: &dyn TrackRemote, media_ssrc: u32) -> Result<(), Client
     Ok(())
 }
 
-/// Frame reassembly for one payload type.
-struct Assembler {
+/// Frame reassembly for one payload type: RTP packets in, whole frames out. It knows
+/// nothing of tracks or sockets, so RTP received without a peer connection (the UDP
+/// forwarder of `compare`) is reassembled the same way.
+pub(crate) struct Assembler {
     payload_type: u8,
     codec: VideoCodec,
     builder: SampleBuilder<CodecDepacketizer>,
@@ -198,7 +200,7 @@ struct Assembler {
 }
 
 impl Assembler {
-    fn new(payload_type: u8, codec: VideoCodec) -> Self {
+    pub(crate) fn new(payload_type: u8, codec: VideoCodec) -> Self {
         Assembler {
             payload_type,
             codec,
@@ -208,7 +210,8 @@ impl Assembler {
         }
     }
 
-    fn push(&mut self, now: Instant, packet: rtp::Packet, out: &mut Vec<ReceivedFrame>) {
+    /// Adds `packet`, read at `now`, and appends the frames it completes to `out`.
+    pub(crate) fn push(&mut self, now: Instant, packet: rtp::Packet, out: &mut Vec<ReceivedFrame>) {
         let ts = packet.header.timestamp;
         match self.arrivals.iter_mut().rev().find(|(t, _)| *t == ts) {
             Some(entry) => entry.1 = now,

@@ -1,11 +1,178 @@
-//! The `janus` target of `relay-bench compare`.
+//! The `janus` target of `relay-bench compare`: the load of `run` through Janus's
+//! VideoRoom plugin, the SFU most often deployed for this job.
+//!
+//! The order of a run, as `run`'s:
+//!
+//! 1. Janus ([`process::LocalJanus`]): Debian's `janus` (`--janus-bin`) with a
+//!    generated configuration: the VideoRoom plugin and the HTTP transport only, its API
+//!    and Admin API on loopback ports, ICE on one local address (Janus refuses loopback
+//!    for ICE; see [`process`]), no STUN;
+//! 2. set-up, all sessions at once ([`room::Room::open`]): per bench session a Janus
+//!    session, a room in the source's codec, a publisher (the bench customer's track
+//!    and publishing loop) that offers with `joinandconfigure`, then `--agents`
+//!    subscribers that `join` the feed, answer Janus's offer and `start`;
+//! 3. the window (`--duration`): Janus's CPU from `/proc/<pid>` and its packet counters
+//!    from the Admin API at both ends;
+//! 4. drain: publishing goes on until every subscriber has the last frame of the window
+//!    (at most [`DRAIN_LIMIT`]);
+//! 5. scoring with `run`'s measures into a [`Report`] with target `janus`.
+//!
+//! `packets_forwarded` is Janus's own count: the Admin API's `handle_info` packets sent
+//! (`webrtc.media.*.stats.out.packets`) summed over the subscribers' handles (one per
+//! subscriber per packet, as the relay counts), read at both ends of the window. Input events, masking
+//! and slow agents are this relay's features; they stay at zero here.
+
+mod api;
+mod peer;
+mod process;
+mod room;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use crate::run::report::Report;
-use crate::run::{RunArgs, RunError};
+use indicatif::{ProgressBar, ProgressStyle};
 
-/// Runs the load of `args` through Janus's VideoRoom plugin.
-pub async fn run(_args: &RunArgs, _janus_bin: &Path) -> Result<Report, RunError> {
-    Err(RunError::Options("the janus target is not built yet".into()))
+use crate::relay_process::ProcStats;
+use crate::run::report::{self, RelayUsage, Report};
+use crate::run::session::Totals;
+use crate::run::{DRAIN_LIMIT, RunArgs, RunError};
+use process::LocalJanus;
+use room::Room;
+
+pub use process::INSTALL_HINT;
+
+/// Runs the load of `args` through Janus's VideoRoom plugin, with the Janus binary
+/// `janus_bin`. Fails with a hint to install Janus when it is missing.
+pub async fn run(args: &RunArgs, janus_bin: &Path) -> Result<Report, RunError> {
+    args.validate()?;
+    let source = args.source()?;
+    // No overall timeout: a long poll lasts up to 30 s.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| RunError::Setup(format!("HTTP client: {e}")))?;
+    let janus = LocalJanus::start(janus_bin, &http).await?;
+    let before_sessions = ProcStats::read(janus.pid())?;
+
+    let progress = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(u64::from(args.sessions))
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix("janus");
+    let opens = (0..args.sessions).map(|n| {
+        let (http, janus, source, progress) = (&http, &janus, source.clone(), &progress);
+        async move {
+            let room = Room::open(http, janus, n, source, args.fps, args.agents).await?;
+            progress.inc(1);
+            Ok::<Room, RunError>(room)
+        }
+    });
+    let rooms = futures_util::future::try_join_all(opens).await?;
+
+    let window = Duration::from_secs_f64(args.duration);
+    progress.set_prefix("running");
+    progress.set_length(window.as_secs().max(1));
+    progress.set_position(0);
+    // The Admin API's work stays outside the CPU window.
+    let start_packets = packets_sent(&http, &janus, &rooms).await?;
+    let start_received: u64 = rooms.iter().map(Room::rtp_packets_received).sum();
+    let start_usage = ProcStats::read(janus.pid())?;
+    let window_start = Instant::now();
+    let window_end = window_start + window;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while Instant::now() < window_end {
+        tick.tick().await;
+        let frames: usize = rooms.iter().map(Room::frames_received).sum();
+        progress.set_position(
+            window_start
+                .elapsed()
+                .as_secs()
+                .min(window.as_secs().max(1)),
+        );
+        progress.set_message(format!("{frames} frames received"));
+    }
+    let end_usage = ProcStats::read(janus.pid())?;
+    let end_packets = packets_sent(&http, &janus, &rooms).await?;
+    let end_received: u64 = rooms.iter().map(Room::rtp_packets_received).sum();
+    tracing::debug!(
+        janus_sent = end_packets.saturating_sub(start_packets),
+        subscribers_read = end_received.saturating_sub(start_received),
+        "janus: RTP packets in the window"
+    );
+
+    progress.set_prefix("drain");
+    let drain_until = Instant::now() + DRAIN_LIMIT;
+    while Instant::now() < drain_until && !rooms.iter().all(|r| r.drained(window_end)) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = ProcStats::read(janus.pid())?;
+    progress.finish_and_clear();
+
+    let mut totals = Totals::default();
+    for room in &rooms {
+        if let Some(e) = room.publisher.publish_error() {
+            tracing::warn!(error = %e, "janus: a publisher stopped");
+        }
+        room.score(window_start, window_end, &mut totals);
+    }
+    futures_util::future::join_all(rooms.into_iter().map(Room::close)).await;
+    drop(janus);
+
+    let cpu_seconds = end_usage.cpu_seconds - start_usage.cpu_seconds;
+    let packets_forwarded = end_packets.saturating_sub(start_packets);
+    Ok(Report {
+        target: "janus".to_owned(),
+        sessions: args.sessions,
+        agents_per_session: args.agents,
+        duration_s: window.as_secs_f64(),
+        latency_ms: report::latency(&totals.latency),
+        first_frame_ms: report::quantiles(&totals.first_frame),
+        connect_ms: report::quantiles(&totals.connect),
+        input: report::Input::default(),
+        frames: totals.frames,
+        masked_leaks: 0,
+        slow_agents: report::SlowAgents::default(),
+        relay: RelayUsage {
+            cpu_seconds: Some(cpu_seconds),
+            rss_peak_bytes: Some(after.rss_peak_bytes),
+            packets_forwarded,
+            cpu_us_per_packet: (packets_forwarded > 0)
+                .then(|| cpu_seconds * 1e6 / packets_forwarded as f64),
+            bytes_per_session: Some(
+                end_usage
+                    .rss_bytes
+                    .saturating_sub(before_sessions.rss_bytes)
+                    / u64::from(args.sessions),
+            ),
+        },
+    })
+}
+
+/// RTP packets Janus has sent to every subscriber of `rooms` so far (Admin API).
+async fn packets_sent(
+    http: &reqwest::Client,
+    janus: &LocalJanus,
+    rooms: &[Room],
+) -> Result<u64, RunError> {
+    let reads = rooms.iter().flat_map(|room| {
+        room.subscribers.iter().map(move |s| {
+            api::handle_packets_sent(
+                http,
+                janus.admin_url(),
+                janus.admin_secret(),
+                room.session.id(),
+                s.handle,
+            )
+        })
+    });
+    let counts = futures_util::future::try_join_all(reads)
+        .await
+        .map_err(|e| RunError::Setup(format!("Janus's Admin API: {e}")))?;
+    Ok(counts.into_iter().sum())
 }

@@ -70,6 +70,15 @@ impl AgentFrames {
     pub fn lost(&self) -> u64 {
         self.expected.saturating_sub(self.received)
     }
+
+    /// Adds this agent's counts to the report's totals.
+    pub fn add_to(&self, totals: &mut super::report::Frames) {
+        totals.expected += self.expected;
+        totals.received += self.received;
+        totals.lost += self.lost();
+        totals.out_of_order += self.out_of_order;
+        totals.corrupt += self.corrupt;
+    }
 }
 
 /// Scores one agent's `received` frames against the customer's publishing: the agent is

@@ -190,7 +190,8 @@ async fn usage(target: &Target, api: &RelayApi) -> Result<Usage, RunError> {
 }
 
 impl RunArgs {
-    fn validate(&self) -> Result<(), RunError> {
+    /// Refuses options that make no sense together.
+    pub(crate) fn validate(&self) -> Result<(), RunError> {
         let bad = |m: String| Err(RunError::Options(m));
         if !(self.duration.is_finite() && self.duration > 0.0) {
             return bad(format!(
@@ -222,7 +223,8 @@ impl RunArgs {
         Ok(())
     }
 
-    fn source(&self) -> Result<FrameSource, RunError> {
+    /// The frames the publishers send: `--source`, `--synthetic-size` or the default.
+    pub(crate) fn source(&self) -> Result<FrameSource, RunError> {
         Ok(match (&self.source, self.synthetic_size) {
             (Some(path), _) => FrameSource::open(path)?,
             (None, Some(size)) => FrameSource::synthetic(size, self.keyframe_interval),

@@ -562,8 +562,7 @@ impl Writer {
         };
         bytes("raw", c.raw_bytes, &mut r.raw);
         bytes("compressed", recorder.bytes_written(), &mut r.compressed);
-        if c.frames_awaiting_keyframe > r.awaiting_keyframe || c.frames_incomplete > r.incomplete
-        {
+        if c.frames_awaiting_keyframe > r.awaiting_keyframe || c.frames_incomplete > r.incomplete {
             self.shared.keyframe_wanted.store(true, Ordering::Relaxed);
         }
         for (reason, now, before) in [

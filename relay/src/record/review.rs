@@ -11,8 +11,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use age::x25519;
 use relay_codec::input::{self, InputKind};
 use relay_codec::recording::{
-    self, CHUNK_HEADER_BYTES, FileDirection, FileOutcome, InputOutcome, Record, Recording, RecordingError, RosterChange,
-    TimedRecord,
+    self, CHUNK_HEADER_BYTES, FileDirection, FileOutcome, InputOutcome, Record, Recording,
+    RecordingError, RosterChange, TimedRecord,
 };
 use relay_codec::wire::{Audience, Permission, Role, Visibility};
 
