@@ -183,10 +183,19 @@ impl RelayApi {
                 body,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::Body {
+        // An empty answer (204) reads as JSON `null`: `()` for calls that expect none.
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(bytes).map_err(|e| ApiError::Body {
             request,
             message: e.to_string(),
         })
+    }
+
+    /// `DELETE /v1/sessions/{sid}`: the host ends its session.
+    pub async fn end_session(&self, host_token: &str, sid: &str) -> Result<(), ApiError> {
+        let path = format!("/v1/sessions/{sid}");
+        self.call(Method::DELETE, &path, Some(host_token), None::<&()>)
+            .await
     }
 
     /// `POST /v1/sessions`: `token`'s agent opens a session in `portal`.

@@ -326,6 +326,7 @@ mod tests {
             masked_leaks: 0,
             slow_agents: SlowAgents::default(),
             relay: RelayUsage::default(),
+            recording: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! `relay-bench run` against the real relay: the benchmark's own figures must say that
 //! every frame reached every healthy agent, input arrived, view-only input was refused
-//! and no masked agent leaked, in the JSON shape ops scripts read.
+//! and no masked agent leaked, in the JSON shape ops scripts read; and `compare` runs the
+//! same load through this relay, Janus and the UDP ceiling.
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
@@ -67,6 +68,7 @@ async fn bench_run_reports_every_frame_input_and_no_masked_leak() -> Result<()> 
         "--quiet",
         "--relay-bin",
         bin.to_str().context("binary path")?,
+        "--record",
         "--json",
         json_path.to_str().context("json path")?,
     ])?;
@@ -111,5 +113,111 @@ async fn bench_run_reports_every_frame_input_and_no_masked_leak() -> Result<()> 
         number(&json, "/relay/packets_forwarded")? > 6.0 * 30.0,
         "{json}"
     );
+    // `--record`: both sessions recorded and finished, the bytes measured.
+    ensure!(number(&json, "/recording/raw_bytes")? > 100_000.0, "{json}");
+    ensure!(
+        number(&json, "/recording/compression_ratio")? > 0.5,
+        "{json}"
+    );
+    ensure!(number(&json, "/recording/unfinished")? == 0.0, "{json}");
+    ensure!(number(&json, "/recording/write_errors")? == 0.0, "{json}");
+    Ok(())
+}
+
+/// `relay-bench compare`: the same load through this relay, Janus (when installed; CI
+/// installs it) and the UDP ceiling forwarder, each carrying every frame, with each
+/// one's CPU per packet measured and the ratios computed, in the `{"runs": [...]}`
+/// shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_compare_runs_the_same_load_through_every_target() -> Result<()> {
+    use relay_bench::compare::{CompareArgs, compare, janus};
+
+    #[derive(Parser)]
+    struct CompareCli {
+        #[command(flatten)]
+        compare: CompareArgs,
+    }
+
+    relay_e2e::install_crypto();
+    let relay = tokio::task::spawn_blocking(relay_e2e::relay_binary).await??;
+    let bench = tokio::task::spawn_blocking(relay_e2e::bench_binary).await??;
+    let janus_bin = std::path::Path::new("/usr/bin/janus");
+    let mut targets = vec!["relay", "udp-ceiling"];
+    if janus_bin.is_file() {
+        targets.insert(1, "janus");
+    } else {
+        let message = format!(
+            "no Janus at {}: {}",
+            janus_bin.display(),
+            janus::INSTALL_HINT
+        );
+        ensure!(std::env::var_os("CI").is_none(), "{message}");
+        eprintln!("\n*** the janus target is SKIPPED: {message} ***\n");
+    }
+    let json_path = tempfile::NamedTempFile::new()?.into_temp_path();
+    let cli = CompareCli::try_parse_from([
+        "relay-bench",
+        "--targets",
+        &targets.join(","),
+        "--sessions",
+        "1",
+        "--agents",
+        "3",
+        "--duration",
+        "3",
+        "--quiet",
+        "--relay-bin",
+        relay.to_str().context("binary path")?,
+        "--forwarder-bin",
+        bench.to_str().context("binary path")?,
+        "--json",
+        json_path.to_str().context("json path")?,
+    ])?;
+    let report = compare(&cli.compare).await?;
+    std::fs::write(&json_path, serde_json::to_vec(&report)?)?;
+    let json: Value = serde_json::from_slice(&std::fs::read(&json_path)?)?;
+    let runs = json
+        .pointer("/runs")
+        .and_then(Value::as_array)
+        .with_context(|| format!("no runs: {json}"))?;
+    let names: Vec<&str> = runs
+        .iter()
+        .filter_map(|r| r.pointer("/target").and_then(Value::as_str))
+        .collect();
+    ensure!(names == targets, "{names:?}\n{}", report.table());
+    for run in runs {
+        for key in KEYS {
+            ensure!(run.pointer(key).is_some(), "a run lacks {key}: {run}");
+        }
+        let target = run
+            .pointer("/target")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        // Three agents for 3 s at 15 fps, their joins aside: every frame, through each.
+        let expected = number(run, "/frames/expected")?;
+        ensure!(expected >= 3.0 * 30.0, "{target}: {run}");
+        ensure!(
+            number(run, "/frames/received")? == expected,
+            "{target}: {run}"
+        );
+        ensure!(number(run, "/frames/lost")? == 0.0, "{target}: {run}");
+        ensure!(number(run, "/frames/corrupt")? == 0.0, "{target}: {run}");
+        // Each target's own count of what it forwarded, and its CPU for that.
+        ensure!(
+            number(run, "/relay/packets_forwarded")? >= expected,
+            "{target}: {run}"
+        );
+        ensure!(
+            number(run, "/relay/cpu_us_per_packet")? > 0.0,
+            "{target}: {run}"
+        );
+    }
+    ensure!(
+        number(&json, "/ratios/relay_over_udp_ceiling")? > 0.0,
+        "{json}"
+    );
+    if targets.contains(&"janus") {
+        ensure!(number(&json, "/ratios/relay_over_janus")? > 0.0, "{json}");
+    }
     Ok(())
 }

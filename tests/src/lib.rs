@@ -74,29 +74,59 @@ pub fn install_crypto() {
 /// caller with the tail of cargo's output.
 pub fn relay_binary() -> Result<PathBuf> {
     static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| locate_or_build().map_err(|e| format!("{e:#}")))
+    BIN.get_or_init(|| locate_or_build(RELAY).map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow!(e))
 }
 
-fn locate_or_build() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("RELAY_BIN") {
+/// The `relay-bench` binary (its `compare` starts its UDP forwarder from it):
+/// `RELAY_BENCH_BIN` if set, otherwise built once per process as [`relay_binary`] is.
+pub fn bench_binary() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| locate_or_build(RELAY_BENCH).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// A binary of the workspace the tests run: its package and name, and the variable that
+/// may point at a prebuilt one.
+struct WorkspaceBin {
+    package: &'static str,
+    bin: &'static str,
+    env: &'static str,
+}
+
+const RELAY: WorkspaceBin = WorkspaceBin {
+    package: "relay",
+    bin: "relay",
+    env: "RELAY_BIN",
+};
+
+const RELAY_BENCH: WorkspaceBin = WorkspaceBin {
+    package: "relay-bench",
+    bin: "relay-bench",
+    env: "RELAY_BENCH_BIN",
+};
+
+fn locate_or_build(what: WorkspaceBin) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(what.env) {
         let bin = PathBuf::from(bin);
         if !bin.is_file() {
-            bail!("RELAY_BIN={} is not a file", bin.display());
+            bail!("{}={} is not a file", what.env, bin.display());
         }
         return Ok(bin);
     }
     let layout = TargetLayout::of_current_exe()?;
-    match build_relay(&layout, &layout.target_dir)? {
+    match build_bin(&what, &layout, &layout.target_dir)? {
         Some(bin) => Ok(bin),
         None => {
             let own = layout.target_dir.join("e2e");
             eprintln!(
-                "relay-e2e: the target directory stayed locked; building relay into {}",
+                "relay-e2e: the target directory stayed locked; building {} into {}",
+                what.bin,
                 own.display()
             );
-            build_relay(&layout, &own)?
+            build_bin(&what, &layout, &own)?
                 .ok_or_else(|| anyhow!("cargo stayed blocked on the lock of {}", own.display()))
         }
     }
@@ -147,28 +177,39 @@ impl TargetLayout {
         })
     }
 
-    fn binary_in(&self, target_dir: &Path) -> PathBuf {
+    fn binary_in(&self, target_dir: &Path, bin: &str) -> PathBuf {
         let mut p = target_dir.to_path_buf();
         if let Some(t) = &self.triple {
             p.push(t);
         }
         p.push(&self.profile_dir);
-        p.push("relay");
+        p.push(bin);
         p
     }
 }
 
-/// Builds the relay into `target_dir`. `Ok(None)` when cargo sat on the build-directory
+/// Builds `what` into `target_dir`. `Ok(None)` when cargo sat on the build-directory
 /// lock for longer than [`BUILD_LOCK_PATIENCE`] (then it was killed).
-fn build_relay(layout: &TargetLayout, target_dir: &Path) -> Result<Option<PathBuf>> {
+fn build_bin(
+    what: &WorkspaceBin,
+    layout: &TargetLayout,
+    target_dir: &Path,
+) -> Result<Option<PathBuf>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "-p", "relay", "--bin", "relay", "--target-dir"])
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "build",
+        "-p",
+        what.package,
+        "--bin",
+        what.bin,
+        "--target-dir",
+    ])
+    .arg(target_dir)
+    .current_dir(env!("CARGO_MANIFEST_DIR"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     // Cargo gives this test process the variables of *its* crate (CARGO_PKG_NAME,
     // CARGO_MANIFEST_DIR, …). Build scripts such as ring's track some of them, so
     // passing them on would rebuild those crates here and again in the next
@@ -241,11 +282,12 @@ fn build_relay(layout: &TargetLayout, target_dir: &Path) -> Result<Option<PathBu
     if !status.success() {
         let lines = output.lock().expect("lock poisoned");
         bail!(
-            "building the relay failed ({status}); cargo said:\n{}",
+            "building {} failed ({status}); cargo said:\n{}",
+            what.bin,
             tail(&lines, 40)
         );
     }
-    let bin = layout.binary_in(target_dir);
+    let bin = layout.binary_in(target_dir, what.bin);
     if !bin.is_file() {
         bail!("cargo succeeded but {} does not exist", bin.display());
     }

@@ -204,6 +204,7 @@ pub async fn run_with(args: &RunArgs, binary: &Path) -> Result<Report, RunError>
         masked_leaks: 0,
         slow_agents: report::SlowAgents::default(),
         relay,
+        recording: None,
     })
 }
 

@@ -151,6 +151,7 @@ pub async fn run(args: &RunArgs, janus_bin: &Path) -> Result<Report, RunError> {
                     / u64::from(args.sessions),
             ),
         },
+        recording: None,
     })
 }
 

@@ -62,6 +62,10 @@ pub struct CompareArgs {
     /// The Janus binary (Debian: `apt-get install janus`).
     #[arg(long, value_name = "FILE", default_value = "/usr/bin/janus")]
     pub janus_bin: std::path::PathBuf,
+    /// The `relay-bench` binary whose hidden `udp-forwarder` command is the
+    /// udp-ceiling forwarder (default: this program, or `$RELAY_BENCH_BIN`).
+    #[arg(long, value_name = "FILE")]
+    pub forwarder_bin: Option<std::path::PathBuf>,
 }
 
 /// The result of `compare`: one report per target, and the ratios of this relay's CPU
@@ -91,7 +95,10 @@ pub async fn compare(args: &CompareArgs) -> Result<CompareReport, RunError> {
         let report = match target {
             CompareTarget::Relay => crate::run::run(&args.run).await?,
             CompareTarget::Janus => janus::run(&args.run, &args.janus_bin).await?,
-            CompareTarget::UdpCeiling => ceiling::run(&args.run).await?,
+            CompareTarget::UdpCeiling => match &args.forwarder_bin {
+                Some(bin) => ceiling::run_with(&args.run, bin).await?,
+                None => ceiling::run(&args.run).await?,
+            },
         };
         runs.push(report);
     }

@@ -103,6 +103,12 @@ pub struct RunArgs {
     /// Configuration file for the relay it starts.
     #[arg(long, value_name = "FILE", conflicts_with = "relay")]
     pub relay_config: Option<PathBuf>,
+    /// Have the relay it starts record every session: a fresh review key for the
+    /// bench's portal is added to its configuration (the key's identity is thrown
+    /// away: the recordings are only measured). The report's `recording` then holds the
+    /// bytes recorded and the compression ratio.
+    #[arg(long, conflicts_with = "relay")]
+    pub record: bool,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -154,13 +160,91 @@ impl Target {
 }
 
 /// CPU and memory of the relay at one moment, from `/proc` or its metrics.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Usage {
     cpu_seconds: Option<f64>,
     rss_bytes: Option<u64>,
     rss_peak_bytes: Option<u64>,
     packets_forwarded: f64,
     refused_view_only: f64,
+    /// The metrics text it was read from.
+    metrics: String,
+}
+
+/// Longest wait, after the sessions ended, for their recordings to be finished.
+const RECORDINGS_FINISH_LIMIT: Duration = Duration::from_secs(15);
+
+/// A configuration file for the relay: `base` (if any) with recording enabled and a
+/// fresh review key for the bench's portal.
+fn recording_config(base: Option<&std::path::Path>) -> Result<tempfile::NamedTempFile, RunError> {
+    let mut table: toml::Table = match base {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| RunError::Io(path.to_owned(), e))?
+            .parse()
+            .map_err(|e| RunError::Options(format!("{}: {e}", path.display())))?,
+        None => toml::Table::new(),
+    };
+    let recording = table
+        .entry("recording")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| RunError::Options("[recording] must be a table".into()))?;
+    recording.insert("enabled".into(), toml::Value::Boolean(true));
+    let keys = recording
+        .entry("review_keys")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| RunError::Options("[recording.review_keys] must be a table".into()))?;
+    let recipient = age::x25519::Identity::generate().to_public().to_string();
+    keys.insert(session::PORTAL.into(), toml::Value::String(recipient));
+    let mut file = tempfile::Builder::new()
+        .prefix("relay-bench-config-")
+        .suffix(".toml")
+        .tempfile()
+        .map_err(|e| RunError::Setup(format!("writing the relay's configuration: {e}")))?;
+    std::io::Write::write_all(&mut file, table.to_string().as_bytes())
+        .map_err(|e| RunError::Setup(format!("writing the relay's configuration: {e}")))?;
+    Ok(file)
+}
+
+/// What the relay recorded since `before` (its metrics text), once every recording is
+/// finished (at most [`RECORDINGS_FINISH_LIMIT`]); `None` when it recorded nothing.
+async fn recording_usage(
+    api: &RelayApi,
+    before: &str,
+) -> Result<Option<report::RecordingUsage>, RunError> {
+    let deadline = Instant::now() + RECORDINGS_FINISH_LIMIT;
+    let mut text = api.metrics().await?;
+    while metric_value(&text, "relay_recordings_active").unwrap_or(0.0) > 0.0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text = api.metrics().await?;
+    }
+    let delta = |query: &str| {
+        let now = metric_value(&text, query).unwrap_or(0.0);
+        (now - metric_value(before, query).unwrap_or(0.0)).max(0.0) as u64
+    };
+    let raw = delta("relay_recording_bytes_total{stage=\"raw\"}");
+    if raw == 0 {
+        return Ok(None);
+    }
+    let compressed = delta("relay_recording_bytes_total{stage=\"compressed\"}");
+    Ok(Some(report::RecordingUsage {
+        raw_bytes: raw,
+        compressed_bytes: compressed,
+        compression_ratio: (compressed > 0).then(|| raw as f64 / compressed as f64),
+        frames_dropped: ["queue_full", "awaiting_keyframe", "incomplete"]
+            .iter()
+            .map(|r| {
+                delta(&format!(
+                    "relay_recording_frames_dropped_total{{reason=\"{r}\"}}"
+                ))
+            })
+            .sum(),
+        write_errors: delta("relay_recording_write_errors_total"),
+        unfinished: metric_value(&text, "relay_recordings_active").unwrap_or(0.0) as u64,
+    }))
 }
 
 async fn usage(target: &Target, api: &RelayApi) -> Result<Usage, RunError> {
@@ -172,6 +256,7 @@ async fn usage(target: &Target, api: &RelayApi) -> Result<Usage, RunError> {
             "relay_input_events_total{outcome=\"refused_view_only\"}",
         )
         .unwrap_or(0.0),
+        metrics: text.clone(),
         ..Usage::default()
     };
     match target.pid() {
@@ -242,11 +327,22 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
     let (target, api, tls) = match &args.relay {
         None => {
             let bin = args.relay_bin.clone().unwrap_or_else(default_relay_binary);
-            let config = args.relay_config.clone();
-            let relay =
-                tokio::task::spawn_blocking(move || LocalRelay::spawn(&bin, config.as_deref()))
-                    .await
-                    .map_err(|e| RunError::Setup(format!("starting the relay: {e}")))??;
+            let config = if args.record {
+                Some(recording_config(args.relay_config.as_deref())?)
+            } else {
+                None
+            };
+            let config_path = match &config {
+                Some(file) => Some(file.path().to_owned()),
+                None => args.relay_config.clone(),
+            };
+            let relay = tokio::task::spawn_blocking(move || {
+                let relay = LocalRelay::spawn(&bin, config_path.as_deref());
+                drop(config);
+                relay
+            })
+            .await
+            .map_err(|e| RunError::Setup(format!("starting the relay: {e}")))??;
             let pem = relay.certificate_pem()?;
             let api = RelayApi::new(relay.url(), relay.secret().as_bytes(), Some(&pem), false)?;
             let tls = tls_trusting_pem(&pem)?;
@@ -357,7 +453,8 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
     for s in &sessions {
         s.score(window_start, window_end, &mut totals);
     }
-    futures_util::future::join_all(sessions.into_iter().map(BenchSession::close)).await;
+    futures_util::future::join_all(sessions.into_iter().map(|s| s.close(&api))).await;
+    let recording = recording_usage(&api, &before_sessions.metrics).await?;
 
     let cpu_seconds = match (start_usage.cpu_seconds, end_usage.cpu_seconds) {
         (Some(a), Some(b)) => Some(b - a),
@@ -399,5 +496,6 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
         masked_leaks: totals.masked_leaks,
         slow_agents: totals.slow,
         relay,
+        recording,
     })
 }

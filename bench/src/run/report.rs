@@ -33,6 +33,29 @@ pub struct Report {
     pub slow_agents: SlowAgents,
     /// The relay process.
     pub relay: RelayUsage,
+    /// What the relay recorded (`run --record`, or a relay that records anyway);
+    /// `null` when it recorded nothing.
+    pub recording: Option<RecordingUsage>,
+}
+
+/// What the relay's recordings took, from its metrics, over the whole run (the
+/// recordings are finished before they are read).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecordingUsage {
+    /// Records before compression (`relay_recording_bytes_total{stage="raw"}`).
+    pub raw_bytes: u64,
+    /// Container bytes written, compressed, before encryption
+    /// (`relay_recording_bytes_total{stage="compressed"}`).
+    pub compressed_bytes: u64,
+    /// `raw_bytes / compressed_bytes`.
+    pub compression_ratio: Option<f64>,
+    /// Video frames left out of the recordings, for any reason.
+    pub frames_dropped: u64,
+    /// Recordings cut short by a write error.
+    pub write_errors: u64,
+    /// Recordings still being written when they were read (0 unless the relay was slow
+    /// to finish them).
+    pub unfinished: u64,
 }
 
 /// Frame counts over all healthy agents.
@@ -282,6 +305,19 @@ impl Report {
         ];
         for (k, v) in rows {
             let _ = writeln!(t, "  {k:<15} {v}");
+        }
+        if let Some(rec) = &self.recording {
+            let _ = writeln!(
+                t,
+                "  {:<15} {:.1} MiB raw, {:.1} MiB compressed (ratio {}), {} frames dropped, {} write errors",
+                "recording",
+                rec.raw_bytes as f64 / 1048576.0,
+                rec.compressed_bytes as f64 / 1048576.0,
+                rec.compression_ratio
+                    .map_or("n/a".to_owned(), |r| format!("{r:.2}")),
+                rec.frames_dropped,
+                rec.write_errors
+            );
         }
         t
     }

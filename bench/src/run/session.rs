@@ -20,7 +20,7 @@ use crate::client::{Agent, AgentOptions, Customer, CustomerOptions, FrameSource}
 pub const CONNECT_WAIT: Duration = Duration::from_secs(20);
 
 /// The portal bench sessions are opened in.
-const PORTAL: &str = "bench";
+pub const PORTAL: &str = "bench";
 
 /// What an agent of the mix does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +81,10 @@ pub struct BenchAgent {
 
 /// A running session.
 pub struct BenchSession {
+    /// The session's id.
+    pub session_id: String,
+    /// The host's token (to end the session).
+    host_jwt: String,
     /// The customer.
     pub customer: Customer,
     /// The agents, host first.
@@ -206,6 +210,8 @@ pub async fn open(
         }
     }
     Ok(BenchSession {
+        session_id: sid,
+        host_jwt,
         customer,
         agents,
         input_tasks: Vec::new(),
@@ -441,8 +447,14 @@ impl BenchSession {
     }
 
     /// Leaves: every client closes its connections.
-    pub async fn close(self) {
+    /// Ends the session (as its host: a session whose people just disconnect would wait
+    /// out its grace periods on the relay, recordings unfinished), then closes every
+    /// client.
+    pub async fn close(self, api: &RelayApi) {
         self.customer.set_publishing(false);
+        if let Err(e) = api.end_session(&self.host_jwt, &self.session_id).await {
+            tracing::warn!(session = %self.session_id, error = %e, "ending a bench session");
+        }
         for agent in self.agents {
             if let Ok(agent) = Arc::try_unwrap(agent.client) {
                 let _ = agent.close().await;
