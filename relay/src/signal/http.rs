@@ -9,7 +9,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
 use relay_codec::wire::{
     CreateSessionRequest, CreateSessionResponse, ErrorBody, ErrorCode, ErrorDetail, InviteRequest,
@@ -34,7 +34,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{sid}", delete(end_session))
         .route("/v1/join", post(join))
-        .route("/s/{link}", get(join_page))
         .route("/v1/sessions/{sid}/invitations", post(invite))
         .route(
             "/v1/sessions/{sid}/invitations/{iid}",
@@ -51,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{sid}/monitor", post(monitor))
         .route("/v1/agent/ws", get(super::ws::console))
         .route("/v1/sessions/{sid}/ws", get(super::ws::session))
+        .merge(super::web::routes())
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::NotFound,
@@ -455,57 +455,3 @@ async fn monitor(
         .await??;
     Ok(axum::Json(credentials(&state, &creds)).into_response())
 }
-
-/// The page a support URL opens: asks the customer's name and joins with the link's
-/// token (read from the address bar, never echoed into the HTML).
-async fn join_page(Path(_link): Path<String>) -> Response {
-    (
-        [
-            (header::CACHE_CONTROL, "no-store"),
-            (header::REFERRER_POLICY, "no-referrer"),
-        ],
-        Html(JOIN_PAGE),
-    )
-        .into_response()
-}
-
-const JOIN_PAGE: &str = r#"<!doctype html>
-<html lang="en">
-<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Join your support session</title>
-<style>body{font-family:system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem}
-label,input,button{display:block;font-size:1.1rem;margin:.4rem 0}input{width:100%;padding:.4rem}
-#status{margin-top:1rem}#log{white-space:pre-wrap;border-top:1px solid #ccc;margin-top:1rem}</style></head>
-<body>
-<h1>Join your support session</h1>
-<form id="join">
-  <label for="name">Your name</label>
-  <input id="name" name="name" autocomplete="name" required maxlength="64">
-  <button type="submit">Continue</button>
-</form>
-<p id="status" role="status" aria-live="polite"></p>
-<div id="log" aria-live="polite"></div>
-<script>
-const link = location.pathname.split('/').pop();
-const status = document.getElementById('status');
-const log = document.getElementById('log');
-document.getElementById('join').addEventListener('submit', async (ev) => {
-  ev.preventDefault();
-  status.textContent = 'Joining…';
-  const name = document.getElementById('name').value;
-  const resp = await fetch('/v1/join', {method: 'POST', headers: {'content-type': 'application/json'},
-    body: JSON.stringify({name, support_link: link})});
-  const body = await resp.json();
-  if (!resp.ok) { status.textContent = body.error.message; return; }
-  document.getElementById('join').hidden = true;
-  status.textContent = 'Connected. Your agent will be with you shortly.';
-  const ws = new WebSocket(body.ws_url);
-  ws.onmessage = (m) => {
-    const msg = JSON.parse(m.data);
-    if (msg.type === 'chat') log.textContent += (msg.from_name || 'Support') + ': ' + msg.text + '\n';
-    if (msg.type === 'session_ended') status.textContent = 'The session has ended.';
-  };
-});
-</script>
-</body></html>
-"#;

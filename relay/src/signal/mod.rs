@@ -7,12 +7,14 @@
 //! So the core stays single-threaded and deterministic, and no lock is ever held across
 //! an `.await`.
 //!
-//! - [`http`]: the JSON API (`/v1/...`), errors, operational endpoints, the join page.
+//! - [`http`]: the JSON API (`/v1/...`), errors, operational endpoints.
+//! - [`web`]: the browser clients (customer portal, agent console), embedded.
 //! - [`ws`]: the session and agent-console WebSockets.
 //! - [`actor`]: the task that owns the node, its timer and the connection table.
 
 pub mod actor;
 pub mod http;
+pub mod web;
 pub mod ws;
 
 use std::net::SocketAddr;

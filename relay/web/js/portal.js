@@ -1,0 +1,306 @@
+// The customer portal: name + support key (or a support link) → POST /v1/join → the
+// session WebSocket → share the screen → publish it on the one peer connection, as the
+// native customer does (bench/src/client/customer.rs): a `sendonly` video transceiver and
+// the `input`, `chat` and `files` data channels, then the offer.
+
+import {
+  $, el, say, api, describeError, chatLine, SessionConnection, FileTransfers, bindTransfers,
+  decodeInput, keyName, INPUT_LABEL, CHAT_LABEL, FILES_LABEL, MOD,
+} from './common.js';
+
+const params = new URLSearchParams(location.search);
+const linkMatch = /^\/s\/([^/]+)$/.exec(location.pathname);
+const supportLink = linkMatch ? decodeURIComponent(linkMatch[1]) : null;
+
+const END_REASONS = {
+  ended_by_host: 'Your agent ended the session.',
+  customer_left: 'You ended the session.',
+  agents_left: 'Every agent has left, so the session has ended.',
+  key_expired: 'The support key expired.',
+  customer_did_not_return: 'The connection was lost for too long, so the session has ended.',
+  max_duration: 'The session reached its maximum length.',
+  node_shutdown: 'The server shut down.',
+};
+
+const state = {
+  conn: null,
+  stream: null,
+  input: null,
+  chat: null,
+  files: null,
+  agents: new Map(),
+  ended: false,
+};
+
+// Everything that arrived on the `input` channel, decoded, for people (the list) and for
+// tests (window.__inputLog, and data-events on the layer).
+window.__inputLog = [];
+
+if (supportLink) {
+  $('#link-note').hidden = false;
+  $('#key-field').hidden = true;
+}
+if (params.get('key')) $('#key').value = params.get('key');
+
+$('#join-form').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const status = $('#join-status');
+  const name = $('#name').value.trim();
+  const key = $('#key').value.replace(/[\s-]/g, '');
+  if (!name) { say(status, 'Please enter your name.', true); $('#name').focus(); return; }
+  if (!supportLink && !/^\d{9}$/.test(key)) {
+    say(status, 'The support key has nine digits.', true);
+    $('#key').focus();
+    return;
+  }
+  say(status, 'Joining…');
+  $('#join-button').disabled = true;
+  try {
+    const body = supportLink ? { name, support_link: supportLink } : { name, support_key: key };
+    const creds = await api('/v1/join', { method: 'POST', body });
+    await enter(creds, name);
+  } catch (e) {
+    say(status, e.message || describeError(e.code), true);
+    document.body.dataset.error = e.code || 'error';
+    $('#join-button').disabled = false;
+  }
+});
+
+async function enter(creds, name) {
+  const conn = new SessionConnection(creds.ws_url);
+  state.conn = conn;
+  conn.onmessage = onMessage;
+  conn.onclose = () => {
+    if (!state.ended) sessionOver('The connection to the session was lost.');
+  };
+  const welcome = await conn.open();
+  // The link or key is used up: keep it out of the address bar and history.
+  history.replaceState(null, '', '/');
+  $('#join').hidden = true;
+  $('#share').hidden = false;
+  $('#who').textContent = `Signed in as ${name}`;
+  $('#who').hidden = false;
+  for (const p of welcome.roster) state.agents.set(p.participant_id, p);
+  renderAgents();
+  for (const m of welcome.chat) showChat(m);
+  document.body.dataset.state = 'joined';
+  $('#share-button').focus();
+}
+
+$('#share-button').addEventListener('click', async () => {
+  const status = $('#share-status');
+  try {
+    state.stream = await captureScreen();
+  } catch (e) {
+    say(status, 'Screen sharing was not started. Your agent needs to see your screen to help: press the button to try again.', true);
+    return;
+  }
+  say(status, '');
+  $('#share').hidden = true;
+  $('#session').hidden = false;
+  $('#preview').srcObject = state.stream;
+  const [track] = state.stream.getVideoTracks();
+  track.addEventListener('ended', () => {
+    say($('#session-status'), 'You stopped sharing your screen.');
+  });
+  await publish(track);
+  document.body.dataset.state = 'sharing';
+  $('#chat-text').focus();
+});
+
+/** The screen, or with `?screen=test` an animated test pattern (no capture prompt). */
+async function captureScreen() {
+  if (params.get('screen') === 'test' || !navigator.mediaDevices?.getDisplayMedia) {
+    return testPattern();
+  }
+  return navigator.mediaDevices.getDisplayMedia({ video: { frameRate: 15 }, audio: false });
+}
+
+function testPattern() {
+  const canvas = el('canvas', { width: 640, height: 360 });
+  const g = canvas.getContext('2d');
+  let n = 0;
+  const draw = () => {
+    n += 1;
+    g.fillStyle = '#1d3557';
+    g.fillRect(0, 0, 640, 360);
+    g.fillStyle = '#f1faee';
+    g.font = '32px sans-serif';
+    g.fillText('Test screen', 40, 60);
+    g.fillText(new Date().toLocaleTimeString(), 40, 110);
+    g.fillStyle = '#e63946';
+    g.fillRect((n * 7) % 600, 200, 40, 40);
+  };
+  draw();
+  setInterval(draw, 66);
+  return canvas.captureStream(15);
+}
+
+async function publish(track) {
+  const conn = state.conn;
+  let shareTransceiverAdded = false;
+  // An agent's screen share: on the relay's first `renegotiate`, a `recvonly` video
+  // section is added once, which the relay binds its share track to.
+  conn.beforeOffer = async (pc, asked) => {
+    if (asked && !shareTransceiverAdded) {
+      shareTransceiverAdded = true;
+      pc.addTransceiver('video', { direction: 'recvonly' });
+    }
+  };
+  await conn.startPeer(async (pc) => {
+    pc.addTransceiver(track, { direction: 'sendonly', streams: [state.stream] });
+    state.input = pc.createDataChannel(INPUT_LABEL);
+    state.input.binaryType = 'arraybuffer';
+    state.input.onmessage = (m) => onInput(m.data);
+    state.chat = pc.createDataChannel(CHAT_LABEL);
+    state.chat.onmessage = (m) => {
+      try { onMessage(JSON.parse(m.data)); } catch { /* not JSON: ignored */ }
+    };
+    state.files = new FileTransfers(pc.createDataChannel(FILES_LABEL));
+    bindTransfers(state.files, $('#transfers'));
+    pc.ontrack = (ev) => {
+      $('#agent-screen').srcObject = new MediaStream([ev.track]);
+    };
+    pc.onconnectionstatechange = () => {
+      document.body.dataset.peer = pc.connectionState;
+      if (pc.connectionState === 'connected') say($('#session-status'), 'Connected: your agent can see your screen.');
+      if (pc.connectionState === 'failed') say($('#session-status'), 'The screen connection failed.', true);
+    };
+  });
+}
+
+function onMessage(msg) {
+  switch (msg.type) {
+    case 'participant_joined':
+    case 'participant_updated':
+      state.agents.set(msg.participant.participant_id, msg.participant);
+      renderAgents();
+      break;
+    case 'participant_left':
+      state.agents.delete(msg.participant_id);
+      renderAgents();
+      break;
+    case 'chat':
+      showChat(msg);
+      break;
+    case 'agent_share':
+      $('#agent-share').hidden = !msg.active;
+      break;
+    case 'session_ended':
+      sessionOver(END_REASONS[msg.reason] || 'The session has ended.', msg.reason);
+      break;
+    case 'error':
+      if (msg.code === 'replaced') sessionOver(describeError('replaced'));
+      else say($('#session-status'), describeError(msg.code, msg.message), true);
+      break;
+    default:
+  }
+}
+
+function renderAgents() {
+  const list = $('#agents');
+  list.replaceChildren(...[...state.agents.values()]
+    .filter((p) => p.role !== 'customer')
+    .map((p) => el('li', { dataset: { participantId: p.participant_id } },
+      p.name, p.connected ? '' : ' (reconnecting)')));
+  if (!list.children.length) list.append(el('li', { class: 'muted' }, 'Waiting for your agent…'));
+}
+
+function showChat(m) {
+  const who = m.from_role === 'customer' ? 'You' : (m.from_name || 'Support agent');
+  chatLine($('#chat-log'), who, m.text);
+}
+
+$('#chat-form').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const text = $('#chat-text').value.trim();
+  if (!text) return;
+  const msg = { type: 'chat', text };
+  if (state.chat && state.chat.readyState === 'open') state.chat.send(JSON.stringify(msg));
+  else state.conn.send(msg);
+  $('#chat-text').value = '';
+});
+
+$('#file-input').addEventListener('change', async (ev) => {
+  for (const f of ev.target.files) {
+    try { await state.files.send(f); } catch (e) { say($('#session-status'), e.message, true); }
+  }
+  ev.target.value = '';
+});
+
+$('#leave-button').addEventListener('click', () => {
+  if (!confirm('End the support session? Your agent will no longer see your screen.')) return;
+  state.conn.send({ type: 'leave' });
+  sessionOver(END_REASONS.customer_left, 'customer_left');
+});
+
+function sessionOver(text, reason) {
+  if (state.ended) return;
+  state.ended = true;
+  document.body.dataset.state = 'ended';
+  if (reason) document.body.dataset.endReason = reason;
+  if (state.stream) for (const t of state.stream.getTracks()) t.stop();
+  if (state.conn) state.conn.close();
+  for (const id of ['#join', '#share']) $(id).hidden = true;
+  $('#session').hidden = false;
+  say($('#session-status'), text, true);
+  for (const c of document.querySelectorAll('#session input, #session button')) c.disabled = true;
+}
+
+// ---------------------------------------------------------------------------------
+// The remote cursor: where the agent points, drawn over the preview
+// ---------------------------------------------------------------------------------
+
+const BUTTONS = ['left', 'middle', 'right', 'back', 'forward'];
+
+function onInput(data) {
+  const ev = decodeInput(data);
+  if (!ev) return;
+  window.__inputLog.push(ev);
+  const layer = $('#remote-layer');
+  layer.dataset.events = String(window.__inputLog.length);
+  const cursor = $('#remote-cursor');
+  let text;
+  switch (ev.kind) {
+    case 'move': {
+      const r = contentRect($('#preview'));
+      cursor.hidden = false;
+      cursor.style.left = `${r.x + (ev.x / 65535) * r.width}px`;
+      cursor.style.top = `${r.y + (ev.y / 65535) * r.height}px`;
+      layer.dataset.x = String(ev.x);
+      layer.dataset.y = String(ev.y);
+      return; // too many to list
+    }
+    case 'button':
+      cursor.classList.toggle('pressed', ev.down);
+      text = `${BUTTONS[ev.button] || 'button'} button ${ev.down ? 'pressed' : 'released'}`;
+      break;
+    case 'wheel': text = `scrolled ${ev.dx}, ${ev.dy}`; break;
+    case 'key': {
+      const mods = [[MOD.CTRL, 'Ctrl'], [MOD.ALT, 'Alt'], [MOD.SHIFT, 'Shift'], [MOD.META, 'Meta']]
+        .filter(([bit]) => ev.modifiers & bit).map(([, n]) => n + '+').join('');
+      if (!ev.down) return;
+      text = `key ${mods}${keyName(ev.code)}`;
+      layer.dataset.keys = (layer.dataset.keys || '') + keyName(ev.code) + ' ';
+      break;
+    }
+    case 'cad': text = 'Ctrl+Alt+Del'; break;
+    case 'clipboard': text = `clipboard set (${ev.text.length} characters)`; break;
+    default: return;
+  }
+  const log = $('#input-log');
+  log.append(el('li', {}, text));
+  while (log.children.length > 20) log.firstElementChild.remove();
+}
+
+/** Where a video's picture is inside its element (object-fit: contain). */
+function contentRect(video) {
+  const w = video.clientWidth;
+  const h = video.clientHeight;
+  const vw = video.videoWidth || w;
+  const vh = video.videoHeight || h;
+  const scale = Math.min(w / vw, h / vh) || 1;
+  const width = vw * scale;
+  const height = vh * scale;
+  return { x: video.offsetLeft + (w - width) / 2, y: video.offsetTop + (h - height) / 2, width, height };
+}
