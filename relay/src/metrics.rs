@@ -39,7 +39,7 @@ pub const INPUT_OUTCOMES: [&str; 4] =
     ["delivered", "refused_view_only", "malformed", "no_customer"];
 /// Outcomes of peer-connection negotiations (`outcome` label of
 /// `relay_negotiations_total`).
-pub const NEGOTIATION_OUTCOMES: [&str; 3] = ["ok", "bad_offer", "no_port"];
+pub const NEGOTIATION_OUTCOMES: [&str; 4] = ["ok", "bad_offer", "no_port", "replaced"];
 /// Outcomes of file transfers (`outcome` label of `relay_file_transfers_total`): the
 /// labels of [`crate::transfer::Outcome`].
 pub const FILE_TRANSFER_OUTCOMES: [&str; 7] = [
@@ -303,7 +303,8 @@ impl Metrics {
             ),
             negotiations_total: counter_vec(
                 "relay_negotiations_total",
-                "Offers from participants, by outcome (ok, bad_offer, no_port).",
+                "Offers from participants, by outcome (ok, bad_offer, no_port; replaced: a new \
+                 peer connection of a participant replaced its old one).",
                 &["outcome"],
             ),
             file_transfers_total: counter_vec(

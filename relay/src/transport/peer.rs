@@ -19,13 +19,14 @@ use webrtc::peer_connection::{
 
 use super::MediaSettings;
 use super::feedback::{self, AppFeedback};
-use super::session::Event;
-use crate::session::ParticipantId;
+use super::session::{Event, PeerRef};
 
-/// What a peer connection reports to its session's task.
+/// What a peer connection reports to its session's task, naming itself by
+/// participant and generation (a participant that comes back gets a new peer
+/// connection; the old one's late events must not touch the new one).
 #[derive(Clone)]
 pub(super) struct PeerEvents {
-    pub participant: ParticipantId,
+    pub peer: PeerRef,
     pub events: mpsc::WeakSender<Event>,
     /// Notified once ICE gathering completes (a stored permit if nobody waits yet).
     pub gathered: Arc<Notify>,
@@ -48,11 +49,16 @@ impl PeerConnectionEventHandler for PeerEvents {
     }
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
-        tracing::debug!(participant = %self.participant.as_str(), %state, "peer connection state");
+        tracing::debug!(
+            participant = %self.peer.participant.as_str(),
+            generation = self.peer.generation,
+            %state,
+            "peer connection state"
+        );
         let event = match state {
-            RTCPeerConnectionState::Connected => Event::Connected(self.participant.clone()),
+            RTCPeerConnectionState::Connected => Event::Connected(self.peer.clone()),
             RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
-                Event::Failed(self.participant.clone())
+                Event::Failed(self.peer.clone())
             }
             _ => return,
         };
@@ -60,13 +66,12 @@ impl PeerConnectionEventHandler for PeerEvents {
     }
 
     async fn on_data_channel(&self, channel: Arc<dyn DataChannel>) {
-        self.send(Event::DataChannel(self.participant.clone(), channel))
+        self.send(Event::DataChannel(self.peer.clone(), channel))
             .await;
     }
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        self.send(Event::Track(self.participant.clone(), track))
-            .await;
+        self.send(Event::Track(self.peer.clone(), track)).await;
     }
 }
 
@@ -109,4 +114,27 @@ pub(super) async fn build(
         .build()
         .await?;
     Ok(Arc::new(pc))
+}
+
+/// The DTLS certificate fingerprint an SDP offers (`a=fingerprint:`, session or first
+/// media level), which identifies the remote peer connection: a renegotiation or an
+/// ICE restart keeps it, a new peer connection (a client that came back) brings another.
+pub(super) fn dtls_fingerprint(sdp: &str) -> Option<&str> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=fingerprint:"))
+        .map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dtls_fingerprint;
+
+    #[test]
+    fn the_fingerprint_is_read_from_session_or_media_level() {
+        let session = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\na=fingerprint:sha-256 AB:CD\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=fingerprint:sha-256 EF:01\r\n";
+        assert_eq!(dtls_fingerprint(session), Some("sha-256 AB:CD"));
+        let media = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=fingerprint:sha-256 EF:01\r\n";
+        assert_eq!(dtls_fingerprint(media), Some("sha-256 EF:01"));
+        assert_eq!(dtls_fingerprint("v=0\r\nm=video 9 RTP/AVP 96\r\n"), None);
+    }
 }

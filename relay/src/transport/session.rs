@@ -57,16 +57,24 @@ pub(crate) enum Event {
     /// From the session core.
     Control(MediaEvent),
     /// A participant's peer connection is up.
-    Connected(ParticipantId),
+    Connected(PeerRef),
     /// A participant's peer connection failed or closed.
-    Failed(ParticipantId),
+    Failed(PeerRef),
     /// A participant opened a data channel.
-    DataChannel(ParticipantId, Arc<dyn DataChannel>),
+    DataChannel(PeerRef, Arc<dyn DataChannel>),
     /// A participant's track arrived (the customer's screen and voice, or an agent's
     /// screen share).
-    Track(ParticipantId, Arc<dyn TrackRemote>),
+    Track(PeerRef, Arc<dyn TrackRemote>),
     /// From the session core, for the recording, stamped when it was handed over.
     Record(Instant, RecordEntry),
+}
+
+/// One peer connection of a participant: the participant, and which of its peer
+/// connections (counted per session) this is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PeerRef {
+    pub participant: ParticipantId,
+    pub generation: u64,
 }
 
 /// A customer's published track.
@@ -145,6 +153,8 @@ impl Shared {
 /// One participant's peer connection.
 struct Peer {
     role: Role,
+    /// Which of the participant's peer connections this is.
+    generation: u64,
     pc: Arc<dyn PeerConnection>,
     lease: Lease,
     gathered: Arc<Notify>,
@@ -177,6 +187,8 @@ pub(crate) struct SessionMedia {
     peers: HashMap<ParticipantId, Peer>,
     published: Vec<Published>,
     next_subscriber: u64,
+    /// The last peer connection generation handed out.
+    next_generation: u64,
     customer: Option<ParticipantId>,
     /// The agent the session core lets share its screen now.
     sharer: Option<ParticipantId>,
@@ -215,6 +227,7 @@ impl SessionMedia {
             peers: HashMap::new(),
             published: Vec::new(),
             next_subscriber: 1,
+            next_generation: 0,
             customer: None,
             sharer: None,
             share_reader: None,
@@ -314,23 +327,39 @@ impl SessionMedia {
             Event::Control(MediaEvent::Share { sharer, .. }) => self.on_share(sharer).await,
             Event::Control(MediaEvent::SessionEnded { .. } | MediaEvent::Record { .. }) => {}
             Event::Record(at, entry) => self.on_record(at, entry),
-            Event::Connected(pid) => {
+            // A replaced peer connection's late events are dropped.
+            Event::Connected(peer) | Event::Failed(peer) if !self.is_current(&peer) => {}
+            Event::DataChannel(peer, _) | Event::Track(peer, _) if !self.is_current(&peer) => {}
+            Event::Connected(PeerRef {
+                participant: pid, ..
+            }) => {
                 if let Some(peer) = self.peers.get_mut(&pid) {
                     peer.connected = true;
                 }
                 self.subscribe(&pid);
                 self.subscribe_share(&pid);
             }
-            Event::Failed(pid) => {
+            Event::Failed(PeerRef {
+                participant: pid, ..
+            }) => {
                 let known = self.peers.get(&pid).is_some_and(|p| p.connected);
                 if known {
                     tracing::info!(participant = %pid.as_str(), "peer connection lost");
                     self.close_peer(&pid).await;
                 }
             }
-            Event::DataChannel(pid, channel) => self.on_data_channel(pid, channel).await,
-            Event::Track(pid, track) => self.on_track(pid, track).await,
+            Event::DataChannel(peer, channel) => {
+                self.on_data_channel(peer.participant, channel).await
+            }
+            Event::Track(peer, track) => self.on_track(peer.participant, track).await,
         }
+    }
+
+    /// Whether `peer` is the participant's current peer connection.
+    fn is_current(&self, peer: &PeerRef) -> bool {
+        self.peers
+            .get(&peer.participant)
+            .is_some_and(|p| p.generation == peer.generation)
     }
 
     /// The core's part of the recording: its start, roster changes, chat.
@@ -376,6 +405,22 @@ impl SessionMedia {
         let Some(role) = self.role_of(&pid) else {
             return;
         };
+        // An offer from another peer connection (the participant came back: a reboot, a
+        // new tab, a client that reconnected) replaces the old one, which may not have
+        // noticed yet; a renegotiation or ICE restart of the same one keeps it.
+        if let Some(peer) = self.peers.get(&pid) {
+            let current = peer.pc.remote_description().await;
+            let replaced = current
+                .is_some_and(|c| peer::dtls_fingerprint(&c.sdp) != peer::dtls_fingerprint(&sdp));
+            if replaced {
+                tracing::info!(participant = %pid.as_str(), "a new peer connection replaces the old one");
+                metrics
+                    .negotiations_total
+                    .with_label_values(&["replaced"])
+                    .inc();
+                self.close_peer(&pid).await;
+            }
+        }
         if !self.peers.contains_key(&pid) {
             let Some((lease, addr)) = self.shared.inner.ports.acquire() else {
                 metrics
@@ -392,8 +437,13 @@ impl SessionMedia {
                 return;
             };
             let gathered = Arc::new(Notify::new());
+            self.next_generation += 1;
+            let generation = self.next_generation;
             let handler = PeerEvents {
-                participant: pid.clone(),
+                peer: PeerRef {
+                    participant: pid.clone(),
+                    generation,
+                },
                 events: self.events.clone(),
                 gathered: gathered.clone(),
             };
@@ -404,6 +454,7 @@ impl SessionMedia {
                         pid.clone(),
                         Peer {
                             role,
+                            generation,
                             pc,
                             lease,
                             gathered,
