@@ -327,6 +327,7 @@ mod tests {
             slow_agents: SlowAgents::default(),
             relay: RelayUsage::default(),
             recording: None,
+            churn: Default::default(),
         }
     }
 

@@ -60,8 +60,12 @@ async fn bench_run_reports_every_frame_input_and_no_masked_leak() -> Result<()> 
         "--sessions",
         "2",
         "--agents",
-        "4",
+        "5",
         "--slow-agents",
+        "1",
+        "--churn-agents",
+        "1",
+        "--churn-interval",
         "1",
         "--duration",
         "3",
@@ -85,14 +89,21 @@ async fn bench_run_reports_every_frame_input_and_no_masked_leak() -> Result<()> 
         report.table()
     );
 
-    // Two sessions of four agents, one of them slow: six healthy agents, each of which
-    // got at least the 3 s window's frames at 15 fps minus its join.
+    // Two sessions of five agents, one of them slow and one coming and going: six
+    // healthy agents, each of which got at least the 3 s window's frames at 15 fps
+    // minus its join, churn or not.
     ensure!(number(&json, "/sessions")? == 2.0);
     ensure!(number(&json, "/frames/expected")? >= 6.0 * 30.0, "{json}");
     ensure!(number(&json, "/frames/received")? == number(&json, "/frames/expected")?);
     ensure!(number(&json, "/frames/lost")? == 0.0);
     ensure!(number(&json, "/masked_leaks")? == 0.0);
     ensure!(number(&json, "/slow_agents/count")? == 2.0, "{json}");
+    // The churning agents came back, each time to whole frames in order.
+    ensure!(number(&json, "/churn/agents")? == 2.0, "{json}");
+    ensure!(number(&json, "/churn/rejoins")? >= 2.0, "{json}");
+    ensure!(number(&json, "/churn/failed")? == 0.0, "{json}");
+    ensure!(number(&json, "/churn/broken")? == 0.0, "{json}");
+    ensure!(number(&json, "/churn/first_frame_ms/p50")? > 0.0, "{json}");
     // The hosts send at 60 Hz, the view-only agents at 6 Hz: some of each in 3 s.
     ensure!(number(&json, "/input/sent")? >= 2.0 * 60.0, "{json}");
     ensure!(number(&json, "/input/delivered")? == number(&json, "/input/sent")?);

@@ -205,6 +205,7 @@ pub async fn run_with(args: &RunArgs, binary: &Path) -> Result<Report, RunError>
         slow_agents: report::SlowAgents::default(),
         relay,
         recording: None,
+        churn: Default::default(),
     })
 }
 

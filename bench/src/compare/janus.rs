@@ -152,6 +152,7 @@ pub async fn run(args: &RunArgs, janus_bin: &Path) -> Result<Report, RunError> {
             ),
         },
         recording: None,
+        churn: Default::default(),
     })
 }
 

@@ -80,6 +80,16 @@ pub struct RunArgs {
     /// never the host); they are reported apart and do not count as loss.
     #[arg(long, default_value_t = 0)]
     pub slow_agents: u32,
+    /// Agents per session that leave and come back during the window, again and again
+    /// (the last watchers before the slow ones; never the host, a masked or a view-only
+    /// agent): each reconnects with its credentials after `--churn-interval`, and is
+    /// reported apart (`churn`); the others must lose nothing meanwhile.
+    #[arg(long, default_value_t = 0)]
+    pub churn_agents: u32,
+    /// Seconds a churning agent stays connected before it leaves (and comes straight
+    /// back).
+    #[arg(long, default_value_t = 2.0)]
+    pub churn_interval: f64,
     /// Input events per second from each host (0: none).
     #[arg(long, default_value_t = 60.0)]
     pub input_hz: f64,
@@ -305,6 +315,20 @@ impl RunArgs {
                 self.slow_agents, self.agents
             ));
         }
+        let watchers = self.agents - 1 - self.masked - self.view_only;
+        if self.churn_agents + self.slow_agents > watchers.max(self.slow_agents) {
+            return bad(format!(
+                "--churn-agents ({}) must fit among the watchers ({watchers}) next to \
+                 --slow-agents ({}): raise --agents or lower --masked/--view-only",
+                self.churn_agents, self.slow_agents
+            ));
+        }
+        if !(self.churn_interval.is_finite() && self.churn_interval >= 0.1) {
+            return bad(format!(
+                "--churn-interval must be at least 0.1 s, not {}",
+                self.churn_interval
+            ));
+        }
         Ok(())
     }
 
@@ -382,6 +406,8 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
     let plan = SessionPlan {
         roles: session::agent_mix(args.agents, args.masked, args.view_only),
         slow_agents: args.slow_agents,
+        churn_agents: args.churn_agents,
+        churn_interval: Duration::from_secs_f64(args.churn_interval),
         fps: args.fps,
         input_hz: args.input_hz,
     };
@@ -495,6 +521,10 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
         frames: totals.frames,
         masked_leaks: totals.masked_leaks,
         slow_agents: totals.slow,
+        churn: report::Churn {
+            first_frame_ms: report::quantiles(&totals.churn_first_frame),
+            ..totals.churn
+        },
         relay,
         recording,
     })

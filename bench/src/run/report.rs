@@ -31,6 +31,9 @@ pub struct Report {
     pub masked_leaks: u64,
     /// Agents told to stop reading (`--slow-agents`), kept out of `frames`.
     pub slow_agents: SlowAgents,
+    /// Agents that left and came back during the window (`--churn-agents`), kept out of
+    /// `frames`.
+    pub churn: Churn,
     /// The relay process.
     pub relay: RelayUsage,
     /// What the relay recorded (`run --record`, or a relay that records anyway);
@@ -123,6 +126,25 @@ pub struct SlowAgents {
     pub frames_received: u64,
 }
 
+/// Agents that left and came back, again and again.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Churn {
+    /// How many agents churned.
+    pub agents: u64,
+    /// Times they came back.
+    pub rejoins: u64,
+    /// Comebacks that failed (no connection, or no frame within the wait).
+    pub failed: u64,
+    /// From a comeback's start to its first complete frame.
+    pub first_frame_ms: Quantiles,
+    /// Frames they received whole in all.
+    pub frames_received: u64,
+    /// Of those, frames out of order or matching nothing sent (must be 0).
+    pub broken: u64,
+    /// Why a comeback failed, the last time one did.
+    pub last_error: Option<String>,
+}
+
 /// What the relay process used during the window.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RelayUsage {
@@ -194,6 +216,20 @@ impl Report {
                 f.out_of_order, f.corrupt
             ));
         }
+        if self.churn.broken > 0 {
+            out.push(format!(
+                "churn: {} frames out of order or corrupt",
+                self.churn.broken
+            ));
+        }
+        if self.churn.failed > 0 {
+            out.push(format!(
+                "churn: {} of {} comebacks failed ({})",
+                self.churn.failed,
+                self.churn.rejoins + self.churn.failed,
+                self.churn.last_error.as_deref().unwrap_or("?")
+            ));
+        }
         if self.masked_leaks > 0 {
             out.push(format!(
                 "{} messages leaked a masked agent",
@@ -232,7 +268,7 @@ impl Report {
             "target {}: {} sessions x {} agents, {:.1} s",
             self.target, self.sessions, self.agents_per_session, self.duration_s
         );
-        let rows: [(&str, String); 10] = [
+        let rows: [(&str, String); 11] = [
             (
                 "frames",
                 format!(
@@ -279,6 +315,17 @@ impl Report {
                 format!(
                     "{} (frames received {})",
                     self.slow_agents.count, self.slow_agents.frames_received
+                ),
+            ),
+            (
+                "churn",
+                format!(
+                    "{} agents, {} comebacks ({} failed), first frame p50 {:.1} ms  p99 {:.1} ms",
+                    self.churn.agents,
+                    self.churn.rejoins,
+                    self.churn.failed,
+                    self.churn.first_frame_ms.p50,
+                    self.churn.first_frame_ms.p99
                 ),
             ),
             (

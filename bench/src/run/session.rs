@@ -55,6 +55,11 @@ pub struct SessionPlan {
     pub roles: Vec<AgentRole>,
     /// Agents (counted from the last) that stop reading once the window starts.
     pub slow_agents: u32,
+    /// Watchers (the last ones before the slow agents) that leave and come back every
+    /// `churn_interval` during the window.
+    pub churn_agents: u32,
+    /// How long a churning agent stays before it leaves and comes back.
+    pub churn_interval: Duration,
     /// Frames per second the customer publishes.
     pub fps: f64,
     /// Input events per second from the host; view-only agents send a tenth of that.
@@ -67,6 +72,10 @@ pub struct BenchAgent {
     pub role: AgentRole,
     /// Whether it stops reading.
     pub slow: bool,
+    /// Whether it leaves and comes back during the window.
+    pub churn: bool,
+    /// Its session WebSocket URL (a churning agent comes back with it).
+    pub ws_url: String,
     /// Its display name.
     pub name: String,
     /// Its participant id.
@@ -94,6 +103,27 @@ pub struct BenchSession {
     stop_input: watch::Sender<bool>,
     /// Send times of the host's events, by event number.
     input_sent: Vec<Instant>,
+    /// TLS for the clients (churning agents reconnect with it).
+    tls: Arc<rustls::ClientConfig>,
+    /// The churning agents' tasks, started with the window.
+    churn_tasks: Vec<JoinHandle<Churned>>,
+    /// What they did, once stopped.
+    churned: Vec<Churned>,
+}
+
+/// One churning agent's comings and goings.
+#[derive(Debug, Default)]
+struct Churned {
+    /// Comebacks that got a frame.
+    rejoins: u64,
+    /// Comebacks that failed.
+    failed: u64,
+    /// Each stay: when it started and the frames it received.
+    stays: Vec<(Instant, Vec<crate::client::ReceivedFrame>)>,
+    /// Each comeback's start to its first frame.
+    first_frames: Vec<Duration>,
+    /// Why the last failed comeback failed.
+    error: Option<String>,
 }
 
 /// Sets up session `n`: host, invitations, accepted by each agent, the customer's join
@@ -191,6 +221,8 @@ pub async fn open(
                     Ok::<_, RunError>(BenchAgent {
                         role: *role,
                         slow: false,
+                        churn: false,
+                        ws_url: creds.ws_url.clone(),
                         name,
                         participant_id: creds.participant_id,
                         joined_at,
@@ -209,6 +241,14 @@ pub async fn open(
             agent.slow = true;
         }
     }
+    for agent in agents
+        .iter_mut()
+        .rev()
+        .filter(|a| a.role == AgentRole::Watcher && !a.slow)
+        .take(plan.churn_agents as usize)
+    {
+        agent.churn = true;
+    }
     Ok(BenchSession {
         session_id: sid,
         host_jwt,
@@ -217,6 +257,9 @@ pub async fn open(
         input_tasks: Vec::new(),
         stop_input: watch::channel(false).0,
         input_sent: Vec::new(),
+        tls,
+        churn_tasks: Vec::new(),
+        churned: Vec::new(),
     })
 }
 
@@ -224,6 +267,20 @@ impl BenchSession {
     /// Starts the window: slow agents stop reading, the host and view-only agents start
     /// sending input.
     pub fn start(&mut self, plan: &SessionPlan) {
+        let (churning, staying): (Vec<BenchAgent>, Vec<BenchAgent>) =
+            std::mem::take(&mut self.agents)
+                .into_iter()
+                .partition(|a| a.churn);
+        self.agents = staying;
+        for agent in churning {
+            let task = churn(
+                agent,
+                Arc::clone(&self.tls),
+                plan.churn_interval,
+                self.stop_input.subscribe(),
+            );
+            self.churn_tasks.push(tokio::spawn(task));
+        }
         for agent in &self.agents {
             if agent.slow {
                 agent.client.pause();
@@ -245,9 +302,15 @@ impl BenchSession {
         }
     }
 
-    /// Stops the input senders and keeps the host's send times.
+    /// Stops the input senders (and keeps the host's send times) and the churning
+    /// agents (which leave for good).
     pub async fn stop_input(&mut self) {
         self.stop_input.send_replace(true);
+        for task in self.churn_tasks.drain(..) {
+            if let Ok(churned) = task.await {
+                self.churned.push(churned);
+            }
+        }
         for (role, task) in self.input_tasks.drain(..) {
             if let Ok(times) = task.await
                 && role == AgentRole::Host
@@ -261,6 +324,58 @@ impl BenchSession {
     pub fn frames_received(&self) -> usize {
         self.agents.iter().map(|a| a.client.frames_received()).sum()
     }
+}
+
+/// A churning agent: stays `interval`, leaves (closing its connections), comes back
+/// with its credentials and waits for its first frame, again and again until `stop`.
+async fn churn(
+    agent: BenchAgent,
+    tls: Arc<rustls::ClientConfig>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Churned {
+    let mut out = Churned::default();
+    let mut client = agent.client;
+    let mut stay_start = agent.joined_at;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        out.stays.push((stay_start, client.frames()));
+        if let Ok(c) = Arc::try_unwrap(client) {
+            let _ = c.close().await;
+        }
+        stay_start = Instant::now();
+        let back = async {
+            let c =
+                Agent::connect(&agent.ws_url, Arc::clone(&tls), AgentOptions::default()).await?;
+            c.wait_frames(1, CONNECT_WAIT).await?;
+            Ok::<_, crate::client::ClientError>(c)
+        }
+        .await;
+        match back {
+            Ok(c) => {
+                out.rejoins += 1;
+                if let Some(first) = c.frames().first() {
+                    out.first_frames
+                        .push(first.received_at.saturating_duration_since(stay_start));
+                }
+                client = Arc::new(c);
+            }
+            Err(e) => {
+                tracing::warn!(agent = %agent.name, error = %e, "a churning agent could not come back");
+                out.error = Some(format!("{}: {e}", agent.name));
+                out.failed += 1;
+                return out;
+            }
+        }
+    }
+    out.stays.push((stay_start, client.frames()));
+    if let Ok(c) = Arc::try_unwrap(client) {
+        let _ = c.close().await;
+    }
+    out
 }
 
 /// Sends mouse moves at `hz` until `stop` says so; returns the send times (for the
@@ -316,6 +431,10 @@ pub struct Totals {
     pub masked_leaks: u64,
     /// Slow agents.
     pub slow: super::report::SlowAgents,
+    /// Churning agents (`first_frame_ms` comes from `churn_first_frame`).
+    pub churn: super::report::Churn,
+    /// A churning agent's comeback to its first frame, µs.
+    pub churn_first_frame: Histogram<u64>,
 }
 
 impl Default for Totals {
@@ -329,6 +448,8 @@ impl Default for Totals {
             input_latency: measure::latency_histogram(),
             masked_leaks: 0,
             slow: Default::default(),
+            churn: Default::default(),
+            churn_first_frame: measure::latency_histogram(),
         }
     }
 }
@@ -374,11 +495,7 @@ impl BenchSession {
             }
             let r =
                 measure::score_agent(&index, &frames, agent.joined_at, window_end, &mut t.latency);
-            t.frames.expected += r.expected;
-            t.frames.received += r.received;
-            t.frames.lost += r.lost();
-            t.frames.out_of_order += r.out_of_order;
-            t.frames.corrupt += r.corrupt;
+            r.add_to(&mut t.frames);
             measure::record(
                 &mut t.connect,
                 agent
@@ -419,6 +536,26 @@ impl BenchSession {
         }
 
         t.masked_leaks += self.masked_leaks();
+
+        for churned in &self.churned {
+            t.churn.agents += 1;
+            t.churn.rejoins += churned.rejoins;
+            t.churn.failed += churned.failed;
+            if churned.error.is_some() {
+                t.churn.last_error.clone_from(&churned.error);
+            }
+            for d in &churned.first_frames {
+                measure::record(&mut t.churn_first_frame, *d);
+            }
+            // Each stay's frames must be whole and in order (how many it missed while
+            // away is not loss).
+            let mut ignored = measure::latency_histogram();
+            for (start, frames) in &churned.stays {
+                t.churn.frames_received += frames.len() as u64;
+                let r = measure::score_agent(&index, frames, *start, window_end, &mut ignored);
+                t.churn.broken += r.corrupt + r.out_of_order;
+            }
+        }
     }
 
     /// Messages the customer received (signalling and data channels) that contain a
@@ -446,7 +583,6 @@ impl BenchSession {
             .count() as u64
     }
 
-    /// Leaves: every client closes its connections.
     /// Ends the session (as its host: a session whose people just disconnect would wait
     /// out its grace periods on the relay, recordings unfinished), then closes every
     /// client.
