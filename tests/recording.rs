@@ -843,9 +843,16 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
         0,
         "export",
     );
-    let (codec, count, _) = ffprobe(&video);
+    let (codec, count, duration) = ffprobe(&video);
     assert_eq!(codec, "vp8");
     assert_eq!(count, expected as u64, "ffprobe's frame count");
+    // The customer sends at 15 fps; the export's timestamps are the relay's receipt
+    // times, so the duration is the frames' span, within network jitter.
+    let span = expected as f64 / FPS as f64;
+    assert!(
+        (duration - span).abs() < 0.5,
+        "duration {duration} s for {expected} frames at {FPS} fps"
+    );
 
     let out = expect_status(
         &recordings(&who, &["transcript", s(&path)]),
