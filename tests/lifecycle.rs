@@ -1285,9 +1285,15 @@ async fn participant_that_stops_reading_is_cut_off_not_buffered() -> Result<()> 
             .any(|m| is(m, "participant_left") || is(m, "session_ended"))
     );
     // The host's socket ends (after what was already buffered), and the host gets its
-    // place back by reconnecting with the same token.
+    // place back by reconnecting with the resume token of its welcome; the participant
+    // token of its session has been used up.
     host.wait_closed(Duration::from_secs(30)).await?;
-    let mut again = relay.ws(&s.host.ws_url, "host again").await?;
+    let mut stale = relay.ws(&s.host.ws_url, "host, used token").await?;
+    let refused = stale.recv_type("error").await?;
+    ensure!(refused["code"] == "unauthorized", "{refused}");
+    let mut again = relay
+        .ws(&host.resume_url(&s.host.ws_url)?, "host again")
+        .await?;
     let welcome = again.recv_type("welcome").await?;
     ensure!(welcome["you"]["role"] == "host", "{welcome}");
     Ok(())

@@ -242,6 +242,8 @@ pub struct ParticipantCredentials {
     /// This participant's id inside the session.
     pub participant_id: String,
     /// Secret for `GET /v1/sessions/{session_id}/ws?token=...`; treat like a password.
+    /// It admits the participant's **first** connection only: every `welcome` carries
+    /// the single-use [`resume_token`](ServerMsg::Welcome::resume_token) for the next one.
     pub participant_token: String,
     /// Ready-made WebSocket URL (token included).
     pub ws_url: String,
@@ -400,6 +402,10 @@ pub struct RosterEntry {
     pub permission: Option<Permission>,
     /// Whether its WebSocket is currently connected.
     pub connected: bool,
+    /// It was connected, its connection dropped, and it may still come back (its grace
+    /// period runs): for agents, "customer reconnecting". Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconnecting: bool,
 }
 
 /// A chat message as a recipient sees it.
@@ -536,6 +542,12 @@ pub enum ServerMsg {
         roster: Vec<RosterEntry>,
         /// Recent chat you may see, oldest first.
         chat: Vec<ChatMessage>,
+        /// The single-use secret for your next connection
+        /// (`/v1/sessions/{id}/ws?token=<resume_token>`), after a drop or a restart; each
+        /// connection gets a new one and the one used stops working. Treat like a
+        /// password. Absent only in messages built by other tools.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_token: Option<String>,
     },
     /// Someone you may see joined (or became visible to you).
     ParticipantJoined {
@@ -783,6 +795,42 @@ mod tests {
         assert_eq!(s, r#"{"type":"session_ended","reason":"ended_by_host"}"#);
         let s = serde_json::to_string(&ServerMsg::Pong { reference: Some(3) }).unwrap();
         assert_eq!(s, r#"{"type":"pong","ref":3}"#);
+    }
+
+    #[test]
+    fn welcome_carries_the_resume_token_and_roster_the_reconnecting_flag() {
+        let entry = RosterEntry {
+            participant_id: "p_1".into(),
+            name: "Carol".into(),
+            role: Role::Customer,
+            agent_id: None,
+            visibility: None,
+            permission: None,
+            connected: false,
+            reconnecting: true,
+        };
+        let s = serde_json::to_string(&entry).unwrap();
+        assert!(
+            s.ends_with(r#""connected":false,"reconnecting":true}"#),
+            "{s}"
+        );
+        let back = RosterEntry {
+            connected: true,
+            reconnecting: false,
+            ..entry.clone()
+        };
+        let s = serde_json::to_string(&back).unwrap();
+        assert!(!s.contains("reconnecting"), "{s}");
+        let welcome = ServerMsg::Welcome {
+            session_id: "s_1".into(),
+            you: back,
+            roster: vec![],
+            chat: vec![],
+            resume_token: Some("abc".into()),
+        };
+        let s = serde_json::to_string(&welcome).unwrap();
+        assert!(s.contains(r#""resume_token":"abc""#), "{s}");
+        assert_eq!(serde_json::from_str::<ServerMsg>(&s).unwrap(), welcome);
     }
 
     #[test]

@@ -35,8 +35,13 @@ pub const DROP_REASONS: [&str; 2] = ["queue_full", "awaiting_keyframe"];
 /// Outcomes of keyframe requests (`outcome` label of `relay_keyframe_requests_total`).
 pub const KEYFRAME_OUTCOMES: [&str; 3] = ["sent", "coalesced", "no_publisher"];
 /// Outcomes of agents' input events (`outcome` label of `relay_input_events_total`).
-pub const INPUT_OUTCOMES: [&str; 4] =
-    ["delivered", "refused_view_only", "malformed", "no_customer"];
+pub const INPUT_OUTCOMES: [&str; 5] = [
+    "delivered",
+    "refused_view_only",
+    "malformed",
+    "no_customer",
+    "customer_away",
+];
 /// Outcomes of peer-connection negotiations (`outcome` label of
 /// `relay_negotiations_total`).
 pub const NEGOTIATION_OUTCOMES: [&str; 4] = ["ok", "bad_offer", "no_port", "replaced"];
@@ -271,7 +276,8 @@ impl Metrics {
             input_events_total: counter_vec(
                 "relay_input_events_total",
                 "Input events from agents, by outcome (delivered, refused_view_only, \
-                 malformed, no_customer).",
+                 malformed, no_customer, customer_away: dropped while the customer is \
+                 away, until it publishes again).",
                 &["outcome"],
             ),
             forward_latency_seconds: {

@@ -1557,6 +1557,19 @@ impl Ws {
         &self.transcript
     }
 
+    /// `ws_url` with the resume token of the last `welcome` this socket read: what the
+    /// participant connects to next (each token admits one connection).
+    pub fn resume_url(&self, ws_url: &str) -> Result<String> {
+        let token = self
+            .transcript_json()
+            .iter()
+            .rev()
+            .find(|m| m["type"] == "welcome")
+            .and_then(|m| m["resume_token"].as_str().map(str::to_owned))
+            .ok_or_else(|| anyhow!("{}: no welcome with a resume token read", self.label))?;
+        Ok(relay_bench::client::resume_url(ws_url, &token))
+    }
+
     /// The transcript parsed as JSON (messages that are not JSON are left out).
     pub fn transcript_json(&self) -> Vec<Value> {
         self.transcript

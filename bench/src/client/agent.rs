@@ -255,6 +255,13 @@ impl Agent {
         &self.welcome
     }
 
+    /// The URL that resumes this participant after this client is gone (a crash, a
+    /// reboot, a network change): its session WebSocket URL with the single-use resume
+    /// token of this connection's `welcome`. Pass it to [`Agent::connect`].
+    pub fn resume_url(&self) -> Option<&str> {
+        self.welcome.resume_url.as_deref()
+    }
+
     /// The peer connection, for statistics and anything this type does not cover.
     pub fn peer_connection(&self) -> &Arc<dyn PeerConnection> {
         &self.pc

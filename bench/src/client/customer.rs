@@ -267,6 +267,13 @@ impl Customer {
         &self.welcome
     }
 
+    /// The URL that resumes this participant after this client is gone (a crash, a
+    /// reboot, a network change): its session WebSocket URL with the single-use resume
+    /// token of this connection's `welcome`. Pass it to [`Customer::connect`].
+    pub fn resume_url(&self) -> Option<&str> {
+        self.welcome.resume_url.as_deref()
+    }
+
     /// The codec published (the source's).
     pub fn codec(&self) -> VideoCodec {
         self.codec

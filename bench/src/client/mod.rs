@@ -82,7 +82,7 @@ pub use rtcp::KeyframeRequestKind;
 pub(crate) use rtcp::with_keyframe_request_marker;
 pub use signalling::{
     CONNECT_TIMEOUT, CloseInfo, Signalling, SignallingSender, Transcript, Welcome, insecure_tls,
-    tls_trusting_pem, tls_trusting_pem_file,
+    resume_url, tls_trusting_pem, tls_trusting_pem_file,
 };
 pub use source::{Frame, FrameSource};
 

@@ -122,6 +122,24 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::resume_url;
+
+    #[test]
+    fn resume_url_replaces_only_the_token() {
+        assert_eq!(
+            resume_url("wss://h:1/v1/sessions/s_1/ws?token=old", "new"),
+            "wss://h:1/v1/sessions/s_1/ws?token=new"
+        );
+        assert_eq!(
+            resume_url("ws://h/v1/sessions/s_1/ws?x=1&token=old&y=2", "n"),
+            "ws://h/v1/sessions/s_1/ws?x=1&y=2&token=n"
+        );
+        assert_eq!(resume_url("ws://h/ws", "n"), "ws://h/ws?token=n");
+    }
+}
+
 /// Every text frame a [`Signalling`] received, raw, oldest first. Cloning shares it.
 #[derive(Debug, Clone, Default)]
 pub struct Transcript(Arc<Mutex<Vec<String>>>);
@@ -229,6 +247,25 @@ pub struct Welcome {
     pub roster: Vec<RosterEntry>,
     /// Recent chat this participant may see.
     pub chat: Vec<ChatMessage>,
+    /// The single-use token of this participant's next connection (a secret).
+    pub resume_token: Option<String>,
+    /// The session WebSocket URL with that token: what a restarted client connects to
+    /// in order to resume (see [`resume_url`]).
+    pub resume_url: Option<String>,
+}
+
+/// `ws_url` with its `token` query parameter set to `token`: the URL that resumes a
+/// participant with the resume token of its last `welcome`. Each token admits one
+/// connection; the new connection's `welcome` carries the next one.
+pub fn resume_url(ws_url: &str, token: &str) -> String {
+    let (base, query) = ws_url.split_once('?').unwrap_or((ws_url, ""));
+    let mut params: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("token="))
+        .map(str::to_owned)
+        .collect();
+    params.push(format!("token={token}"));
+    format!("{base}?{}", params.join("&"))
 }
 
 /// How the relay closed the socket.
@@ -243,6 +280,7 @@ pub struct CloseInfo {
 /// A session WebSocket to the relay.
 #[derive(Debug)]
 pub struct Signalling {
+    url: String,
     sender: SignallingSender,
     incoming: mpsc::Receiver<ServerMsg>,
     transcript: Transcript,
@@ -326,6 +364,7 @@ impl Signalling {
         };
 
         Ok(Signalling {
+            url: url.to_owned(),
             sender: SignallingSender { tx: out_tx },
             incoming: in_rx,
             transcript,
@@ -377,11 +416,14 @@ impl Signalling {
                 you,
                 roster,
                 chat,
+                resume_token,
             } => Ok(Welcome {
                 session_id,
                 you,
                 roster,
                 chat,
+                resume_url: resume_token.as_deref().map(|t| resume_url(&self.url, t)),
+                resume_token,
             }),
             ServerMsg::Error { code, message, .. } => Err(ClientError::Refused { code, message }),
             other => Err(ClientError::Protocol(format!(

@@ -337,6 +337,8 @@ async fn churn(
     let mut out = Churned::default();
     let mut client = agent.client;
     let mut stay_start = agent.joined_at;
+    // Each connection's `welcome` carries the single-use token of the next one.
+    let mut url = client.resume_url().map(str::to_owned);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -348,8 +350,10 @@ async fn churn(
         }
         stay_start = Instant::now();
         let back = async {
-            let c =
-                Agent::connect(&agent.ws_url, Arc::clone(&tls), AgentOptions::default()).await?;
+            let url = url.as_deref().ok_or(crate::client::ClientError::Protocol(
+                "the welcome carried no resume token".into(),
+            ))?;
+            let c = Agent::connect(url, Arc::clone(&tls), AgentOptions::default()).await?;
             c.wait_frames(1, CONNECT_WAIT).await?;
             Ok::<_, crate::client::ClientError>(c)
         }
@@ -357,6 +361,7 @@ async fn churn(
         match back {
             Ok(c) => {
                 out.rejoins += 1;
+                url = c.resume_url().map(str::to_owned);
                 if let Some(first) = c.frames().first() {
                     out.first_frames
                         .push(first.received_at.saturating_duration_since(stay_start));

@@ -49,6 +49,11 @@
 //!   `agent_share`; the customer learns who shares only of an agent it may see.
 //! - A disconnected participant keeps its place for its grace period, then is removed;
 //!   a customer who does not return ends the session, and so does the last agent leaving.
+//!   Meanwhile the others see it `reconnecting` (if they may see it at all).
+//! - A participant comes back with a single-use token: the participant token of its join
+//!   admits its first connection, and every `welcome` carries the resume token for the
+//!   next one; the token used stops working. When the customer's connection drops, the
+//!   media plane is told ([`MediaEvent::CustomerAway`]).
 
 mod ids;
 mod invitation;
@@ -181,6 +186,16 @@ pub enum MediaEvent {
         session: SessionId,
         /// What happened.
         entry: RecordEntry,
+    },
+    /// The customer's session WebSocket dropped: it is reconnecting (within its grace
+    /// period) or gone. Its peer connection closes at once (the recording gets a gap),
+    /// and agents' input is dropped, not queued, until it has resumed and publishes
+    /// its screen again on a new peer connection. Agents' peer connections stay.
+    CustomerAway {
+        /// The session.
+        session: SessionId,
+        /// The customer.
+        participant: ParticipantId,
     },
     /// The session ended: every peer connection of it closes.
     SessionEnded {
@@ -357,6 +372,10 @@ pub enum SessionError {
     /// The participant token is unknown.
     #[error("unknown or expired participant token")]
     Unauthorized,
+    /// The participant or resume token was used already: each admits one connection,
+    /// and the `welcome` of that connection carried the next one.
+    #[error("this token was already used; connect with the resume token of your last welcome")]
+    TokenUsed,
     /// No such session, participant or invitation visible to the caller.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -411,7 +430,7 @@ impl SessionError {
     /// The stable wire code.
     pub fn code(&self) -> ErrorCode {
         match self {
-            SessionError::Unauthorized => ErrorCode::Unauthorized,
+            SessionError::Unauthorized | SessionError::TokenUsed => ErrorCode::Unauthorized,
             SessionError::NotFound(_) => ErrorCode::NotFound,
             SessionError::Forbidden(_) => ErrorCode::Forbidden,
             SessionError::InvalidField(_) => ErrorCode::InvalidField,

@@ -200,6 +200,8 @@ pub struct Node {
     ended: Tombstones<SessionId, EndReason>,
     expired_keys: Tombstones<String, ()>,
     expired_links: Tombstones<SecretDigest, ()>,
+    /// Participant and resume tokens already used, so that a second use is told so.
+    used_tokens: Tombstones<SecretDigest, ()>,
     closed_invitations: Tombstones<InvitationId, ()>,
     drain_deadline: Option<Instant>,
     next_housekeeping: Instant,
@@ -265,6 +267,7 @@ impl Node {
             ended: Tombstones::default(),
             expired_keys: Tombstones::default(),
             expired_links: Tombstones::default(),
+            used_tokens: Tombstones::default(),
             closed_invitations: Tombstones::default(),
             drain_deadline: None,
             outputs: VecDeque::new(),
@@ -366,6 +369,7 @@ impl Node {
             permission: Permission::Control,
             token: token.digest(),
             conn: None,
+            connected_before: false,
             disconnected_since: Some(now),
             chat_channel: false,
         };
@@ -495,6 +499,7 @@ impl Node {
             permission: Permission::View,
             token: token.digest(),
             conn: None,
+            connected_before: false,
             disconnected_since: Some(now),
             chat_channel: false,
         };
@@ -695,6 +700,7 @@ impl Node {
             permission: inv.permission,
             token: token.digest(),
             conn: None,
+            connected_before: false,
             disconnected_since: Some(now),
             chat_channel: false,
         };
@@ -919,6 +925,7 @@ impl Node {
             permission: Permission::View,
             token: token.digest(),
             conn: None,
+            connected_before: false,
             disconnected_since: Some(now),
             chat_channel: false,
         };
@@ -934,8 +941,13 @@ impl Node {
 
     // ----- connection events ---------------------------------------------------------
 
-    /// A participant opened its session WebSocket `conn` with `token`. On success it is
-    /// sent its `welcome`; an older connection of the same participant is replaced.
+    /// A participant opened its session WebSocket `conn` with `token`: the participant
+    /// token of its join for its first connection, the resume token of its last
+    /// `welcome` after that. On success the token is used up and the `welcome` carries
+    /// the next one (rotation: a token admits one connection, so a token seen by someone
+    /// else stops working once its owner has used it); an older connection of the same
+    /// participant is replaced. A used token is refused with
+    /// [`SessionError::TokenUsed`] and changes nothing.
     pub fn connect(
         &mut self,
         now: Instant,
@@ -943,16 +955,20 @@ impl Node {
         token: &str,
         conn: ConnId,
     ) -> Result<(), SessionError> {
-        let _ = now;
-        let Some((sid, pid)) = self.tokens.get(&SecretDigest::of(token)).cloned() else {
+        let digest = SecretDigest::of(token);
+        let Some((sid, pid)) = self.tokens.get(&digest).cloned() else {
             if self.ended.get(session).is_some() {
                 return Err(SessionError::SessionEnded);
+            }
+            if self.used_tokens.get(&digest).is_some() {
+                return Err(SessionError::TokenUsed);
             }
             return Err(SessionError::Unauthorized);
         };
         if sid != *session {
             return Err(SessionError::Unauthorized);
         }
+        let next = Secret::random(&mut *self.rng);
         let Some(s) = self.sessions.get_mut(&sid) else {
             return Err(SessionError::SessionEnded);
         };
@@ -973,8 +989,14 @@ impl Node {
             self.conns.remove(&old);
         }
         p.disconnected_since = None;
+        p.connected_before = true;
+        p.token = next.digest();
         let after = p.clone();
-        let welcome = s.welcome(&after);
+        self.tokens.remove(&digest);
+        self.used_tokens.insert(now, digest, ());
+        self.tokens
+            .insert(next.digest(), (sid.clone(), pid.clone()));
+        let welcome = s.welcome(&after, &next);
         self.outputs.push_back(Output::Send { conn, msg: welcome });
         if let Some(sharer) = s.sharing.as_ref().and_then(|id| s.participant(id)) {
             self.outputs.push_back(Output::Send {
@@ -1226,7 +1248,9 @@ impl Node {
         conn.is_some()
     }
 
-    /// `conn` closed. A participant keeps its place for its grace period.
+    /// `conn` closed. A participant keeps its place for its grace period (seen as
+    /// `reconnecting`); for the customer the media plane is told
+    /// ([`MediaEvent::CustomerAway`]).
     pub fn disconnected(&mut self, now: Instant, conn: ConnId) {
         let Some(ConnTarget::Participant(sid, pid)) = self.conns.remove(&conn) else {
             return;
@@ -1250,6 +1274,15 @@ impl Node {
             LeaveReason::Left,
             &mut self.outputs,
         );
+        if after.role == Role::Customer {
+            // Its screen and its input channel go with it until it resumes and
+            // publishes again; the recording marks the gap.
+            self.outputs
+                .push_back(Output::Media(MediaEvent::CustomerAway {
+                    session: sid.clone(),
+                    participant: pid,
+                }));
+        }
         self.reschedule(&sid);
     }
 
@@ -1304,6 +1337,7 @@ impl Node {
             self.ended.sweep(now);
             self.expired_keys.sweep(now);
             self.expired_links.sweep(now);
+            self.used_tokens.sweep(now);
             self.closed_invitations.sweep(now);
             self.next_housekeeping = now + HOUSEKEEPING_EVERY;
         }

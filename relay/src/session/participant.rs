@@ -21,9 +21,14 @@ pub(super) struct Participant {
     pub agent_id: Option<String>,
     pub visibility: Visibility,
     pub permission: Permission,
+    /// Digest of the one token that admits this participant's next connection: the
+    /// participant token of its join until it first connects, then the resume token of
+    /// its last `welcome`. Single-use: each connection replaces it.
     pub token: SecretDigest,
     /// The WebSocket currently carrying this participant, if any.
     pub conn: Option<ConnId>,
+    /// Whether it has connected at least once (absent since then = reconnecting).
+    pub connected_before: bool,
     /// Since when it has had no WebSocket (set at join until the first connect).
     pub disconnected_since: Option<Instant>,
     /// Whether its `chat` data channel is open: chat then reaches it there instead of
@@ -63,7 +68,14 @@ impl Participant {
             visibility: (agent_details && self.role != Role::Customer).then_some(self.visibility),
             permission: (self.role != Role::Customer).then_some(self.permission),
             connected: self.conn.is_some(),
+            reconnecting: self.is_reconnecting(),
         })
+    }
+
+    /// Connected once, now without a connection, and still within its grace period
+    /// (it is removed when that runs out).
+    pub fn is_reconnecting(&self) -> bool {
+        self.conn.is_none() && self.connected_before
     }
 
     /// When this participant's absence runs out, if it is absent.
@@ -91,6 +103,7 @@ mod tests {
             permission: Permission::View,
             token: SecretDigest::of("t"),
             conn: None,
+            connected_before: false,
             disconnected_since: None,
             chat_channel: false,
         }

@@ -8,7 +8,7 @@ use relay_codec::wire::{
     Audience, ChatMessage, LeaveReason, Permission, Role, RosterEntry, ServerMsg, Visibility,
 };
 
-use super::ids::{ParticipantId, SecretDigest, SessionId, SupportKey};
+use super::ids::{ParticipantId, Secret, SecretDigest, SessionId, SupportKey};
 use super::invitation::Invitation;
 use super::participant::Participant;
 use super::{MediaEvent, Output, RecordEntry};
@@ -132,8 +132,8 @@ impl SessionState {
         next
     }
 
-    /// The `welcome` for participant `who`.
-    pub fn welcome(&self, who: &Participant) -> ServerMsg {
+    /// The `welcome` for participant `who`, with the token for its next connection.
+    pub fn welcome(&self, who: &Participant, resume_token: &Secret) -> ServerMsg {
         let viewer = who.role;
         ServerMsg::Welcome {
             session_id: self.id.as_str().to_owned(),
@@ -145,6 +145,7 @@ impl SessionState {
                 visibility: Some(who.visibility),
                 permission: Some(who.permission),
                 connected: true,
+                reconnecting: false,
             }),
             roster: self
                 .participants
@@ -153,6 +154,7 @@ impl SessionState {
                 .filter_map(|p| p.seen_by(viewer))
                 .collect(),
             chat: self.chat.iter().filter_map(|c| c.seen_by(viewer)).collect(),
+            resume_token: Some(resume_token.reveal().to_owned()),
         }
     }
 

@@ -83,6 +83,8 @@ struct Sim {
     records: Vec<RecordEntry>,
     /// Chat delivered on `chat` data channels, by participant.
     on_channel: Vec<(ParticipantId, ServerMsg)>,
+    /// Each participant's latest resume token (from its last `welcome`).
+    resume: HashMap<String, String>,
 }
 
 impl Sim {
@@ -104,6 +106,7 @@ impl Sim {
             media: Vec::new(),
             records: Vec::new(),
             on_channel: Vec::new(),
+            resume: HashMap::new(),
         }
     }
 
@@ -115,6 +118,14 @@ impl Sim {
                         !self.closed.contains(&conn),
                         "sent to closed {conn:?}: {msg:?}"
                     );
+                    if let ServerMsg::Welcome {
+                        you,
+                        resume_token: Some(t),
+                        ..
+                    } = &msg
+                    {
+                        self.resume.insert(you.participant_id.clone(), t.clone());
+                    }
                     self.inbox.entry(conn).or_default().push(msg)
                 }
                 Output::Close { conn } => self.closed.push(conn),
@@ -149,13 +160,26 @@ impl Sim {
         ConnId(self.next_conn)
     }
 
+    /// Connects participant `c` as its own client would: with its participant token the
+    /// first time, with the resume token of its last `welcome` after that.
     fn connect(&mut self, c: &Credentials) -> ConnId {
+        let token = self.token_of(c);
+        self.connect_with(c, &token).unwrap()
+    }
+
+    /// The token `c`'s next connection needs.
+    fn token_of(&self, c: &Credentials) -> String {
+        self.resume
+            .get(c.participant_id.as_str())
+            .cloned()
+            .unwrap_or_else(|| c.token.reveal().to_owned())
+    }
+
+    fn connect_with(&mut self, c: &Credentials, token: &str) -> Result<ConnId, SessionError> {
         let conn = self.conn();
-        self.node
-            .connect(self.now, &c.session_id, c.token.reveal(), conn)
-            .unwrap();
+        let r = self.node.connect(self.now, &c.session_id, token, conn);
         self.drain();
-        conn
+        r.map(|()| conn)
     }
 
     fn console(&mut self, who: &AgentIdentity) -> ConnId {
@@ -1649,4 +1673,213 @@ fn the_recording_is_told_of_the_start_the_roster_and_chat_naming_masked_agents()
     sim.node.disconnected(sim.now, m_conn);
     sim.drain();
     assert!(sim.records.is_empty(), "{:?}", sim.records);
+}
+
+/// The participant updates `msgs` holds: (participant id, connected, reconnecting).
+fn presence(msgs: &[ServerMsg]) -> Vec<(String, bool, bool)> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            ServerMsg::ParticipantUpdated { participant: p } => {
+                Some((p.participant_id.clone(), p.connected, p.reconnecting))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn resume_token(msgs: &[ServerMsg]) -> String {
+    match msgs.first() {
+        Some(ServerMsg::Welcome {
+            resume_token: Some(t),
+            ..
+        }) => t.clone(),
+        other => panic!("expected a welcome with a resume token, got {other:?}"),
+    }
+}
+
+fn customer_away(sim: &mut Sim) -> usize {
+    std::mem::take(&mut sim.media)
+        .into_iter()
+        .filter(|m| matches!(m, MediaEvent::CustomerAway { .. }))
+        .count()
+}
+
+#[test]
+fn tokens_admit_one_connection_each_and_every_welcome_rotates_the_resume_token() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let created = sim.create(&alice);
+    let sid = created.host.session_id.clone();
+    let host_conn = sim.connect(&created.host);
+    let customer = sim.join(created.support_key.reveal()).unwrap();
+    let join_token = customer.token.reveal().to_owned();
+    let first = sim.connect_with(&customer, &join_token).unwrap();
+    let r1 = resume_token(&sim.take(first));
+    assert_ne!(r1, join_token);
+    sim.take(host_conn);
+
+    // The join token has admitted its connection: nobody else can use it, not even
+    // while the customer is away.
+    assert_eq!(
+        sim.connect_with(&customer, &join_token).unwrap_err(),
+        SessionError::TokenUsed
+    );
+    sim.node.disconnected(sim.now, first);
+    sim.drain();
+    assert_eq!(
+        sim.connect_with(&customer, &join_token).unwrap_err(),
+        SessionError::TokenUsed
+    );
+    // A resume token works in its own session only.
+    let other = sim.create(&agent("olga", &["support"]));
+    assert_eq!(
+        sim.node
+            .connect(sim.now, &other.host.session_id, &r1, ConnId(500))
+            .unwrap_err(),
+        SessionError::Unauthorized
+    );
+
+    // Back a minute later with the resume token; the next welcome has a new one.
+    sim.advance_to(Duration::from_secs(60));
+    let back = sim.connect_with(&customer, &r1).unwrap();
+    let r2 = resume_token(&sim.take(back));
+    assert!(r2 != r1 && r2 != join_token);
+    assert_eq!(
+        sim.connect_with(&customer, &r1).unwrap_err(),
+        SessionError::TokenUsed
+    );
+    assert_eq!(SessionError::TokenUsed.code(), ErrorCode::Unauthorized);
+    // The current token replaces the live connection (its owner restarted before the
+    // relay noticed the old one was dead), and is used up in turn.
+    let again = sim.connect_with(&customer, &r2).unwrap();
+    assert!(sim.closed.contains(&back));
+    assert_ne!(resume_token(&sim.take(again)), r2);
+    assert_eq!(
+        sim.connect_with(&customer, &r2).unwrap_err(),
+        SessionError::TokenUsed
+    );
+    assert_eq!(sim.node.census().sessions, 2);
+    let _ = sid;
+}
+
+#[test]
+fn agents_see_the_customer_reconnecting_and_the_customer_never_sees_a_masked_agent_drop() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let (created, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let b = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Masked, Permission::Control)
+        .unwrap();
+    let b_conn = sim.connect(&b);
+    for conn in [host_conn, customer_conn, b_conn] {
+        sim.take(conn);
+    }
+    sim.media.clear();
+    let cid = customer.participant_id.as_str().to_owned();
+    let bid = b.participant_id.as_str().to_owned();
+
+    // The customer's machine reboots.
+    sim.node.disconnected(sim.now, customer_conn);
+    sim.drain();
+    for conn in [host_conn, b_conn] {
+        assert_eq!(presence(&sim.take(conn)), [(cid.clone(), false, true)]);
+    }
+    assert_eq!(customer_away(&mut sim), 1, "the media plane is told");
+    // An agent that connects meanwhile sees it reconnecting in its welcome.
+    sim.node.disconnected(sim.now, b_conn);
+    sim.drain();
+    assert_eq!(presence(&sim.take(host_conn)), [(bid.clone(), false, true)]);
+    assert_eq!(customer_away(&mut sim), 0, "only the customer's drop");
+    let b_back = sim.connect(&b);
+    match &sim.take(b_back)[0] {
+        ServerMsg::Welcome { roster, .. } => {
+            let c = roster.iter().find(|p| p.participant_id == cid).unwrap();
+            assert!(!c.connected && c.reconnecting);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(presence(&sim.take(host_conn)), [(bid.clone(), true, false)]);
+
+    // It resumes: connected again, no longer reconnecting, for everyone.
+    sim.advance_to(Duration::from_secs(3 * 60));
+    let back = sim.connect(&customer);
+    for conn in [host_conn, b_back] {
+        assert_eq!(presence(&sim.take(conn)), [(cid.clone(), true, false)]);
+    }
+    // The masked agent's own drop and return never reached the customer.
+    sim.node.disconnected(sim.now, b_back);
+    sim.drain();
+    let b_again = sim.connect(&b);
+    let seen = sim.take(back);
+    assert!(matches!(seen[0], ServerMsg::Welcome { .. }));
+    assert!(
+        !format!("{seen:?}").contains(&bid),
+        "the customer learnt of the masked agent: {seen:?}"
+    );
+    assert_eq!(sim.take(back), []);
+    let _ = b_again;
+}
+
+#[test]
+fn a_participant_that_joined_but_never_connected_is_not_reconnecting() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let created = sim.create(&alice);
+    let host_conn = sim.connect(&created.host);
+    sim.take(host_conn);
+    let customer = sim.join(created.support_key.reveal()).unwrap();
+    let joined = sim.take(host_conn);
+    assert!(matches!(
+        &joined[..],
+        [ServerMsg::ParticipantJoined { participant }]
+            if !participant.connected && !participant.reconnecting
+    ));
+    // It never connects: it is removed when its grace runs out, like one that left.
+    sim.advance_to(Duration::from_secs(600));
+    assert_eq!(
+        sim.ended_with(host_conn),
+        Some(EndReason::CustomerDidNotReturn)
+    );
+    assert_eq!(customer_away(&mut sim), 0);
+    let _ = customer;
+}
+
+#[test]
+fn an_agent_resumes_within_its_grace_and_its_old_token_takes_nothing_over() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let (created, host_conn, _customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let b = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Visible, Permission::Control)
+        .unwrap();
+    let b_conn = sim.connect(&b);
+    let r1 = resume_token(&sim.take(b_conn));
+    // A network blip: back after 119 s of its 120 s grace.
+    sim.node.disconnected(sim.now, b_conn);
+    sim.drain();
+    sim.advance_to(Duration::from_secs(119));
+    let back = sim.connect_with(&b, &r1).unwrap();
+    let r2 = resume_token(&sim.take(back));
+    // Whoever saw the join token or the first resume token cannot take Bob's place.
+    for stale in [b.token.reveal(), r1.as_str()] {
+        assert_eq!(
+            sim.connect_with(&b, stale).unwrap_err(),
+            SessionError::TokenUsed
+        );
+    }
+    assert!(!sim.closed.contains(&back));
+    sim.advance_to(Duration::from_secs(119 + 600));
+    let agents = sim.node.census().by_role().find(|(r, _)| *r == Role::Agent);
+    assert_eq!(agents.map(|(_, n)| n), Some(1));
+    let seen: Vec<ServerMsg> = sim.take(customer_conn);
+    assert!(
+        !seen
+            .iter()
+            .any(|m| matches!(m, ServerMsg::ParticipantLeft { .. }))
+    );
+    let _ = (host_conn, r2);
 }

@@ -195,6 +195,7 @@ impl MediaPlane {
             | MediaEvent::Signal { session, .. }
             | MediaEvent::Share { session, .. }
             | MediaEvent::Record { session, .. }
+            | MediaEvent::CustomerAway { session, .. }
             | MediaEvent::SessionEnded { session } => session.clone(),
         };
         if let MediaEvent::SessionEnded { .. } = event {

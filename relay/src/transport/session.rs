@@ -6,7 +6,7 @@ mod forward;
 mod share;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,10 @@ pub(super) struct Shared {
     /// them itself, so two agents' own counters cannot tell the customer that two
     /// (possibly masked) agents are sending.
     input_seq: AtomicU32,
+    /// The customer's peer connection closed (it went away, or a new one replaced it)
+    /// and it has not published its screen again since: agents' input is dropped and
+    /// counted (`customer_away`), never queued for later.
+    input_gap: AtomicBool,
     /// The session's recording, once started (never, if its portal has no review key).
     pub(super) recording: OnceLock<RecordingHandle>,
 }
@@ -221,6 +225,7 @@ impl SessionMedia {
                 customer_input: Mutex::new(None),
                 grants: Mutex::new(HashMap::new()),
                 input_seq: AtomicU32::new(1),
+                input_gap: AtomicBool::new(false),
                 recording: OnceLock::new(),
             }),
             events,
@@ -325,6 +330,13 @@ impl SessionMedia {
                 }
             },
             Event::Control(MediaEvent::Share { sharer, .. }) => self.on_share(sharer).await,
+            Event::Control(MediaEvent::CustomerAway { participant, .. }) => {
+                // Its media cannot outlive its signalling: whatever comes back publishes
+                // again on a new peer connection (the agents keep theirs).
+                if self.customer.as_ref() == Some(&participant) {
+                    self.close_peer(&participant).await;
+                }
+            }
             Event::Control(MediaEvent::SessionEnded { .. } | MediaEvent::Record { .. }) => {}
             Event::Record(at, entry) => self.on_record(at, entry),
             // A replaced peer connection's late events are dropped.
@@ -661,9 +673,11 @@ impl SessionMedia {
             )));
         }
         if kind == MediaKind::Video {
+            // Every agent waits for a keyframe of the new stream, which is requested now.
             self.shared.with_plane(Direction::Screen, |p| {
                 p.fanout.set_publisher(Instant::now(), true)
             });
+            self.shared.input_gap.store(false, Ordering::Relaxed);
         }
         // Agents whose connection lacks this track renegotiate to get it.
         let stale: Vec<ParticipantId> = self
@@ -711,6 +725,7 @@ impl SessionMedia {
                 self.customer_away = true;
             }
             *lock(&self.shared.customer_input) = None;
+            self.shared.input_gap.store(true, Ordering::Relaxed);
             *lock(&self.shared.screen.publisher_video) = None;
             self.published.clear();
             self.shared.with_plane(Direction::Screen, |p| {
@@ -808,6 +823,12 @@ async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn Da
                     )
                     .await;
             }
+            continue;
+        }
+        if shared.input_gap.load(Ordering::Relaxed) {
+            // The customer is away or has not published again since it came back:
+            // dropped, not replayed when it returns.
+            count("customer_away");
             continue;
         }
         let customer = lock(&shared.customer_input).clone();
