@@ -120,6 +120,39 @@ pub fn is_keyframe_start(codec: VideoCodec, payload: &[u8]) -> bool {
     .unwrap_or(false)
 }
 
+/// Finds, in one RTP stream in arrival order, the packets where a new subscriber can
+/// start: [`is_keyframe_start`] packets that are also the first packet of their frame
+/// (the previous packet ended a frame, or carried another timestamp).
+///
+/// The second condition matters for H.264, where an SPS and the first slice of the IDR
+/// picture both start a keyframe: a subscriber started at the IDR slice of a frame whose
+/// SPS and PPS it missed gets a frame it may not decode.
+#[derive(Debug, Clone)]
+pub struct KeyframeStarts {
+    codec: VideoCodec,
+    /// The previous packet's timestamp and marker bit.
+    previous: Option<(u32, bool)>,
+}
+
+impl KeyframeStarts {
+    /// Nothing seen yet.
+    pub fn new(codec: VideoCodec) -> Self {
+        KeyframeStarts {
+            codec,
+            previous: None,
+        }
+    }
+
+    /// The next packet of the stream: whether a subscriber can start at it.
+    pub fn observe(&mut self, timestamp: u32, marker: bool, payload: &[u8]) -> bool {
+        let starts_frame = self
+            .previous
+            .is_none_or(|(ts, ended)| ended || ts != timestamp);
+        self.previous = Some((timestamp, marker));
+        starts_frame && is_keyframe_start(self.codec, payload)
+    }
+}
+
 /// Bytes taken by a VP8/VP9 PictureID whose first byte is `first`: M (the top bit)
 /// selects the 15-bit form.
 fn picture_id_len(first: u8) -> usize {
@@ -534,6 +567,7 @@ mod tests {
         }
         let mut access_unit = None::<usize>;
         let mut starts = Vec::new();
+        let mut packets: Vec<(usize, u8, Vec<u8>)> = Vec::new();
         for (k, &begin) in nals.iter().enumerate() {
             let end = nals.get(k + 1).map_or(annex_b.len(), |&next| next - 3);
             let nal = annex_b[begin..end]
@@ -562,11 +596,23 @@ mod tests {
                 if is_keyframe_start(VideoCodec::H264, payload) {
                     starts.push((au, nal_type, j));
                 }
+                packets.push((au, nal_type, payload.clone()));
             }
         }
         assert_eq!(access_unit, Some(59));
         // The SPS and the IDR's first fragment, in the two keyframe access units.
         assert_eq!(starts, [(0, 7, 0), (0, 5, 0), (30, 7, 0), (30, 5, 0)]);
+        // As a stream (one timestamp per access unit, the marker on its last packet),
+        // a subscriber starts only at the SPS: the first packet of the access unit.
+        let mut stream = KeyframeStarts::new(VideoCodec::H264);
+        let mut at = Vec::new();
+        for (i, (au, nal_type, payload)) in packets.iter().enumerate() {
+            let last = packets.get(i + 1).is_none_or(|next| next.0 != *au);
+            if stream.observe(*au as u32 * 6000, last, payload) {
+                at.push((*au, *nal_type));
+            }
+        }
+        assert_eq!(at, [(0, 7), (30, 7)]);
     }
 
     proptest! {

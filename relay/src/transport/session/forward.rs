@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use relay_codec::keyframe::{VideoCodec, is_keyframe_start};
+use relay_codec::keyframe::{KeyframeStarts, VideoCodec};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::receiver_report::ReceiverReport;
@@ -149,6 +149,10 @@ pub(super) async fn read_publisher(
         }
         _ => None,
     };
+    let mut starts = match (kind, codec) {
+        (MediaKind::Video, Some(c)) => Some(KeyframeStarts::new(c)),
+        _ => None,
+    };
     while let Some(event) = track.poll().await {
         let TrackRemoteEvent::OnRtpPacket(mut packet) = event else {
             continue;
@@ -159,10 +163,13 @@ pub(super) async fn read_publisher(
         // allocate nothing.
         packet.header.extension = false;
         packet.header.extensions.clear();
-        let keyframe_start = match (kind, codec) {
-            (MediaKind::Video, Some(c)) => is_keyframe_start(c, &packet.payload),
-            _ => false,
-        };
+        let keyframe_start = starts.as_mut().is_some_and(|s| {
+            s.observe(
+                packet.header.timestamp,
+                packet.header.marker,
+                &packet.payload,
+            )
+        });
         let info = PacketInfo {
             kind,
             keyframe_start,
