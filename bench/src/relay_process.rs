@@ -340,15 +340,23 @@ mod tests {
 
     #[test]
     fn live_threads_cpu_counts_a_spinning_thread_finely() {
-        let before = live_threads_cpu_seconds(std::process::id()).unwrap();
+        // This thread's own figure: the process-wide sum loses the other tests' threads
+        // as they end.
+        let own = || {
+            let line = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+            parse_schedstat_nanos(&line).unwrap()
+        };
+        let before = own();
         let t = std::time::Instant::now();
         let mut x = 0u64;
         while t.elapsed() < Duration::from_millis(3) {
             x = x.wrapping_add(std::hint::black_box(1));
         }
-        let after = live_threads_cpu_seconds(std::process::id()).unwrap();
+        let after = own();
         // 3 ms is below one clock tick; schedstat still sees it.
         assert!(after > before, "{x} {before} {after}");
+        // And the process-wide reading parses and counts this thread.
+        assert!(live_threads_cpu_seconds(std::process::id()).unwrap() >= after as f64 / 1e9);
     }
 
     #[test]
