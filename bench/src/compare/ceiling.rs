@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::UdpSocket;
 
 use crate::relay_process::{ProcStats, live_threads_cpu_seconds, spawn_until_first_line};
@@ -92,17 +91,7 @@ pub async fn run_with(args: &RunArgs, binary: &Path) -> Result<Report, RunError>
     let control = Control::new(forwarder.addr).await?;
     let before_sessions = forwarder.usage(&control).await?;
 
-    let progress = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(u64::from(args.sessions))
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    progress.set_prefix("set-up");
+    let progress = crate::run::progress_bar(args);
     let opens = (0..args.sessions).map(|n| {
         let source = source.clone();
         let progress = &progress;
@@ -133,16 +122,10 @@ pub async fn run_with(args: &RunArgs, binary: &Path) -> Result<Report, RunError>
     let start_usage = forwarder.usage(&control).await?;
     let window_start = Instant::now();
     let window_end = window_start + window;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    while Instant::now() < window_end {
-        tick.tick().await;
-        progress.set_position(
-            window_start
-                .elapsed()
-                .as_secs()
-                .min(window.as_secs().max(1)),
-        );
-    }
+    crate::run::watch_window(&progress, window_start, window, || {
+        sessions.iter().map(Session::frames_received).sum()
+    })
+    .await;
     let end_usage = forwarder.usage(&control).await?;
 
     progress.set_prefix("drain");
@@ -216,6 +199,11 @@ struct Session {
 }
 
 impl Session {
+    /// Frames its receivers reassembled so far.
+    fn frames_received(&self) -> usize {
+        self.receivers.iter().map(Receiver::frames_received).sum()
+    }
+
     /// Whether every receiver has the last frame sent at or before `window_end`.
     fn drained(&self, window_end: Instant) -> bool {
         let sent = self.publisher.sent();

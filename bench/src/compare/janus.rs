@@ -30,8 +30,6 @@ mod room;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 use crate::relay_process::ProcStats;
 use crate::run::report::{self, RelayUsage, Report};
 use crate::run::session::Totals;
@@ -54,16 +52,7 @@ pub async fn run(args: &RunArgs, janus_bin: &Path) -> Result<Report, RunError> {
     let janus = LocalJanus::start(janus_bin, &http).await?;
     let before_sessions = ProcStats::read(janus.pid())?;
 
-    let progress = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(u64::from(args.sessions))
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let progress = crate::run::progress_bar(args);
     progress.set_prefix("janus");
     let opens = (0..args.sessions).map(|n| {
         let (http, janus, source, progress) = (&http, &janus, source.clone(), &progress);
@@ -85,18 +74,10 @@ pub async fn run(args: &RunArgs, janus_bin: &Path) -> Result<Report, RunError> {
     let start_usage = ProcStats::read(janus.pid())?;
     let window_start = Instant::now();
     let window_end = window_start + window;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    while Instant::now() < window_end {
-        tick.tick().await;
-        let frames: usize = rooms.iter().map(Room::frames_received).sum();
-        progress.set_position(
-            window_start
-                .elapsed()
-                .as_secs()
-                .min(window.as_secs().max(1)),
-        );
-        progress.set_message(format!("{frames} frames received"));
-    }
+    crate::run::watch_window(&progress, window_start, window, || {
+        rooms.iter().map(Room::frames_received).sum()
+    })
+    .await;
     let end_usage = ProcStats::read(janus.pid())?;
     let end_packets = packets_sent(&http, &janus, &rooms).await?;
     let end_received: u64 = rooms.iter().map(Room::rtp_packets_received).sum();

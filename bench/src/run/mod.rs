@@ -414,17 +414,7 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
     let run_id = format!("{:08x}", rand::random::<u32>());
     let before_sessions = usage(&target, &api).await?;
 
-    let progress = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(u64::from(args.sessions))
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    progress.set_prefix("set-up");
+    let progress = progress_bar(args);
     let opens = (0..args.sessions).map(|n| {
         let api = &api;
         let tls = Arc::clone(&tls);
@@ -450,18 +440,10 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
         s.start(&plan);
     }
     let window_end = window_start + window;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    while Instant::now() < window_end {
-        tick.tick().await;
-        let frames: usize = sessions.iter().map(BenchSession::frames_received).sum();
-        progress.set_position(
-            window_start
-                .elapsed()
-                .as_secs()
-                .min(window.as_secs().max(1)),
-        );
-        progress.set_message(format!("{frames} frames received"));
-    }
+    watch_window(&progress, window_start, window, || {
+        sessions.iter().map(BenchSession::frames_received).sum()
+    })
+    .await;
     let end_usage = usage(&target, &api).await?;
     for s in &mut sessions {
         s.stop_input().await;
@@ -528,4 +510,38 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
         relay,
         recording,
     })
+}
+
+/// The progress bar of a run (hidden with `--quiet`), counting sessions set up.
+pub(crate) fn progress_bar(args: &RunArgs) -> ProgressBar {
+    let progress = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(u64::from(args.sessions))
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix("set-up");
+    progress
+}
+
+/// Waits out the measured window that began at `window_start`, showing its seconds and
+/// the frames `received` counts so far.
+pub(crate) async fn watch_window(
+    progress: &ProgressBar,
+    window_start: Instant,
+    window: Duration,
+    received: impl Fn() -> usize,
+) {
+    let window_end = window_start + window;
+    let seconds = window.as_secs().max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while Instant::now() < window_end {
+        tick.tick().await;
+        progress.set_position(window_start.elapsed().as_secs().min(seconds));
+        progress.set_message(format!("{} frames received", received()));
+    }
 }

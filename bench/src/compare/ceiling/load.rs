@@ -199,6 +199,11 @@ impl Receiver {
         lock(&self.records).frames.clone()
     }
 
+    /// How many frames it reassembled so far.
+    pub(super) fn frames_received(&self) -> usize {
+        lock(&self.records).frames.len()
+    }
+
     /// Whether it has the frame `digest` sent at `sent_at`.
     pub(super) fn has(&self, digest: &[u8; 32], sent_at: Instant) -> bool {
         lock(&self.records)
