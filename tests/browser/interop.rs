@@ -68,6 +68,24 @@ async fn native_and_browser_clients_interoperate() -> Result<()> {
             >= 1,
         "no keyframe among the frames from Chromium: {stats:?}"
     );
+
+    // Her connection drops (as a network failure would): the page comes back with its
+    // resume token and publishes the same screen again; the native agent, on its own
+    // unchanged connection, gets frames again.
+    let before = native_agent.frames_received();
+    carol
+        .js("window.__dropConnection(); return true", vec![])
+        .await?;
+    carol
+        .wait_for(
+            "window.__resumes === 1 && document.body.dataset.state === 'sharing'",
+            "Carol's page resumed and shares again",
+        )
+        .await?;
+    native_agent
+        .wait_frames(before + 30, VIDEO_WAIT)
+        .await
+        .context("the native agent receiving the browser's screen after her resume")?;
     carol.close().await?;
     drop(native_agent);
 

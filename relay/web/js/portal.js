@@ -30,7 +30,15 @@ const state = {
   files: null,
   agents: new Map(),
   ended: false,
+  // The URL of the next connection (the session WebSocket with the single-use resume
+  // token of the last welcome), and whether a resume is under way.
+  resumeUrl: null,
+  resuming: false,
 };
+
+/** How long the portal keeps trying to come back after a drop (the relay's grace is
+ * 10 minutes by default; it says when the session ended). */
+const RESUME_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000];
 
 // Everything that arrived on the `input` channel, decoded, for people (the list) and for
 // tests (window.__inputLog, and data-events on the layer).
@@ -66,14 +74,78 @@ $('#join-form').addEventListener('submit', async (ev) => {
   }
 });
 
-async function enter(creds, name) {
-  const conn = new SessionConnection(creds.ws_url);
-  state.conn = conn;
+/** The session WebSocket URL `wsUrl` with `token` as its token. */
+function withToken(wsUrl, token) {
+  const u = new URL(wsUrl);
+  u.searchParams.set('token', token);
+  return u.toString();
+}
+
+/** Opens the session WebSocket at `url`; a drop afterwards starts a resume. */
+async function connect(url) {
+  const conn = new SessionConnection(url);
   conn.onmessage = onMessage;
   conn.onclose = () => {
-    if (!state.ended) sessionOver('The connection to the session was lost.');
+    if (state.conn === conn && !state.ended) resume();
   };
   const welcome = await conn.open();
+  state.conn = conn;
+  state.resumeUrl = welcome.resume_token ? withToken(url, welcome.resume_token) : null;
+  return welcome;
+}
+
+/**
+ * The connection dropped (network, sleep): come back with the resume token, and publish
+ * the screen again on a new peer connection if it is still being shared. The agents keep
+ * their connections and see "reconnecting" meanwhile.
+ */
+async function resume() {
+  if (state.resuming || state.ended) return;
+  state.resuming = true;
+  document.body.dataset.state = 'reconnecting';
+  if (state.conn) state.conn.close();
+  say($('#session-status'), 'The connection was lost. Reconnecting…', true);
+  for (const delay of RESUME_DELAYS_MS) {
+    await new Promise((r) => setTimeout(r, delay));
+    if (state.ended || !state.resumeUrl) break;
+    try {
+      await connect(state.resumeUrl);
+      state.resuming = false;
+      const [track] = state.stream ? state.stream.getVideoTracks() : [];
+      if (track && track.readyState === 'live') {
+        await publish(track);
+        document.body.dataset.state = 'sharing';
+      } else {
+        document.body.dataset.state = 'joined';
+        $('#session').hidden = true;
+        $('#share').hidden = false;
+      }
+      window.__resumes = (window.__resumes || 0) + 1;
+      say($('#session-status'), 'Reconnected.');
+      return;
+    } catch (e) {
+      // A used token or an ended session will not get better by waiting.
+      if (e.code && e.code !== 'network') {
+        state.resuming = false;
+        sessionOver(describeError(e.code, e.message), e.code);
+        return;
+      }
+    }
+  }
+  state.resuming = false;
+  sessionOver('The connection to the session was lost.');
+}
+
+// For the browser tests: drop the connection as a network failure would.
+window.__dropConnection = () => {
+  if (state.conn) {
+    if (state.conn.pc) state.conn.pc.close();
+    state.conn.ws.close();
+  }
+};
+
+async function enter(creds, name) {
+  const welcome = await connect(creds.ws_url);
   // The link or key is used up: keep it out of the address bar and history.
   history.replaceState(null, '', '/');
   $('#join').hidden = true;
