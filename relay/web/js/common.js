@@ -251,6 +251,38 @@ export class SessionConnection {
   }
 }
 
+/** Waits before each attempt to come back after a drop (about 16 s in all; the relay
+ * keeps a participant's place for its grace period and says when the session ended). */
+export const RESUME_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000];
+
+/** The session WebSocket URL `wsUrl` with `token` as its token. */
+export function withToken(wsUrl, token) {
+  const u = new URL(wsUrl);
+  u.searchParams.set('token', token);
+  return u.toString();
+}
+
+/**
+ * Tries `attempt()` after each of RESUME_DELAYS_MS while `wanted()` holds. Resolves with
+ * `null` once an attempt succeeds, or with the error that makes further attempts
+ * pointless (a refusal: a used token, an ended session) or the last one.
+ */
+export async function retryResume(attempt, wanted) {
+  let last = new RelayError('network', 'The connection to the session was lost.');
+  for (const delay of RESUME_DELAYS_MS) {
+    await new Promise((r) => setTimeout(r, delay));
+    if (!wanted()) return last;
+    try {
+      await attempt();
+      return null;
+    } catch (e) {
+      last = e;
+      if (e.code && e.code !== 'network') return e;
+    }
+  }
+  return last;
+}
+
 /** The number of video frames a receiver decoded so far (0 before any). */
 export async function framesDecoded(pc) {
   if (!pc) return 0;

@@ -5,7 +5,7 @@
 
 import {
   $, el, say, api, describeError, chatLine, SessionConnection, FileTransfers, bindTransfers,
-  decodeInput, keyName, INPUT_LABEL, CHAT_LABEL, FILES_LABEL, MOD,
+  decodeInput, keyName, retryResume, withToken, INPUT_LABEL, CHAT_LABEL, FILES_LABEL, MOD,
 } from './common.js';
 
 const params = new URLSearchParams(location.search);
@@ -36,9 +36,6 @@ const state = {
   resuming: false,
 };
 
-/** How long the portal keeps trying to come back after a drop (the relay's grace is
- * 10 minutes by default; it says when the session ended). */
-const RESUME_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000];
 
 // Everything that arrived on the `input` channel, decoded, for people (the list) and for
 // tests (window.__inputLog, and data-events on the layer).
@@ -74,13 +71,6 @@ $('#join-form').addEventListener('submit', async (ev) => {
   }
 });
 
-/** The session WebSocket URL `wsUrl` with `token` as its token. */
-function withToken(wsUrl, token) {
-  const u = new URL(wsUrl);
-  u.searchParams.set('token', token);
-  return u.toString();
-}
-
 /** Opens the session WebSocket at `url`; a drop afterwards starts a resume. */
 async function connect(url) {
   const conn = new SessionConnection(url);
@@ -105,35 +95,27 @@ async function resume() {
   document.body.dataset.state = 'reconnecting';
   if (state.conn) state.conn.close();
   say($('#session-status'), 'The connection was lost. Reconnecting…', true);
-  for (const delay of RESUME_DELAYS_MS) {
-    await new Promise((r) => setTimeout(r, delay));
-    if (state.ended || !state.resumeUrl) break;
-    try {
-      await connect(state.resumeUrl);
-      state.resuming = false;
-      const [track] = state.stream ? state.stream.getVideoTracks() : [];
-      if (track && track.readyState === 'live') {
-        await publish(track);
-        document.body.dataset.state = 'sharing';
-      } else {
-        document.body.dataset.state = 'joined';
-        $('#session').hidden = true;
-        $('#share').hidden = false;
-      }
-      window.__resumes = (window.__resumes || 0) + 1;
-      say($('#session-status'), 'Reconnected.');
-      return;
-    } catch (e) {
-      // A used token or an ended session will not get better by waiting.
-      if (e.code && e.code !== 'network') {
-        state.resuming = false;
-        sessionOver(describeError(e.code, e.message), e.code);
-        return;
-      }
-    }
-  }
+  const failed = await retryResume(
+    () => connect(state.resumeUrl),
+    () => !state.ended && state.resumeUrl,
+  );
   state.resuming = false;
-  sessionOver('The connection to the session was lost.');
+  if (failed) {
+    sessionOver(describeError(failed.code, failed.message), failed.code);
+    return;
+  }
+  const [track] = state.stream ? state.stream.getVideoTracks() : [];
+  if (track && track.readyState === 'live') {
+    await publish(track);
+    document.body.dataset.state = 'sharing';
+  } else {
+    // Not sharing any more (a restarted browser): ask again.
+    document.body.dataset.state = 'joined';
+    $('#session').hidden = true;
+    $('#share').hidden = false;
+  }
+  window.__resumes = (window.__resumes || 0) + 1;
+  say($('#session-status'), 'Reconnected.');
 }
 
 // For the browser tests: drop the connection as a network failure would.
