@@ -4,7 +4,6 @@
 //! arrive whole and in order, input that arrives or never does, a masked agent the
 //! customer never learns of, a stalled agent that does not hurt the others.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,12 +30,6 @@ mod codecs;
 mod udp_mux;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 /// A session with a host, seven invited agents and a customer publishing `fixture`.
 struct Session {
@@ -158,7 +151,7 @@ async fn join_and_publish(
     fixture_name: &str,
 ) -> Result<Customer> {
     let carol = relay.join("Carol Customer", support_key).await?;
-    let source = FrameSource::open(fixture(fixture_name))?;
+    let source = FrameSource::open(relay_e2e::fixture(fixture_name))?;
     let customer = Customer::connect(&carol.ws_url, tls, source, CustomerOptions::default())
         .await
         .context("customer connects")?;
@@ -213,17 +206,6 @@ fn assert_complete_and_in_order(
     Ok(())
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
 fn moves(range: std::ops::Range<u32>, x: u16) -> Vec<InputEvent> {
     range
         .map(|i| InputEvent {
@@ -255,7 +237,7 @@ async fn fan_out_to_eight_agents(fixture_name: &str) -> Result<()> {
     for e in &from_host {
         host.send_input(e).await?;
     }
-    wait_until("the host's input", || {
+    relay_e2e::wait_until("the host's input", WAIT, || {
         s.customer.input_events().len() >= from_host.len()
     })
     .await?;
@@ -365,7 +347,7 @@ async fn a_stalled_agent_recovers_at_a_keyframe_and_the_others_lose_nothing() ->
     stalled.pause();
     let paused_at = Instant::now();
     // More than the client's own track queue holds, so the stalled agent loses packets.
-    wait_until("the host to receive 400 more packets", || {
+    relay_e2e::wait_until("the host to receive 400 more packets", WAIT, || {
         host.receive_stats().rtp_packets >= packets + 400
     })
     .await?;
@@ -384,11 +366,11 @@ async fn a_stalled_agent_recovers_at_a_keyframe_and_the_others_lose_nothing() ->
                     .is_some_and(|x| x.sent_at > resumed_at)
         })
     };
-    wait_until("a fresh keyframe at the stalled agent", || {
+    relay_e2e::wait_until("a fresh keyframe at the stalled agent", WAIT, || {
         fresh_keyframe(&stalled.frames(), &s.customer.sent_frames()).is_some()
     })
     .await?;
-    wait_until("25 frames after the recovery", || {
+    relay_e2e::wait_until("25 frames after the recovery", WAIT, || {
         let frames = stalled.frames();
         fresh_keyframe(&frames, &s.customer.sent_frames())
             .is_some_and(|start| frames.len() - start >= 25)
@@ -475,7 +457,7 @@ async fn host_masked_viewer_and_customer(
     let customer = Customer::connect(
         &carol.ws_url,
         tls,
-        FrameSource::open(fixture("screen-vp8.ivf"))?,
+        FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"))?,
         CustomerOptions {
             auto_accept_files: auto_accept,
             ..CustomerOptions::default()
@@ -650,7 +632,7 @@ async fn chat_on_data_channels_reaches_the_right_people_once_and_never_names_the
         .await?;
     s.customer.chat().send("still here", Audience::All).await?;
     s.host.chat().wait_messages(5, WAIT).await?;
-    wait_until("the customer's two errors", || {
+    relay_e2e::wait_until("the customer's two errors", WAIT, || {
         s.customer
             .transcript()
             .messages()
@@ -838,7 +820,7 @@ async fn a_masked_agent_shows_its_screen_to_the_customer_anonymously_and_one_at_
     use relay_bench::client::ClientError;
     use relay_e2e::wire::ServerMsg;
     let s = host_masked_viewer_and_customer(RelayBuilder::new(), false).await?;
-    let screen = || FrameSource::open(fixture("screen-vp8.ivf"));
+    let screen = || FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"));
     let refused_with = |r: std::result::Result<(), ClientError>, want: ErrorCode| match r {
         Err(ClientError::Refused { code, .. }) if code == want => Ok(()),
         other => bail!("expected a refusal with {want:?}, got {other:?}"),
@@ -865,7 +847,7 @@ async fn a_masked_agent_shows_its_screen_to_the_customer_anonymously_and_one_at_
     // Stopping ends the customer's stream.
     s.masked.stop_share().await?;
     let stopped = |m: &ServerMsg| matches!(m, ServerMsg::AgentShare { active: false, .. });
-    wait_until("the customer to learn the share stopped", || {
+    relay_e2e::wait_until("the customer to learn the share stopped", WAIT, || {
         s.customer.transcript().messages().iter().any(stopped)
     })
     .await?;
@@ -898,15 +880,19 @@ async fn a_masked_agent_shows_its_screen_to_the_customer_anonymously_and_one_at_
     )?;
     ensure!(s.customer.negotiation().offers_sent == offers);
     s.host.stop_share().await?;
-    wait_until("the customer to learn the second share stopped", || {
-        s.customer
-            .transcript()
-            .messages()
-            .iter()
-            .filter(|m| stopped(m))
-            .count()
-            == 2
-    })
+    relay_e2e::wait_until(
+        "the customer to learn the second share stopped",
+        WAIT,
+        || {
+            s.customer
+                .transcript()
+                .messages()
+                .iter()
+                .filter(|m| stopped(m))
+                .count()
+                == 2
+        },
+    )
     .await?;
 
     // The customer learnt that an agent shared, never which one; agents learnt who.

@@ -62,12 +62,7 @@ struct Built {
 /// Writes a recording of the fixture's frames (VP8: 60, 4 s at 15 fps) with a roster (a
 /// customer, a host and a masked agent), chat lines, a note and input events.
 fn build_recording(dir: &Path, fixture: &str, session: &str, to: &Reviewer) -> Built {
-    let source = FrameSource::open(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures")
-            .join(fixture),
-    )
-    .expect("fixture");
+    let source = FrameSource::open(relay_e2e::fixture(fixture)).expect("fixture");
     let header = RecordingHeader {
         session_id: session.into(),
         portal: "support".into(),
@@ -239,6 +234,33 @@ fn build_recording(dir: &Path, fixture: &str, session: &str, to: &Reviewer) -> B
         frames: frames.len() as u64,
         chats: chats.iter().map(|c| c.5.to_owned()).collect(),
     }
+}
+
+impl Reviewer {
+    /// The identity, opened with [`PASSPHRASE`].
+    fn open(&self) -> age::x25519::Identity {
+        relay::record::keys::open_identity(
+            &std::fs::read(&self.identity).expect("identity"),
+            SecretString::from(PASSPHRASE.to_owned()),
+        )
+        .map_err(|e| e.to_string())
+        .expect("the identity opens")
+    }
+}
+
+/// `relay recordings repair PATH --out REPAIRED`, then `verify REPAIRED`, both of which
+/// must succeed; returns what `verify` printed.
+fn repair_and_verify(who: &Reviewer, path: &Path, repaired: &Path) -> String {
+    expect_status(
+        &recordings(who, &["repair", s(path), "--out", s(repaired)]),
+        0,
+        "repair",
+    );
+    expect_status(
+        &recordings(who, &["verify", s(repaired)]),
+        0,
+        "verify repaired",
+    )
 }
 
 /// Runs `relay recordings <args> --identity .. --passphrase-file ..`.
@@ -476,12 +498,7 @@ fn a_cut_off_recording_verifies_to_its_last_complete_chunk_and_repair_makes_it_e
     let who = reviewer(dir.path(), "support", PASSPHRASE);
     let built = build_recording(dir.path(), "screen-vp8.ivf", "sess", &who);
     let whole = std::fs::read(&built.path).expect("read");
-    let identity = relay::record::keys::open_identity(
-        &std::fs::read(&who.identity).expect("identity"),
-        SecretString::from(PASSPHRASE.to_owned()),
-    )
-    .map_err(|e| e.to_string())
-    .expect("open identity");
+    let identity = who.open();
     let full = open_recording(&built.path, &identity).expect("open");
     let full = Recording::parse(&full.container).expect("parse");
 
@@ -509,16 +526,7 @@ fn a_cut_off_recording_verifies_to_its_last_complete_chunk_and_repair_makes_it_e
         );
 
         let repaired = dir.path().join(format!("repaired-{percent}.rec"));
-        expect_status(
-            &recordings(&who, &["repair", s(&path), "--out", s(&repaired)]),
-            0,
-            "repair",
-        );
-        let out = expect_status(
-            &recordings(&who, &["verify", s(&repaired)]),
-            0,
-            "verify repaired",
-        );
+        let out = repair_and_verify(&who, &path, &repaired);
         let frames: u64 = out
             .split(" video frames")
             .next()
@@ -591,7 +599,7 @@ impl Live {
             .join(name, &self.session.support_key)
             .await
             .expect("join");
-        let source = FrameSource::open(fixture_path("screen-vp8.ivf")).expect("fixture");
+        let source = FrameSource::open(relay_e2e::fixture("screen-vp8.ivf")).expect("fixture");
         let customer = Customer::connect(
             &joined.ws_url,
             self.tls.clone(),
@@ -636,20 +644,10 @@ impl Live {
 /// Longest wait for a connection, a frame or a file in the live tests.
 const LIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-fn fixture_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
-
 /// The video frames of the recording at `path`, read with `who`'s identity; each
 /// chunk must be intact.
 fn recorded_frames(path: &Path, who: &Reviewer) -> Vec<VideoFrame> {
-    let identity = relay::record::keys::open_identity(
-        &std::fs::read(&who.identity).expect("identity"),
-        SecretString::from(PASSPHRASE.to_owned()),
-    )
-    .expect("identity opens");
+    let identity = who.open();
     let plain = open_recording(path, &identity).expect("decrypts");
     let recording = Recording::parse(&plain.container).expect("parses");
     recording
@@ -933,16 +931,7 @@ async fn a_relay_killed_mid_session_leaves_a_recording_that_repair_makes_exporta
     assert!(intact >= 2, "{out}");
 
     let repaired = dir.path().join("repaired.rec");
-    expect_status(
-        &recordings(&who, &["repair", s(&path), "--out", s(&repaired)]),
-        0,
-        "repair",
-    );
-    let out = expect_status(
-        &recordings(&who, &["verify", s(&repaired)]),
-        0,
-        "verify repaired",
-    );
+    let out = repair_and_verify(&who, &path, &repaired);
     assert!(out.contains("footer: valid"), "{out}");
     let frames = recorded_frames(&repaired, &who);
     assert_recorded_from_first_keyframe(&frames, &sent);

@@ -8,7 +8,6 @@
 //! away is dropped, never delivered late. A customer that does not come back ends the
 //! session with `customer_did_not_return`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,25 +26,8 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
 async fn publish(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Customer> {
-    let source = FrameSource::open(fixture("screen-vp8.ivf"))?;
+    let source = FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"))?;
     let customer = Customer::connect(url, tls, source, CustomerOptions::default())
         .await
         .context("customer connects")?;
@@ -165,7 +147,7 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
 
     // The customer's machine reboots: its client is gone without a word.
     drop(first);
-    wait_until("the agents to see the customer reconnecting", || {
+    relay_e2e::wait_until("the agents to see the customer reconnecting", WAIT, || {
         [&host, &bob]
             .iter()
             .all(|a| presence_of(a, &customer_id).last() == Some(&(false, true)))
@@ -208,7 +190,7 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
         second.resume_url().is_some_and(|u| u != resume),
         "the resumed welcome carries a new resume token"
     );
-    wait_until("the agents to see the customer back", || {
+    relay_e2e::wait_until("the agents to see the customer back", WAIT, || {
         [&host, &bob]
             .iter()
             .all(|a| presence_of(a, &customer_id).last() == Some(&(true, false)))
@@ -236,7 +218,7 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
     for e in &after_resume {
         host.send_input(e).await?;
     }
-    wait_until("input after the resume", || {
+    relay_e2e::wait_until("input after the resume", WAIT, || {
         second.input_events().len() >= after_resume.len()
     })
     .await?;

@@ -1,7 +1,6 @@
 //! The browser clients and the native ones (`relay_bench::client`) in the same sessions:
 //! Chromium's WebRTC stack and the `webrtc` crate's, each way through the relay.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -11,12 +10,6 @@ use relay_bench::client::{
 use relay_e2e::wire::Visibility;
 
 use super::{ONE_AT_A_TIME, PORTAL, VIDEO_WAIT, setup, token};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 #[tokio::test]
 async fn native_and_browser_clients_interoperate() -> Result<()> {
@@ -109,7 +102,7 @@ async fn native_and_browser_clients_interoperate() -> Result<()> {
         .await?;
     let key: String = alice.text("#support-key").await?;
     let creds = relay.join("Nate Native", &key).await?;
-    let source = FrameSource::open(fixture("screen-vp8.ivf"))?;
+    let source = FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"))?;
     let customer = Customer::connect(&creds.ws_url, tls, source, CustomerOptions::default())
         .await
         .context("the native customer")?;

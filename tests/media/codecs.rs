@@ -7,7 +7,7 @@ use relay_bench::client::{Agent, AgentOptions, FrameSource, VideoCodec, tls_trus
 use relay_e2e::RelayBuilder;
 use relay_e2e::wire::{InviteTarget, Permission, Visibility};
 
-use super::{WAIT, assert_complete_and_in_order, fixture, join_and_publish};
+use super::{WAIT, assert_complete_and_in_order, join_and_publish};
 
 async fn passes_through(fixture_name: &str, codec: VideoCodec) -> Result<()> {
     relay_e2e::install_crypto();
@@ -30,7 +30,7 @@ async fn passes_through(fixture_name: &str, codec: VideoCodec) -> Result<()> {
         .await?;
     let bob = relay.accept(&bob_jwt, &invitation.invitation_id).await?;
 
-    let source = FrameSource::open(fixture(fixture_name))?;
+    let source = FrameSource::open(relay_e2e::fixture(fixture_name))?;
     ensure!(
         source.codec() == codec,
         "{fixture_name} is {}",

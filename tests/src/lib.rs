@@ -55,6 +55,29 @@ pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// harness assumes its own `cargo test` holds it and builds into `<target>/e2e` instead.
 const BUILD_LOCK_PATIENCE: Duration = Duration::from_secs(30);
 
+/// A committed media fixture: `tests/fixtures/<name>` (see its README).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// Polls `done` every 20 ms until it holds; an error naming `what` after `timeout`.
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Installs ring as the process-wide rustls provider (once; later calls do nothing).
 pub fn install_crypto() {
     static ONCE: OnceLock<()> = OnceLock::new();
