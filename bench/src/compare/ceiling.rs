@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 use crate::relay_process::{ProcStats, live_threads_cpu_seconds, spawn_until_first_line};
-use crate::run::report::{self, RelayUsage, Report};
+use crate::run::report::{RelayUsage, Report};
 use crate::run::session::Totals;
 use crate::run::{DRAIN_LIMIT, RunArgs, RunError, measure};
 use fanout::{Counters, STATS};
@@ -174,22 +174,7 @@ pub async fn run_with(args: &RunArgs, binary: &Path) -> Result<Report, RunError>
                 / u64::from(args.sessions),
         ),
     };
-    Ok(Report {
-        target: TARGET.to_owned(),
-        sessions: args.sessions,
-        agents_per_session: args.agents,
-        duration_s: window.as_secs_f64(),
-        latency_ms: report::latency(&totals.latency),
-        first_frame_ms: report::quantiles(&totals.first_frame),
-        connect_ms: report::quantiles(&totals.connect),
-        input: report::Input::default(),
-        frames: totals.frames,
-        masked_leaks: 0,
-        slow_agents: report::SlowAgents::default(),
-        relay,
-        recording: None,
-        churn: Default::default(),
-    })
+    Ok(Report::media_only(TARGET, args, window, &totals, relay))
 }
 
 /// One session: a publisher and its receivers.

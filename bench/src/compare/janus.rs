@@ -31,7 +31,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::relay_process::ProcStats;
-use crate::run::report::{self, RelayUsage, Report};
+use crate::run::report::{RelayUsage, Report};
 use crate::run::session::Totals;
 use crate::run::{DRAIN_LIMIT, RunArgs, RunError};
 use process::LocalJanus;
@@ -107,34 +107,20 @@ pub async fn run(args: &RunArgs, janus_bin: &Path) -> Result<Report, RunError> {
 
     let cpu_seconds = end_usage.cpu_seconds - start_usage.cpu_seconds;
     let packets_forwarded = end_packets.saturating_sub(start_packets);
-    Ok(Report {
-        target: "janus".to_owned(),
-        sessions: args.sessions,
-        agents_per_session: args.agents,
-        duration_s: window.as_secs_f64(),
-        latency_ms: report::latency(&totals.latency),
-        first_frame_ms: report::quantiles(&totals.first_frame),
-        connect_ms: report::quantiles(&totals.connect),
-        input: report::Input::default(),
-        frames: totals.frames,
-        masked_leaks: 0,
-        slow_agents: report::SlowAgents::default(),
-        relay: RelayUsage {
-            cpu_seconds: Some(cpu_seconds),
-            rss_peak_bytes: Some(after.rss_peak_bytes),
-            packets_forwarded,
-            cpu_us_per_packet: (packets_forwarded > 0)
-                .then(|| cpu_seconds * 1e6 / packets_forwarded as f64),
-            bytes_per_session: Some(
-                end_usage
-                    .rss_bytes
-                    .saturating_sub(before_sessions.rss_bytes)
-                    / u64::from(args.sessions),
-            ),
-        },
-        recording: None,
-        churn: Default::default(),
-    })
+    let relay = RelayUsage {
+        cpu_seconds: Some(cpu_seconds),
+        rss_peak_bytes: Some(after.rss_peak_bytes),
+        packets_forwarded,
+        cpu_us_per_packet: (packets_forwarded > 0)
+            .then(|| cpu_seconds * 1e6 / packets_forwarded as f64),
+        bytes_per_session: Some(
+            end_usage
+                .rss_bytes
+                .saturating_sub(before_sessions.rss_bytes)
+                / u64::from(args.sessions),
+        ),
+    };
+    Ok(Report::media_only("janus", args, window, &totals, relay))
 }
 
 /// RTP packets Janus has sent to every subscriber of `rooms` so far (Admin API).

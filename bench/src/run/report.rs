@@ -189,6 +189,34 @@ fn ms(us: u64) -> f64 {
 }
 
 impl Report {
+    /// The report of a target that only forwards media (Janus, the UDP ceiling): its
+    /// frames and latencies from `totals`; no input, masking, slow agents, churn or
+    /// recording to speak of.
+    pub fn media_only(
+        target: &str,
+        args: &crate::run::RunArgs,
+        window: std::time::Duration,
+        totals: &crate::run::session::Totals,
+        relay: RelayUsage,
+    ) -> Report {
+        Report {
+            target: target.to_owned(),
+            sessions: args.sessions,
+            agents_per_session: args.agents,
+            duration_s: window.as_secs_f64(),
+            latency_ms: latency(&totals.latency),
+            first_frame_ms: quantiles(&totals.first_frame),
+            connect_ms: quantiles(&totals.connect),
+            input: Input::default(),
+            frames: totals.frames.clone(),
+            masked_leaks: 0,
+            slow_agents: SlowAgents::default(),
+            relay,
+            recording: None,
+            churn: Churn::default(),
+        }
+    }
+
     /// Writes the report as pretty JSON to `path`.
     pub fn write_json(&self, path: &std::path::Path) -> std::io::Result<()> {
         let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
