@@ -1,0 +1,323 @@
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use relay_bench::client::{
+    Agent, AgentOptions, ClientError, Customer, CustomerOptions, FrameSource, ReceivedFrame,
+    SentFrame, Signalling, tls_trusting_pem_file,
+};
+use relay_bench::run::measure::SentIndex;
+use relay_codec::input::{InputEvent, InputKind};
+use relay_e2e::RelayBuilder;
+use relay_e2e::wire::{
+    EndReason, ErrorCode, InviteTarget, Permission, RosterEntry, ServerMsg, Visibility,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn publish(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Customer> {
+    let source = FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"))?;
+    let customer = Customer::connect(url, tls, source, CustomerOptions::default())
+        .await
+        .context("customer connects")?;
+    customer.wait_connected(WAIT).await?;
+    customer.wait_input_open(WAIT).await?;
+    Ok(customer)
+}
+
+fn moves(range: std::ops::Range<u32>, x: u16) -> Vec<InputEvent> {
+    range
+        .map(|i| InputEvent {
+            seq: i,
+            kind: InputKind::MouseMove { x, y: i as u16 },
+        })
+        .collect()
+}
+
+/// What `agent` was told about participant `pid`: (connected, reconnecting), in order.
+fn presence_of(agent: &Agent, pid: &str) -> Vec<(bool, bool)> {
+    agent
+        .transcript()
+        .messages()
+        .into_iter()
+        .filter_map(|m| match m {
+            ServerMsg::ParticipantUpdated {
+                participant:
+                    RosterEntry {
+                        participant_id,
+                        connected,
+                        reconnecting,
+                        ..
+                    },
+            } if participant_id == pid => Some((connected, reconnecting)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// From the first keyframe the agent received of the resumed stream on, every frame is
+/// one the restarted customer sent, whole, in order, with none missing. Returns how
+/// many frames that is.
+fn complete_after_resume(
+    name: &str,
+    resumed_at: Instant,
+    sent: &[SentFrame],
+    frames: &[ReceivedFrame],
+) -> Result<usize> {
+    let index = SentIndex::new(sent);
+    let after: Vec<&ReceivedFrame> = frames
+        .iter()
+        .filter(|f| f.received_at >= resumed_at)
+        .skip_while(|f| !(f.is_keyframe && index.find(f).is_some()))
+        .collect();
+    ensure!(
+        after.len() >= 20,
+        "{name} received only {} frames of the resumed stream from its first keyframe",
+        after.len()
+    );
+    let mut previous: Option<u64> = None;
+    for (i, f) in after.iter().enumerate() {
+        let Some(s) = index.find(f) else {
+            bail!("{name}: frame #{i} after the resume keyframe matches nothing the customer sent");
+        };
+        if let Some(p) = previous {
+            ensure!(
+                s.index == p + 1,
+                "{name}: after sent frame {p} came sent frame {} (missing or out of order)",
+                s.index
+            );
+        }
+        previous = Some(s.index);
+    }
+    Ok(after.len())
+}
+
+/// The customer's client is killed mid-session (dropped: no `leave`, no close
+/// handshake) and restarted with its resume token within the grace period.
+#[tokio::test]
+async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
+    relay_e2e::install_crypto();
+    let relay = RelayBuilder::new().start().await?;
+    let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
+    let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
+    let session = relay
+        .create_session(&host_jwt, "support", Visibility::Visible)
+        .await?;
+    let bob_jwt = relay.token("a1", "Bob Masked", &["support"], false);
+    let inv = relay
+        .invite(
+            &host_jwt,
+            &session.session_id,
+            InviteTarget::Agent("a1".into()),
+            Visibility::Masked,
+            Permission::View,
+            None,
+        )
+        .await?;
+    let bob_creds = relay.accept(&bob_jwt, &inv.invitation_id).await?;
+    let host = Agent::connect(&session.host.ws_url, tls.clone(), AgentOptions::default()).await?;
+    let bob = Agent::connect(&bob_creds.ws_url, tls.clone(), AgentOptions::default()).await?;
+    let carol = relay.join("Carol Customer", &session.support_key).await?;
+    let first = publish(&carol.ws_url, tls.clone()).await?;
+    let customer_id = carol.participant_id.clone();
+    let resume = first
+        .resume_url()
+        .context("the customer's welcome has a resume token")?
+        .to_owned();
+    for (name, agent) in [("host", &host), ("bob", &bob)] {
+        agent
+            .wait_frames(15, WAIT)
+            .await
+            .with_context(|| format!("{name} receives frames before the crash"))?;
+    }
+    host.wait_input_open(WAIT).await?;
+    let peer_connections = relay.metric("relay_peer_connections_active").await?;
+    let negotiated = [host.negotiation(), bob.negotiation()];
+
+    // The customer's machine reboots: its client is gone without a word.
+    drop(first);
+    relay_e2e::wait_until("the agents to see the customer reconnecting", WAIT, || {
+        [&host, &bob]
+            .iter()
+            .all(|a| presence_of(a, &customer_id).last() == Some(&(false, true)))
+    })
+    .await?;
+    // Input sent meanwhile is dropped and counted, and never reaches the customer
+    // later. The customer's peer connection is closed; the agents' stay.
+    let during_gap = moves(0..30, 7777);
+    for e in &during_gap {
+        host.send_input(e).await?;
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let away = relay
+            .metric("relay_input_events_total{outcome=\"customer_away\"}")
+            .await?
+            .unwrap_or(0.0);
+        if away >= during_gap.len() as f64 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "input dropped during the gap: {away}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let active = relay.metric("relay_peer_connections_active").await?;
+    ensure!(
+        active == peer_connections.map(|n| n - 1.0),
+        "peer connections: {peer_connections:?} before, {active:?} during the gap"
+    );
+
+    // The customer comes back with its resume token and publishes again.
+    let resumed_at = Instant::now();
+    let second = publish(&resume, tls.clone())
+        .await
+        .context("the restarted customer resumes")?;
+    ensure!(second.welcome().you.participant_id == customer_id);
+    ensure!(
+        second.resume_url().is_some_and(|u| u != resume),
+        "the resumed welcome carries a new resume token"
+    );
+    relay_e2e::wait_until("the agents to see the customer back", WAIT, || {
+        [&host, &bob]
+            .iter()
+            .all(|a| presence_of(a, &customer_id).last() == Some(&(true, false)))
+    })
+    .await?;
+    // The used resume token is refused the second time.
+    let mut replay = Signalling::connect(&resume, tls.clone()).await?;
+    match replay.welcome(WAIT).await {
+        Err(ClientError::Refused {
+            code: ErrorCode::Unauthorized,
+            ..
+        }) => {}
+        other => bail!("a used resume token was not refused: {other:?}"),
+    }
+    // Agents resume on their existing peer connections: no renegotiation.
+    for (name, agent) in [("host", &host), ("bob", &bob)] {
+        let before = agent.frames_received();
+        agent
+            .wait_frames(before + 30, WAIT)
+            .await
+            .with_context(|| format!("{name} receives the resumed stream"))?;
+    }
+    // Input after the resume arrives; nothing from the gap ever does.
+    let after_resume = moves(0..20, 8888);
+    for e in &after_resume {
+        host.send_input(e).await?;
+    }
+    relay_e2e::wait_until("input after the resume", WAIT, || {
+        second.input_events().len() >= after_resume.len()
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<InputEvent> = second
+        .input_events()
+        .into_iter()
+        .map(|r| r.event)
+        .collect::<std::result::Result<_, _>>()?;
+    ensure!(
+        got.iter()
+            .map(|e| &e.kind)
+            .eq(after_resume.iter().map(|e| &e.kind)),
+        "the resumed customer got {got:?}, not exactly the 20 events sent after it published"
+    );
+
+    second.set_publishing(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = second.sent_frames();
+    for (name, agent) in [("host", &host), ("bob", &bob)] {
+        complete_after_resume(name, resumed_at, &sent, &agent.frames())?;
+    }
+    // The agents kept their peer connections: the resume asked for no new offer.
+    for (before, (name, agent)) in negotiated.iter().zip([("host", &host), ("bob", &bob)]) {
+        let now = agent.negotiation();
+        ensure!(
+            now.offers_sent == before.offers_sent
+                && now.renegotiate_requests == before.renegotiate_requests,
+            "{name} renegotiated for the resume: {before:?} then {now:?}"
+        );
+    }
+    // The customer never learnt of the masked agent, before or after the resume.
+    ensure!(
+        !second.transcript().contains(&bob_creds.participant_id)
+            && !second.transcript().contains("Bob Masked")
+    );
+
+    // Agents resume the same way: the host's client dies and comes back with its own
+    // resume token, on a new peer connection; its participant token is used up.
+    second.set_publishing(true);
+    let host_resume = host.resume_url().context("host's resume token")?.to_owned();
+    drop(host);
+    let host = Agent::connect(&host_resume, tls.clone(), AgentOptions::default())
+        .await
+        .context("the host resumes")?;
+    ensure!(host.welcome().you.role == relay_e2e::wire::Role::Host);
+    host.wait_frames(10, WAIT)
+        .await
+        .context("the resumed host receives frames")?;
+    for used in [&session.host.ws_url, &host_resume] {
+        let mut replay = Signalling::connect(used, tls.clone()).await?;
+        ensure!(
+            matches!(
+                replay.welcome(WAIT).await,
+                Err(ClientError::Refused {
+                    code: ErrorCode::Unauthorized,
+                    ..
+                })
+            ),
+            "a used host token was accepted"
+        );
+    }
+    Ok(())
+}
+
+/// A customer that does not come back within its (short) grace period ends the
+/// session for the agents with `customer_did_not_return`; its resume token then gets
+/// `session_ended`.
+#[tokio::test]
+async fn customer_that_does_not_return_ends_the_session() -> Result<()> {
+    relay_e2e::install_crypto();
+    let relay = RelayBuilder::new().customer_grace("2s").start().await?;
+    let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
+    let s = relay
+        .create_session(&host_jwt, "support", Visibility::Visible)
+        .await?;
+    let mut host = relay.ws(&s.host.ws_url, "host").await?;
+    host.recv_type("welcome").await?;
+    let carol = relay.join("Carol", &s.support_key).await?;
+    let mut customer = relay.ws(&carol.ws_url, "customer").await?;
+    customer.recv_type("welcome").await?;
+    let resume = customer.resume_url(&carol.ws_url)?;
+    let is_customer = |m: &Value, connected: bool| {
+        m["type"] == "participant_updated"
+            && m["participant"]["participant_id"] == carol.participant_id.as_str()
+            && m["participant"]["connected"] == connected
+    };
+    host.recv_until(|m| is_customer(m, true)).await?;
+
+    drop(customer);
+    let away_at = Instant::now();
+    let away = host.recv_until(|m| is_customer(m, false)).await?;
+    ensure!(away["participant"]["reconnecting"] == true, "{away}");
+    let ended = host
+        .recv_until_within(Duration::from_secs(10), |m| m["type"] == "session_ended")
+        .await?;
+    let waited = away_at.elapsed();
+    ensure!(
+        ended["reason"] == EndReason::CustomerDidNotReturn.as_str(),
+        "{ended}"
+    );
+    ensure!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        "the session ended {waited:?} after the customer left, with a 2 s grace"
+    );
+    host.wait_closed(Duration::from_secs(5)).await?;
+
+    let mut late = relay.ws(&resume, "customer, too late").await?;
+    let refused = late.recv_type("error").await?;
+    ensure!(refused["code"] == "session_ended", "{refused}");
+    Ok(())
+}
