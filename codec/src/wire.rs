@@ -64,6 +64,13 @@ pub enum ErrorCode {
     Replaced,
     /// Another agent is already sharing its screen with the customer (one at a time).
     ShareBusy,
+    /// The session (or key, link, invitation) lives on another node of the cluster:
+    /// repeat the request at the URL given (`location` over HTTP, `redirect` on a
+    /// WebSocket).
+    Redirect,
+    /// The node that held the session is gone (crashed or cut off); the session cannot
+    /// be resumed. Start a new one.
+    SessionLost,
     /// An unexpected failure inside the relay.
     Internal,
 }
@@ -92,6 +99,8 @@ impl ErrorCode {
             ErrorCode::Draining => "draining",
             ErrorCode::Replaced => "replaced",
             ErrorCode::ShareBusy => "share_busy",
+            ErrorCode::Redirect => "redirect",
+            ErrorCode::SessionLost => "session_lost",
             ErrorCode::Internal => "internal",
         }
     }
@@ -114,6 +123,10 @@ pub struct ErrorDetail {
     /// For [`ErrorCode::Throttled`]: seconds until the next attempt may succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_s: Option<u64>,
+    /// For [`ErrorCode::Redirect`]: the URL to repeat the request at (also in the
+    /// `Location` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// Whether the customer can see an agent.
@@ -368,6 +381,9 @@ pub struct SessionSummary {
     pub agents: usize,
     /// Seconds since the session was opened.
     pub age_s: u64,
+    /// In a cluster: the URL of the node that holds the session (monitor it there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_url: Option<String>,
 }
 
 /// Response to `GET /v1/monitor/sessions`.
@@ -621,6 +637,13 @@ pub enum ServerMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
     },
+    /// The session lives on another node of the cluster: connect to `url` instead (the
+    /// same token works there). The only message on such a socket, which then closes
+    /// with code 4307.
+    Redirect {
+        /// The session WebSocket URL on the node that holds the session.
+        url: String,
+    },
     /// Reply to `ping`.
     Pong {
         /// The ping's `id`.
@@ -849,6 +872,33 @@ mod tests {
     }
 
     #[test]
+    fn redirect_message_and_error_location() {
+        let msg = ServerMsg::Redirect {
+            url: "wss://a.example:8443/v1/sessions/s_1/ws?token=t".into(),
+        };
+        let s = serde_json::to_string(&msg).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"redirect","url":"wss://a.example:8443/v1/sessions/s_1/ws?token=t"}"#
+        );
+        assert_eq!(serde_json::from_str::<ServerMsg>(&s).unwrap(), msg);
+        let body: ErrorBody = serde_json::from_str(
+            r#"{"error":{"code":"redirect","message":"m","location":"https://a/v1/join"}}"#,
+        )
+        .unwrap();
+        assert_eq!(body.error.code, ErrorCode::Redirect);
+        assert_eq!(body.error.location.as_deref(), Some("https://a/v1/join"));
+        // Absent when not a redirect, so single-node answers are unchanged.
+        let plain = ErrorDetail {
+            code: ErrorCode::NotFound,
+            message: "m".into(),
+            retry_after_s: None,
+            location: None,
+        };
+        assert!(!serde_json::to_string(&plain).unwrap().contains("location"));
+    }
+
+    #[test]
     fn agent_share_names_the_sharer_only_when_given() {
         let anonymous = ServerMsg::AgentShare {
             active: true,
@@ -869,6 +919,8 @@ mod tests {
     #[test]
     fn error_code_names_match_serde() {
         for code in [
+            ErrorCode::Redirect,
+            ErrorCode::SessionLost,
             ErrorCode::ShareBusy,
             ErrorCode::BadRequest,
             ErrorCode::WrongKey,

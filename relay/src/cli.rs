@@ -80,6 +80,34 @@ pub enum Command {
     /// read by anyone.
     #[command(subcommand)]
     Recordings(RecordingsCommand),
+    /// Inspect the cluster this node belongs to ([cluster] redis).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `relay cluster ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterCommand {
+    /// Print the nodes of the cluster (live, draining, dead; load, last heartbeat, URL)
+    /// and their live sessions, read from Redis directly.
+    Status {
+        /// The node's configuration file; its [cluster] redis names the directory.
+        #[arg(long, value_name = "FILE", env = "RELAY_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// Runs a `relay cluster` subcommand; returns what to print.
+pub fn run_cluster(cmd: &ClusterCommand) -> anyhow::Result<String> {
+    match cmd {
+        ClusterCommand::Status { config } => {
+            let config = Config::load(Some(config))?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::cluster::status::report(&config))
+        }
+    }
 }
 
 /// Flags of `relay serve`; each overrides the matching configuration key.

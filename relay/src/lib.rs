@@ -18,9 +18,12 @@
 //! - [`auth`], [`config`], [`cli`], [`tls`], [`metrics`]: tokens, configuration, the
 //!   command line, certificates and Prometheus metrics.
 //! - [`identity`]: who an authenticated agent is.
+//! - [`cluster`]: scale-out: the session directory in Redis that edge nodes share,
+//!   placement of new sessions, redirects to the node that holds a session, failover.
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod fanout;
 pub mod identity;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Token(args) => cli::run_token(&args).map(|t| println!("{t}")),
         Command::Config(cmd) => cli::run_config(&cmd).map(|out| println!("{out}")),
         Command::ReviewKey(cmd) => cli::run_review_key(&cmd).map(|out| println!("{out}")),
+        Command::Cluster(cmd) => cli::run_cluster(&cmd).map(|out| println!("{out}")),
         // Their own exit statuses: 0 intact, 1 something lost (verify), 2 error.
         Command::Recordings(cmd) => {
             return match cli::run_recordings(&cmd) {
@@ -51,15 +52,26 @@ fn serve(config: Config) -> anyhow::Result<()> {
     runtime.block_on(relay::signal::serve(config))
 }
 
-/// Logs go to stderr, so that stdout carries only the `listening on` line.
+/// Logs go to stderr, so that stdout carries only the `listening on` line. The
+/// `webrtc` stack's per-datagram errors are counted and logged at most once a minute
+/// per reason (`relay::transport::rejects`).
 fn init_logging(config: &Config) {
+    use relay::transport::rejects::{RejectCounter, RejectLogLimit, counter};
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let filter = filter.and(RejectLogLimit::default());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.log.format {
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(RejectCounter::layer(counter()))
+        .init();
 }

@@ -27,6 +27,9 @@ use super::ClientError;
 
 /// How long [`Signalling::connect`] waits for the TCP, TLS and WebSocket handshakes.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most `redirect` messages [`Signalling::welcome`] follows before it gives up (a
+/// cluster redirects once; more means a loop).
+const MAX_REDIRECTS: usize = 3;
 /// Outgoing messages queued before [`SignallingSender::send`] waits.
 const OUTGOING_QUEUE: usize = 256;
 /// Parsed incoming messages queued before the reader stops reading the socket.
@@ -281,6 +284,7 @@ pub struct CloseInfo {
 #[derive(Debug)]
 pub struct Signalling {
     url: String,
+    tls: Arc<rustls::ClientConfig>,
     sender: SignallingSender,
     incoming: mpsc::Receiver<ServerMsg>,
     transcript: Transcript,
@@ -300,7 +304,8 @@ impl Signalling {
     /// Connects to a session WebSocket URL (`wss://…/v1/sessions/{id}/ws?token=…`, or
     /// `ws://` for a relay without TLS), within [`CONNECT_TIMEOUT`].
     pub async fn connect(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
-        let connect = connect_async_tls_with_config(url, None, true, Some(Connector::Rustls(tls)));
+        let connect =
+            connect_async_tls_with_config(url, None, true, Some(Connector::Rustls(tls.clone())));
         let (stream, _response) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| ClientError::Timeout("the WebSocket handshake"))?
@@ -365,6 +370,7 @@ impl Signalling {
 
         Ok(Signalling {
             url: url.to_owned(),
+            tls,
             sender: SignallingSender { tx: out_tx },
             incoming: in_rx,
             transcript,
@@ -407,10 +413,34 @@ impl Signalling {
         }
     }
 
+    /// The URL this socket is connected to (after any redirect).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Waits for the first message and requires it to be `welcome`; an `error` instead
-    /// (refused token, session over) becomes [`ClientError::Refused`].
+    /// (refused token, session over, `session_lost`) becomes [`ClientError::Refused`].
+    /// A `redirect` (the session lives on another node of a cluster) is followed: the
+    /// socket is replaced by one to the given URL, at most [`MAX_REDIRECTS`] times, so
+    /// the welcome's resume URL points at the node that holds the session.
     pub async fn welcome(&mut self, timeout: Duration) -> Result<Welcome, ClientError> {
-        match self.recv_timeout(timeout).await? {
+        let mut redirects = 0;
+        let first = loop {
+            match self.recv_timeout(timeout).await? {
+                ServerMsg::Redirect { url } if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    tracing::debug!(%url, "signalling: redirected to another relay node");
+                    *self = Signalling::connect(&url, self.tls.clone()).await?;
+                }
+                ServerMsg::Redirect { url } => {
+                    return Err(ClientError::Protocol(format!(
+                        "more than {MAX_REDIRECTS} redirects (last to {url})"
+                    )));
+                }
+                msg => break msg,
+            }
+        };
+        match first {
             ServerMsg::Welcome {
                 session_id,
                 you,

@@ -138,6 +138,11 @@ impl SecretDigest {
     pub fn of(presented: &str) -> Self {
         Self(Sha256::digest(presented.as_bytes()).into())
     }
+
+    /// The digest in lowercase hex (the cluster directory's keys are named by it).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
 }
 
 impl fmt::Debug for SecretDigest {

@@ -71,7 +71,8 @@ pub use ids::{
     ConnId, InvitationId, ParticipantId, Random, Secret, SecretDigest, SessionId, SupportKey,
 };
 pub use node::{
-    Census, Credentials, InvitationCreated, JoinCredential, Node, SessionCreated, WallClock,
+    Census, Credentials, DirectoryEntry, InvitationCreated, JoinCredential, Node, SessionCreated,
+    WallClock,
 };
 
 use crate::throttle::{Scope, ThrottleSettings};

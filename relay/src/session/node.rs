@@ -130,6 +130,22 @@ impl Census {
     }
 }
 
+/// One live session as the cluster directory records it ([`Node::directory`]): what
+/// other nodes need to route its key, link, invitations and supervisors here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectoryEntry {
+    /// The session.
+    pub session_id: SessionId,
+    /// SHA-256 of its support key (never the key itself).
+    pub key: SecretDigest,
+    /// SHA-256 of its support-link token.
+    pub link: SecretDigest,
+    /// Its open invitations.
+    pub invitations: Vec<InvitationId>,
+    /// What a supervisor's listing shows of it.
+    pub summary: SessionSummary,
+}
+
 /// Which participant or console a connection carries.
 #[derive(Debug, Clone)]
 enum ConnTarget {
@@ -308,6 +324,57 @@ impl Node {
     /// Whether no session is live.
     pub fn is_idle(&self) -> bool {
         self.sessions.is_empty()
+    }
+
+    /// Whether this node holds the session, or held it until recently (its tombstone
+    /// answers late requests with `session_ended`). The cluster shell routes requests
+    /// for any other session id to the node that holds it.
+    pub fn knows_session(&self, session: &SessionId) -> bool {
+        self.sessions.contains_key(session) || self.ended.get(session).is_some()
+    }
+
+    /// Every live session, for the cluster directory, oldest first.
+    pub fn directory(&self, now: Instant) -> Vec<DirectoryEntry> {
+        let mut list: Vec<&SessionState> = self.sessions.values().collect();
+        list.sort_by_key(|s| s.created_at);
+        list.into_iter()
+            .map(|s| DirectoryEntry {
+                session_id: s.id.clone(),
+                key: SecretDigest::of(s.key.reveal()),
+                link: s.link,
+                invitations: s.invitations.iter().map(|i| i.id.clone()).collect(),
+                summary: Self::summary(s, now),
+            })
+            .collect()
+    }
+
+    /// Whether a support-key attempt from `from` may be looked up now (the throttle's
+    /// verdict; nothing is counted). The cluster shell asks before it looks a key up in
+    /// the directory, so that the directory is no way around the throttle.
+    pub fn key_lookup_allowed(&mut self, now: Instant, from: IpAddr) -> bool {
+        matches!(self.throttle.check(now, from), Verdict::Allow)
+    }
+
+    /// Gives a session whose key no customer has used a new support key, unique on this
+    /// node, and returns it: the cluster shell calls this when another node already
+    /// holds the key this node drew. `None` if the session is gone or its key was used.
+    pub fn replace_support_key(&mut self, session: &SessionId) -> Option<SupportKey> {
+        if self.sessions.get(session).is_none_or(|s| s.key_used) {
+            return None;
+        }
+        let key = loop {
+            let key = SupportKey::random(&mut *self.rng);
+            if !self.keys.contains_key(key.reveal())
+                && self.expired_keys.get(&key.reveal().to_owned()).is_none()
+            {
+                break key;
+            }
+        };
+        let s = self.sessions.get_mut(session)?;
+        self.keys.remove(s.key.reveal());
+        s.key = key.clone();
+        self.keys.insert(key.reveal().to_owned(), session.clone());
+        Some(key)
     }
 
     // ----- requests ------------------------------------------------------------------
@@ -860,26 +927,26 @@ impl Node {
             .sessions
             .values()
             .filter(|s| supervisor.in_portal(&s.portal))
-            .map(|s| {
-                (
-                    s.created_at,
-                    SessionSummary {
-                        session_id: s.id.as_str().to_owned(),
-                        portal: s.portal.clone(),
-                        host: s.host_name().to_owned(),
-                        customer: s
-                            .participants
-                            .iter()
-                            .find(|p| p.role == Role::Customer)
-                            .map(|p| p.name.clone()),
-                        agents: s.agent_count(),
-                        age_s: now.saturating_duration_since(s.created_at).as_secs(),
-                    },
-                )
-            })
+            .map(|s| (s.created_at, Self::summary(s, now)))
             .collect();
         list.sort_by_key(|(t, _)| *t);
         Ok(list.into_iter().map(|(_, s)| s).collect())
+    }
+
+    fn summary(s: &SessionState, now: Instant) -> SessionSummary {
+        SessionSummary {
+            session_id: s.id.as_str().to_owned(),
+            portal: s.portal.clone(),
+            host: s.host_name().to_owned(),
+            customer: s
+                .participants
+                .iter()
+                .find(|p| p.role == Role::Customer)
+                .map(|p| p.name.clone()),
+            agents: s.agent_count(),
+            age_s: now.saturating_duration_since(s.created_at).as_secs(),
+            node_url: None,
+        }
     }
 
     /// A supervisor joins a session silently: masked, view-only, seen by nobody but

@@ -1883,3 +1883,59 @@ fn an_agent_resumes_within_its_grace_and_its_old_token_takes_nothing_over() {
     );
     let _ = (host_conn, r2);
 }
+
+/// The hooks of the cluster shell: the directory entry of a session, a key drawn again
+/// because another node holds it (the old key stops working, the new one admits the
+/// customer), and which session ids this node answers for.
+#[test]
+fn cluster_hooks_publish_rekey_and_know_sessions() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let created = sim.create(&alice);
+    let sid = created.host.session_id.clone();
+    assert!(sim.node.knows_session(&sid));
+    assert!(!sim.node.knows_session(&SessionId::from_wire("s_elsewhere")));
+
+    let entries = sim.node.directory(sim.now);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].session_id, sid);
+    assert_eq!(
+        entries[0].key,
+        SecretDigest::of(created.support_key.reveal())
+    );
+    assert_eq!(entries[0].link, created.link.digest());
+    assert_eq!(entries[0].summary.host, "Agent alice");
+    assert_ne!(
+        entries[0].key.to_hex(),
+        created.support_key.reveal(),
+        "the directory gets a digest, never the key"
+    );
+
+    let new_key = sim.node.replace_support_key(&sid).expect("unused key");
+    assert_ne!(new_key.reveal(), created.support_key.reveal());
+    assert_eq!(
+        sim.node.directory(sim.now)[0].key,
+        SecretDigest::of(new_key.reveal())
+    );
+    assert!(matches!(
+        sim.join(created.support_key.reveal()),
+        Err(SessionError::WrongKey)
+    ));
+    sim.join(new_key.reveal())
+        .expect("the new key admits the customer");
+    assert!(
+        sim.node.replace_support_key(&sid).is_none(),
+        "a used key is never replaced"
+    );
+    assert!(sim.node.key_lookup_allowed(sim.now, addr(1)));
+
+    sim.node
+        .end_session(sim.now, &alice, &sid)
+        .expect("host ends");
+    sim.drain();
+    assert!(sim.node.directory(sim.now).is_empty());
+    assert!(
+        sim.node.knows_session(&sid),
+        "an ended session is still answered here (session_ended), not routed"
+    );
+}

@@ -57,6 +57,11 @@ pub fn router(state: AppState) -> Router {
                 "no such endpoint; see docs/protocol.md",
             )
         })
+        // In a cluster, requests for what another node holds are redirected there.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::cluster::routing::route_elsewhere,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_responses,
@@ -99,7 +104,9 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::KeyExpired
         | ErrorCode::KeyUsed
         | ErrorCode::InvitationClosed
-        | ErrorCode::SessionEnded => StatusCode::GONE,
+        | ErrorCode::SessionEnded
+        | ErrorCode::SessionLost => StatusCode::GONE,
+        ErrorCode::Redirect => StatusCode::TEMPORARY_REDIRECT,
         ErrorCode::Throttled => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::SessionFull
         | ErrorCode::AgentSessionLimit
@@ -120,6 +127,7 @@ impl IntoResponse for ApiError {
                 code: self.code,
                 message: self.message,
                 retry_after_s: self.retry_after_s,
+                location: None,
             },
         };
         let mut resp = (status, axum::Json(body)).into_response();
@@ -186,9 +194,22 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Reads and parses a JSON body of at most `limit` bytes. The content type is not
-/// checked, so `curl -d` works as documented.
-async fn json<T: DeserializeOwned>(body: Body, limit: usize) -> ApiResult<T> {
+/// Reads and parses a JSON body of at most `limits.max_message_bytes`. The content type
+/// is not checked, so `curl -d` works as documented. A refusal is counted in
+/// `relay_messages_rejected_total{code}`, like a bad WebSocket message.
+async fn json<T: DeserializeOwned>(state: &AppState, body: Body) -> ApiResult<T> {
+    let parsed = parse_json(body, state.config.limits.max_message_bytes).await;
+    if let Err(e) = &parsed {
+        state
+            .metrics
+            .messages_rejected_total
+            .with_label_values(&[e.code.as_str()])
+            .inc();
+    }
+    parsed
+}
+
+async fn parse_json<T: DeserializeOwned>(body: Body, limit: usize) -> ApiResult<T> {
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
             ErrorCode::MessageTooLarge,
@@ -207,7 +228,7 @@ async fn json<T: DeserializeOwned>(body: Body, limit: usize) -> ApiResult<T> {
 
 /// The customer's address: the peer, or the last `X-Forwarded-For` hop when the
 /// node sits behind a trusted proxy.
-fn client_ip(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+pub(crate) fn client_ip(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
     if state.config.limits.trust_forwarded_for {
         // The rightmost hop is the one our proxy added; anything left of it is what
         // the client claimed and cannot be trusted.
@@ -285,7 +306,7 @@ async fn create_session(
     Agent(agent): Agent,
     body: Body,
 ) -> ApiResult<Response> {
-    let req: CreateSessionRequest = json(body, state.config.limits.max_message_bytes).await?;
+    let req: CreateSessionRequest = json(&state, body).await?;
     let (created, expires_at) = state
         .actor
         .call(move |node, now| {
@@ -295,6 +316,10 @@ async fn create_session(
             })
         })
         .await??;
+    let created = match &state.cluster {
+        Some(cluster) => cluster.claim_new_session(&state.actor, created).await,
+        None => created,
+    };
     let resp = CreateSessionResponse {
         session_id: created.host.session_id.as_str().to_owned(),
         support_key: created.support_key.reveal().to_owned(),
@@ -325,7 +350,7 @@ async fn join(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let req: JoinRequest = json(body, state.config.limits.max_message_bytes).await?;
+    let req: JoinRequest = json(&state, body).await?;
     let credential = match (req.support_key, req.support_link) {
         (Some(key), None) => JoinCredential::Key(key),
         (None, Some(link)) => JoinCredential::Link(link),
@@ -351,7 +376,7 @@ async fn invite(
     Path(sid): Path<String>,
     body: Body,
 ) -> ApiResult<Response> {
-    let req: InviteRequest = json(body, state.config.limits.max_message_bytes).await?;
+    let req: InviteRequest = json(&state, body).await?;
     let sid = SessionId::from_wire(&sid);
     let (created, expires_at) = state
         .actor
@@ -426,7 +451,7 @@ async fn update_participant(
     Path((sid, pid)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<Response> {
-    let req: UpdateParticipantRequest = json(body, state.config.limits.max_message_bytes).await?;
+    let req: UpdateParticipantRequest = json(&state, body).await?;
     let (sid, pid) = (SessionId::from_wire(&sid), ParticipantId::from_wire(&pid));
     let entry = state
         .actor
@@ -436,10 +461,14 @@ async fn update_participant(
 }
 
 async fn monitor_list(State(state): State<AppState>, Agent(agent): Agent) -> ApiResult<Response> {
-    let sessions = state
+    let who = agent.clone();
+    let mut sessions = state
         .actor
         .call(move |node, now| node.list_sessions(now, &agent))
         .await??;
+    if let Some(cluster) = &state.cluster {
+        sessions = cluster.listing(&who, sessions).await;
+    }
     Ok(axum::Json(SessionList { sessions }).into_response())
 }
 

@@ -11,8 +11,10 @@
 //! - [`web`]: the browser clients (customer portal, agent console), embedded.
 //! - [`ws`]: the session and agent-console WebSockets.
 //! - [`actor`]: the task that owns the node, its timer and the connection table.
+//! - [`handshake`]: the deadline of a new connection's TLS handshake and first request.
 
 pub mod actor;
+pub mod handshake;
 pub mod http;
 pub mod web;
 pub mod ws;
@@ -51,6 +53,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Source of connection ids.
     pub next_conn: Arc<AtomicU64>,
+    /// Membership of a cluster (`[cluster] redis`); `None` on a lone node.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The core's tunables from the configuration.
@@ -120,6 +124,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let actor = Actor::spawn(node, media.clone(), metrics.clone(), idle.clone());
     media.attach(actor.clone());
+    let draining = Arc::new(AtomicBool::new(false));
+    let cluster = crate::cluster::Cluster::start(
+        &config,
+        &base_url,
+        actor.clone(),
+        draining.clone(),
+        &metrics,
+    )
+    .context("joining the cluster")?;
 
     let state = AppState {
         actor: actor.clone(),
@@ -127,8 +140,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         verifier,
         base_url,
         config: Arc::new(config.clone()),
-        draining: Arc::new(AtomicBool::new(false)),
+        draining,
         next_conn: Arc::new(AtomicU64::new(1)),
+        cluster,
     };
     let app = http::router(state.clone());
 
@@ -136,17 +150,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let make = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = {
         let handle = handle.clone();
+        // Every new connection must finish its TLS handshake and send its first request
+        // head within `limits.handshake_timeout` (rustls's own timeout is only a backstop).
+        let deadline = config.limits.handshake_timeout;
+        let metrics = metrics.clone();
         async move {
+            use handshake::HandshakeGuard;
             match tls {
                 Some(tls) => {
                     let rustls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
-                    axum_server::from_tcp_rustls(listener, rustls)
+                    let tls = axum_server::tls_rustls::RustlsAcceptor::new(rustls)
+                        .handshake_timeout(deadline + Duration::from_secs(1));
+                    axum_server::from_tcp(listener)
+                        .acceptor(HandshakeGuard::new(tls, deadline, metrics))
                         .handle(handle)
                         .serve(make)
                         .await
                 }
                 None => {
+                    let plain = axum_server::accept::DefaultAcceptor;
                     axum_server::from_tcp(listener)
+                        .acceptor(HandshakeGuard::new(plain, deadline, metrics))
                         .handle(handle)
                         .serve(make)
                         .await
@@ -170,6 +194,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(deadline = ?deadline, "draining: no new sessions; live sessions may finish");
     state.draining.store(true, Ordering::SeqCst);
     metrics.draining.set(1);
+    if let Some(cluster) = &state.cluster {
+        // The directory learns at once that this node takes no new sessions.
+        cluster.sync_now().await;
+    }
     actor
         .call(move |node, now| node.start_drain(now, deadline))
         .await?;
@@ -180,6 +208,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         _ = sigterm.recv() => tracing::warn!("second signal: exiting without waiting"),
     }
     tracing::info!("drained; shutting down");
+    if let Some(cluster) = &state.cluster {
+        cluster.leave().await;
+    }
     // The last `session_ended` messages are queued but perhaps not yet written, and the
     // HTTP server does not track upgraded connections: wait for the session sockets.
     let sockets = metrics
