@@ -26,6 +26,12 @@ pub const MIN_MESSAGE_BYTES: usize = 1024;
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// The largest accepted `limits.max_file_bytes` (16 GiB).
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+/// The smallest accepted `limits.max_publish_bitrate` (100 kbit/s).
+pub const MIN_PUBLISH_BITRATE: u64 = 100_000;
+/// The largest accepted `limits.max_publish_bitrate` (1 Gbit/s).
+pub const MAX_PUBLISH_BITRATE: u64 = 1_000_000_000;
+/// The longest accepted `limits.handshake_timeout`.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The whole configuration of a relay node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +61,8 @@ pub struct Config {
     pub media: MediaConfig,
     /// Session recordings (`[recording]`).
     pub recording: RecordingConfig,
+    /// Scale-out: the shared session directory (`[cluster]`).
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 impl Default for Config {
@@ -71,6 +79,7 @@ impl Default for Config {
             log: LogConfig::default(),
             media: MediaConfig::default(),
             recording: RecordingConfig::default(),
+            cluster: crate::cluster::ClusterConfig::default(),
         }
     }
 }
@@ -221,6 +230,13 @@ pub struct LimitsConfig {
     /// Take the client address from the last `X-Forwarded-For` hop (only behind a
     /// proxy that sets it; otherwise clients could pick their own address).
     pub trust_forwarded_for: bool,
+    /// Most bits per second one published track (a customer's screen or voice, an
+    /// agent's screen share) may push into the fan-out; packets over it are dropped.
+    pub max_publish_bitrate: u64,
+    /// How long a new TCP connection may take to complete its TLS handshake and send
+    /// its first complete HTTP request head (a WebSocket upgrade included).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -235,6 +251,8 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_file_bytes: 100 * 1024 * 1024,
             trust_forwarded_for: false,
+            max_publish_bitrate: 20_000_000,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -272,6 +290,11 @@ pub struct MediaConfig {
     /// One UDP port for the media of every peer connection (a demultiplexer routes each
     /// datagram to its connection); `0` (the default) uses the port range instead.
     pub udp_mux_port: u16,
+    /// One TCP port on which every peer connection also offers a passive ICE-TCP
+    /// candidate, the media fallback for clients whose UDP is blocked (they pick it by
+    /// themselves; ICE prefers UDP); `0` (the default) offers no TCP. Needs a concrete
+    /// `bind_ip`; may be the same number as `udp_mux_port`.
+    pub ice_tcp_port: u16,
     /// The public address to announce in ICE host candidates instead of the bound one
     /// (an edge node behind 1:1 NAT).
     pub public_ip: Option<IpAddr>,
@@ -289,6 +312,7 @@ impl Default for MediaConfig {
             udp_port_min: 40000,
             udp_port_max: 40999,
             udp_mux_port: 0,
+            ice_tcp_port: 0,
             public_ip: None,
             agent_queue_packets: 512,
             keyframe_window: Duration::from_millis(300),
@@ -474,6 +498,22 @@ impl Config {
                 m.bind_ip
             ));
         }
+        if m.ice_tcp_port != 0 && m.bind_ip.is_unspecified() {
+            // Passive candidates name one address, which the wildcard is not.
+            return invalid(format!(
+                "media.ice_tcp_port needs a concrete media.bind_ip, not {}",
+                m.bind_ip
+            ));
+        }
+        if m.ice_tcp_port != 0
+            && m.ice_tcp_port == self.listen.port()
+            && (m.bind_ip == self.listen.ip() || self.listen.ip().is_unspecified())
+        {
+            return invalid(format!(
+                "media.ice_tcp_port {} is the port the signalling listener uses ({})",
+                m.ice_tcp_port, self.listen
+            ));
+        }
         if !(16..=65536).contains(&m.agent_queue_packets) {
             return invalid(format!(
                 "media.agent_queue_packets must be between 16 and 65536 (got {})",
@@ -509,6 +549,20 @@ impl Config {
             return invalid(format!(
                 "limits.max_file_bytes must be between 1 and {MAX_FILE_BYTES} (got {})",
                 l.max_file_bytes
+            ));
+        }
+        if !(MIN_PUBLISH_BITRATE..=MAX_PUBLISH_BITRATE).contains(&l.max_publish_bitrate) {
+            return invalid(format!(
+                "limits.max_publish_bitrate must be between {MIN_PUBLISH_BITRATE} and {MAX_PUBLISH_BITRATE} bits per second (got {})",
+                l.max_publish_bitrate
+            ));
+        }
+        if l.handshake_timeout < Duration::from_millis(100)
+            || l.handshake_timeout > MAX_HANDSHAKE_TIMEOUT
+        {
+            return invalid(format!(
+                "limits.handshake_timeout must be between 100ms and 5m (got {})",
+                humantime::format_duration(l.handshake_timeout)
             ));
         }
         for (key, d) in [
@@ -548,6 +602,8 @@ impl Config {
         if let Some(url) = &self.public_url {
             check_public_url(url)?;
         }
+        self.cluster
+            .validate(self.listen.ip().is_unspecified(), self.public_url.is_some())?;
 
         let a = &self.auth;
         if a.hs256_secret.is_some() && a.hs256_secret_file.is_some() {
@@ -798,6 +854,35 @@ mod tests {
     }
 
     #[test]
+    fn publish_bitrate_and_handshake_limits() {
+        let d = Config::default();
+        assert_eq!(d.limits.max_publish_bitrate, 20_000_000);
+        assert_eq!(d.limits.handshake_timeout, Duration::from_secs(10));
+        for n in [MIN_PUBLISH_BITRATE - 1, MAX_PUBLISH_BITRATE + 1] {
+            let m = invalid_message(&with(|c| c.limits.max_publish_bitrate = n));
+            assert!(m.contains("limits.max_publish_bitrate"), "{m}");
+        }
+        for n in [MIN_PUBLISH_BITRATE, MAX_PUBLISH_BITRATE] {
+            with(|c| c.limits.max_publish_bitrate = n)
+                .validate()
+                .expect("bounds are inclusive");
+        }
+        for t in [
+            Duration::from_millis(99),
+            MAX_HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+        ] {
+            let m = invalid_message(&with(|c| c.limits.handshake_timeout = t));
+            assert!(m.contains("limits.handshake_timeout"), "{m}");
+        }
+        let cfg = Config::from_toml_str(
+            "[limits]\nmax_publish_bitrate = 5000000\nhandshake_timeout = \"2s\"\n",
+        )
+        .expect("parses");
+        assert_eq!(cfg.limits.max_publish_bitrate, 5_000_000);
+        assert_eq!(cfg.limits.handshake_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
     fn file_size_limits() {
         assert_eq!(Config::default().limits.max_file_bytes, 100 * 1024 * 1024);
         for n in [0, MAX_FILE_BYTES + 1] {
@@ -823,6 +908,23 @@ mod tests {
         assert!(m.contains("session.invitation_ttl"), "{m}");
         let m = invalid_message(&with(|c| c.log.level = "info,=[".to_owned()));
         assert!(m.contains("log.level"), "{m}");
+    }
+
+    #[test]
+    fn ice_tcp_port_needs_a_concrete_bind_ip_and_its_own_port() {
+        let cfg = Config::from_toml_str("[media]\nice_tcp_port = 3478\nudp_mux_port = 3478\n")
+            .expect("parses: the same number as the UDP mux is fine");
+        assert_eq!(cfg.media.ice_tcp_port, 3478);
+        assert_eq!(Config::default().media.ice_tcp_port, 0, "off by default");
+        let m = invalid_message(&with(|c| {
+            c.media.ice_tcp_port = 3478;
+            c.media.bind_ip = IpAddr::from([0, 0, 0, 0]);
+        }));
+        assert!(m.contains("media.ice_tcp_port"), "{m}");
+        let m = invalid_message(&with(|c| {
+            c.media.ice_tcp_port = c.listen.port();
+        }));
+        assert!(m.contains("signalling listener"), "{m}");
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub const INPUT_OUTCOMES: [&str; 5] = [
 ];
 /// Outcomes of peer-connection negotiations (`outcome` label of
 /// `relay_negotiations_total`).
-pub const NEGOTIATION_OUTCOMES: [&str; 4] = ["ok", "bad_offer", "no_port", "replaced"];
+pub const NEGOTIATION_OUTCOMES: [&str; 5] =
+    ["ok", "bad_offer", "no_port", "replaced", "ice_restart"];
 /// Outcomes of file transfers (`outcome` label of `relay_file_transfers_total`): the
 /// labels of [`crate::transfer::Outcome`].
 pub const FILE_TRANSFER_OUTCOMES: [&str; 7] = [
@@ -64,6 +65,13 @@ pub const CHAT_CHANNEL_OUTCOMES: [&str; 3] = ["received", "delivered", "fallback
 pub const RECORDING_DROP_REASONS: [&str; 3] = ["queue_full", "awaiting_keyframe", "incomplete"];
 /// Why a session was not recorded (`reason` label of `relay_recordings_skipped_total`).
 pub const RECORDING_SKIP_REASONS: [&str; 1] = ["no_review_key"];
+/// Why a publisher's packets were dropped before the fan-out (`reason` label of
+/// `relay_publish_packets_dropped_total`).
+pub const PUBLISH_DROP_REASONS: [&str; 1] = ["over_bitrate_cap"];
+/// Why a new connection was closed before its first request (`reason` label of
+/// `relay_handshake_failures_total`): the labels of
+/// [`crate::signal::handshake::Failure`].
+pub const HANDSHAKE_FAILURES: [&str; 4] = ["timeout", "tls_error", "closed", "head_too_large"];
 /// Data channels tracked in `relay_data_channels_open{label}`.
 pub const DATA_CHANNEL_LABELS: [&str; 2] = ["chat", "files"];
 /// The codes of malformed client messages, pre-created in `relay_messages_rejected_total`.
@@ -154,6 +162,20 @@ pub struct Metrics {
     pub recording_purge_errors_total: IntCounter,
     /// `relay_build_info{version}`: always 1; carries the version as a label.
     pub build_info: IntGaugeVec,
+    /// `relay_publish_packets_dropped_total{reason}`: publishers' RTP packets dropped
+    /// before the fan-out.
+    pub publish_packets_dropped_total: IntCounterVec,
+    /// `relay_publish_cap_exceeded_total`: times a published track went over
+    /// `limits.max_publish_bitrate`.
+    pub publish_cap_exceeded_total: IntCounter,
+    /// `relay_handshake_failures_total{reason}`: connections closed before their first
+    /// complete request.
+    pub handshake_failures_total: IntCounterVec,
+    /// `relay_handshakes_pending`: connections in their TLS handshake or first request.
+    pub handshakes_pending: IntGauge,
+    /// `relay_media_datagrams_rejected_total{reason}`: datagrams the WebRTC stack
+    /// refused on a live connection's socket (see [`crate::transport::rejects`]).
+    pub media_datagrams_rejected_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -310,7 +332,8 @@ impl Metrics {
             negotiations_total: counter_vec(
                 "relay_negotiations_total",
                 "Offers from participants, by outcome (ok, bad_offer, no_port; replaced: a new \
-                 peer connection of a participant replaced its old one).",
+                 peer connection of a participant replaced its old one; ice_restart: an offer \
+                 restarting ICE on the same connection, also counted ok when answered).",
                 &["outcome"],
             ),
             file_transfers_total: counter_vec(
@@ -391,6 +414,35 @@ impl Metrics {
                 "Always 1; the version label says which relay build runs.",
                 &["version"],
             ),
+            publish_packets_dropped_total: counter_vec(
+                "relay_publish_packets_dropped_total",
+                "Publishers' RTP packets dropped before the fan-out, by reason \
+                 (over_bitrate_cap: the track was over limits.max_publish_bitrate).",
+                &["reason"],
+            ),
+            publish_cap_exceeded_total: counter(
+                "relay_publish_cap_exceeded_total",
+                "Times a published track went over limits.max_publish_bitrate (one per run \
+                 of dropped packets).",
+            ),
+            handshake_failures_total: counter_vec(
+                "relay_handshake_failures_total",
+                "Connections closed before their first complete HTTP request, by reason \
+                 (timeout: not within limits.handshake_timeout; tls_error; closed: by the \
+                 client; head_too_large).",
+                &["reason"],
+            ),
+            handshakes_pending: gauge(
+                "relay_handshakes_pending",
+                "Connections in their TLS handshake or before their first complete request.",
+            ),
+            media_datagrams_rejected_total: {
+                let c = crate::transport::rejects::counter();
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric name");
+                c
+            },
             registry: registry.clone(),
         };
 
@@ -452,6 +504,12 @@ impl Metrics {
         for reason in RECORDING_SKIP_REASONS {
             m.recordings_skipped_total.with_label_values(&[reason]);
         }
+        for reason in PUBLISH_DROP_REASONS {
+            m.publish_packets_dropped_total.with_label_values(&[reason]);
+        }
+        for reason in HANDSHAKE_FAILURES {
+            m.handshake_failures_total.with_label_values(&[reason]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -500,6 +558,11 @@ mod tests {
             "relay_recordings_purged_total",
             "relay_recording_purge_errors_total",
             "relay_build_info",
+            "relay_publish_packets_dropped_total",
+            "relay_publish_cap_exceeded_total",
+            "relay_handshake_failures_total",
+            "relay_handshakes_pending",
+            "relay_media_datagrams_rejected_total",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),
@@ -523,6 +586,9 @@ mod tests {
             "relay_recording_bytes_total{stage=\"compressed\"} 0",
             "relay_recording_frames_dropped_total{reason=\"queue_full\"} 0",
             "relay_recordings_skipped_total{reason=\"no_review_key\"} 0",
+            "relay_publish_packets_dropped_total{reason=\"over_bitrate_cap\"} 0",
+            "relay_handshake_failures_total{reason=\"timeout\"} 0",
+            "relay_media_datagrams_rejected_total{reason=\"auth_tag\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

@@ -3,7 +3,7 @@
 //! (PLI/FIR) from the relay makes the next frame the source's next keyframe; every
 //! frame is recorded with its [`frame_digest`] before it is written.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,10 @@ pub(crate) struct Publisher {
     pub(crate) records: Arc<Mutex<PublishRecords>>,
     pub(crate) keyframe_wanted: Arc<AtomicBool>,
     pub(crate) publishing: Arc<AtomicBool>,
+    /// Test hook: frames shorter than this many bytes are padded with zeros to it (0:
+    /// none), so a test can publish far more than its source (see
+    /// `Customer::set_frame_padding`).
+    pub(crate) padding: Arc<AtomicUsize>,
 }
 
 /// Waits for the connection, then writes one frame per tick; a pending keyframe request
@@ -158,11 +162,17 @@ pub(crate) async fn publish(mut p: Publisher) {
             continue;
         }
         let requested = p.keyframe_wanted.swap(false, Ordering::Relaxed);
-        let frame = if requested {
+        let mut frame = if requested {
             p.source.next_keyframe()
         } else {
             p.source.next_frame()
         };
+        let padding = p.padding.load(Ordering::Relaxed);
+        if padding > frame.data.len() {
+            let mut padded = frame.data.to_vec();
+            padded.resize(padding, 0);
+            frame.data = padded.into();
+        }
         let sent_at = Instant::now();
         let sample = Sample {
             data: frame.data.clone(),

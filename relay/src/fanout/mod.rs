@@ -70,6 +70,7 @@
 //! own: only refusals are counted as frames (`QueueFull`, kind audio); every queued
 //! packet, video or audio, counts in `packets_forwarded`.
 
+pub mod bitrate_cap;
 mod keyframe_requests;
 #[cfg(test)]
 mod tests;
@@ -454,6 +455,23 @@ impl Fanout {
             sub.stats.waiting_keyframe = true;
         }
         if !self.subscribers.is_empty() || self.keyframes.pending() {
+            self.request_keyframe(now, false);
+        }
+    }
+
+    /// Video packets of the publisher were dropped before the fan-out (over its
+    /// bitrate cap, [`bitrate_cap`]): every subscriber waits for the next keyframe, which
+    /// is requested at once (coalesced), as after a drop of its own. A frame a
+    /// subscriber was receiving is counted as dropped, since its tail is gone.
+    pub fn publisher_gap(&mut self, now: Instant) {
+        for sub in &mut self.subscribers {
+            if matches!(sub.frame, FrameState::Receiving) {
+                sub.frame = FrameState::Skipping;
+            }
+            sub.close_frame(&mut self.counters);
+            sub.stats.waiting_keyframe = true;
+        }
+        if !self.subscribers.is_empty() {
             self.request_keyframe(now, false);
         }
     }

@@ -855,3 +855,36 @@ proptest! {
         }
     }
 }
+
+// ----- the publisher's bitrate cap ---------------------------------------------------
+
+#[test]
+fn a_gap_before_the_fanout_makes_everyone_wait_for_a_requested_keyframe() {
+    let mut sim = Sim::new();
+    sim.add(A);
+    sim.add(B);
+    sim.frame(true, 2);
+    sim.advance_to(2_000);
+    // The head of frame 1 gets through; the bitrate cap drops the rest of it.
+    let head = PacketInfo {
+        kind: MediaKind::Video,
+        keyframe_start: false,
+        frame_end: false,
+    };
+    sim.fanout.route(sim.now, &head, |_| Delivery::Queued);
+    sim.next_frame += 1;
+    let forwarded = sim.fanout.counters().frames_forwarded;
+    sim.fanout.publisher_gap(sim.now);
+    sim.drain();
+    // Asked at once, for both (one request); the broken frame counts as dropped.
+    assert_eq!(sim.requests(), vec![0, 2_000]);
+    assert!(sim.stats(A).waiting_keyframe && sim.stats(B).waiting_keyframe);
+    assert_eq!(sim.fanout.counters().frames_forwarded, forwarded);
+    assert_eq!(sim.counters_dropped(DropReason::AwaitingKeyframe), 2);
+    // A delta frame after the gap reaches nobody; the next keyframe reaches both.
+    sim.frame(false, 2);
+    sim.frame(true, 2);
+    for id in [A, B] {
+        assert_eq!(sim.video_of(id), vec![(0, 2, 2), (3, 2, 2)]);
+    }
+}

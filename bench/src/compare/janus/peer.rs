@@ -167,6 +167,7 @@ impl JanusPublisher {
                 records: Arc::clone(&records),
                 keyframe_wanted,
                 publishing: Arc::clone(&publishing),
+                padding: Arc::default(),
             })),
         ];
         let offer = peer.pc.create_offer(None).await?;

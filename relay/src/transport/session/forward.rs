@@ -16,12 +16,14 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtp;
+use rtc::shared::marshal::MarshalSize;
 use tokio::sync::{Notify, mpsc};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use super::{LocalTrack, Shared, lock};
+use crate::fanout::bitrate_cap::{BitrateCap, Verdict};
 use crate::fanout::{
     Delivery, DropReason, Fanout, FanoutCounters, FanoutOutput, FanoutSettings, FanoutStat,
     MediaKind, PacketInfo, SubscriberId,
@@ -153,11 +155,38 @@ pub(super) async fn read_publisher(
         (MediaKind::Video, Some(c)) => Some(KeyframeStarts::new(c)),
         _ => None,
     };
+    let metrics = &shared.inner.metrics;
+    let mut cap = BitrateCap::new(shared.inner.settings.max_publish_bitrate);
+    let mut episodes = 0;
     while let Some(event) = track.poll().await {
         let TrackRemoteEvent::OnRtpPacket(mut packet) = event else {
             continue;
         };
         let arrived = Instant::now();
+        // Over the publisher's bitrate cap: dropped before the recorder and the fan-out
+        // see it; the first packet back under the cap makes the subscribers wait for a
+        // keyframe, which is requested (`publisher_gap`).
+        let size = packet.header.marshal_size() + packet.payload.len();
+        let resumed = match cap.packet(arrived, size) {
+            Verdict::Pass => false,
+            Verdict::Resume => true,
+            Verdict::Drop => {
+                if cap.counters().episodes != episodes {
+                    episodes = cap.counters().episodes;
+                    metrics.publish_cap_exceeded_total.inc();
+                    tracing::warn!(
+                        kind = kind.as_str(),
+                        cap = shared.inner.settings.max_publish_bitrate,
+                        "publisher over limits.max_publish_bitrate: dropping its packets"
+                    );
+                }
+                metrics
+                    .publish_packets_dropped_total
+                    .with_label_values(&["over_bitrate_cap"])
+                    .inc();
+                continue;
+            }
+        };
         // The publisher leg's header extensions mean nothing on the subscribers' legs;
         // they are removed once here, so the per-subscriber header copies below
         // allocate nothing.
@@ -180,6 +209,9 @@ pub(super) async fn read_publisher(
         });
         shared.with_plane(direction, |plane| {
             let Plane { fanout, sinks, .. } = plane;
+            if resumed && kind == MediaKind::Video {
+                fanout.publisher_gap(arrived);
+            }
             if recording_wants_keyframe {
                 fanout.recording_wants_keyframe(arrived);
             }
