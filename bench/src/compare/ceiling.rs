@@ -173,6 +173,8 @@ pub async fn run_with(args: &RunArgs, binary: &Path) -> Result<Report, RunError>
                 .saturating_sub(before_sessions.proc.rss_bytes)
                 / u64::from(args.sessions),
         ),
+        ice_tcp_bytes: None,
+        rss_trend: None,
     };
     Ok(Report::media_only(TARGET, args, window, &totals, relay))
 }

@@ -119,6 +119,8 @@ pub async fn run(args: &RunArgs, janus_bin: &Path) -> Result<Report, RunError> {
                 .saturating_sub(before_sessions.rss_bytes)
                 / u64::from(args.sessions),
         ),
+        ice_tcp_bytes: None,
+        rss_trend: None,
     };
     Ok(Report::media_only("janus", args, window, &totals, relay))
 }

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::RunError;
 use super::measure::{self, SentIndex, VIEW_ONLY_MARK};
 use crate::api::RelayApi;
-use crate::client::{Agent, AgentOptions, Customer, CustomerOptions, FrameSource};
+use crate::client::{Agent, AgentOptions, Customer, CustomerOptions, FrameSource, IceTransport};
 
 /// Longest wait for a peer connection, a data channel or a first frame.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(20);
@@ -64,6 +64,8 @@ pub struct SessionPlan {
     pub fps: f64,
     /// Input events per second from the host; view-only agents send a tenth of that.
     pub input_hz: f64,
+    /// The transports the clients' ICE may use (`--ice-transport`).
+    pub ice_transport: IceTransport,
 }
 
 /// One agent in a running session.
@@ -173,6 +175,7 @@ pub async fn open(
         .map_err(step(format!("session {n}: customer joins")))?;
     let options = CustomerOptions {
         fps: plan.fps,
+        ice_transport: plan.ice_transport,
         ..CustomerOptions::default()
     };
     let client_err =
@@ -198,9 +201,13 @@ pub async fn open(
             .enumerate()
             .map(|(j, ((name, creds), role))| {
                 let tls = tls.clone();
+                let options = AgentOptions {
+                    ice_transport: plan.ice_transport,
+                    ..AgentOptions::default()
+                };
                 async move {
                     let joined_at = Instant::now();
-                    let agent = Agent::connect(&creds.ws_url, tls, AgentOptions::default())
+                    let agent = Agent::connect(&creds.ws_url, tls, options)
                         .await
                         .map_err(client_err(format!("session {n}: agent {j} connects")))?;
                     agent
@@ -277,6 +284,7 @@ impl BenchSession {
                 agent,
                 Arc::clone(&self.tls),
                 plan.churn_interval,
+                plan.ice_transport,
                 self.stop_input.subscribe(),
             );
             self.churn_tasks.push(tokio::spawn(task));
@@ -332,6 +340,7 @@ async fn churn(
     agent: BenchAgent,
     tls: Arc<rustls::ClientConfig>,
     interval: Duration,
+    ice_transport: IceTransport,
     mut stop: watch::Receiver<bool>,
 ) -> Churned {
     let mut out = Churned::default();
@@ -353,7 +362,11 @@ async fn churn(
             let url = url.as_deref().ok_or(crate::client::ClientError::Protocol(
                 "the welcome carried no resume token".into(),
             ))?;
-            let c = Agent::connect(url, Arc::clone(&tls), AgentOptions::default()).await?;
+            let options = AgentOptions {
+                ice_transport,
+                ..AgentOptions::default()
+            };
+            let c = Agent::connect(url, Arc::clone(&tls), options).await?;
             c.wait_frames(1, CONNECT_WAIT).await?;
             Ok::<_, crate::client::ClientError>(c)
         }

@@ -21,7 +21,11 @@
 //! - [`ports`]: the media UDP port range. [`feedback`]: the interceptor that lets agents'
 //!   PLI/FIR and receiver reports reach the fan-out.
 //! - [`mux`]: instead of the range, one UDP port for every peer connection
-//!   (`media.udp_mux_port`), through a runtime whose sockets share it.
+//!   (`media.udp_mux_port`), through a runtime whose sockets share it; and
+//!   [`mux::tcp`], the ICE-TCP fallback on one TCP port (`media.ice_tcp_port`).
+//! - [`rejects`]: counting the datagrams the `webrtc` stack refuses on a live
+//!   connection's socket. Publishers are held to `limits.max_publish_bitrate` by the
+//!   fan-out's [`bitrate_cap`](crate::fanout::bitrate_cap) in their track readers.
 
 mod chat;
 pub mod feedback;
@@ -29,6 +33,7 @@ mod files;
 pub mod mux;
 mod peer;
 pub mod ports;
+pub mod rejects;
 mod session;
 
 use std::net::IpAddr;
@@ -66,6 +71,9 @@ pub struct MediaSettings {
     pub agent_queue_packets: usize,
     /// Keyframe-request coalescing window.
     pub keyframe_window: Duration,
+    /// Most bits per second one published track may push into the fan-out
+    /// (`limits.max_publish_bitrate`).
+    pub max_publish_bitrate: u64,
     /// Largest chat message on a `chat` channel (`limits.max_message_bytes`).
     pub max_message_bytes: usize,
     /// File transfer on `files` channels (`limits.max_file_bytes` and the window).
@@ -73,6 +81,9 @@ pub struct MediaSettings {
     /// The shared media socket, when `media.udp_mux_port` is set (bound by
     /// [`MediaPlane::new`]).
     pub udp_mux: Option<mux::UdpMux>,
+    /// The shared ICE-TCP listener, when `media.ice_tcp_port` is set (bound by
+    /// [`MediaPlane::new`]).
+    pub ice_tcp: Option<mux::tcp::TcpMux>,
 }
 
 impl MediaSettings {
@@ -84,24 +95,31 @@ impl MediaSettings {
             public_ip: c.public_ip,
             agent_queue_packets: c.agent_queue_packets,
             keyframe_window: c.keyframe_window,
+            max_publish_bitrate: config.limits.max_publish_bitrate,
             max_message_bytes: config.limits.max_message_bytes,
             transfers: TransferSettings {
                 max_file_bytes: config.limits.max_file_bytes,
                 ..TransferSettings::default()
             },
             udp_mux: None,
+            ice_tcp: None,
         }
     }
 
     /// The relay's SDP as participants must see it: with the UDP mux, host candidates
     /// name the mux port instead of the placeholder the `webrtc` crate bound; with
     /// `media.public_ip`, they name that address (the crate's own NAT 1:1 setting is
-    /// stored but never applied in rtc 0.21.1).
+    /// stored but never applied in rtc 0.21.1). With ICE-TCP, passive TCP candidates
+    /// name the shared TCP port and active ones are left out.
     pub fn advertised_sdp(&self, sdp: String) -> String {
-        match (&self.udp_mux, self.public_ip) {
+        let sdp = match (&self.udp_mux, self.public_ip) {
             (Some(mux), _) => mux.advertise(&sdp),
             (None, Some(ip)) => mux::rewrite_host_candidates(&sdp, ip, None),
             (None, None) => sdp,
+        };
+        match &self.ice_tcp {
+            Some(tcp) => tcp.advertise(&sdp),
+            None => sdp,
         }
     }
 }
@@ -125,8 +143,9 @@ struct Inner {
 }
 
 impl MediaPlane {
-    /// A media plane with no session yet. With `media.udp_mux_port` set, binds it (an
-    /// error if it cannot); must then be called within a tokio runtime.
+    /// A media plane with no session yet. With `media.udp_mux_port` or
+    /// `media.ice_tcp_port` set, binds them (an error naming the port if it cannot); must
+    /// then be called within a tokio runtime.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> std::io::Result<MediaPlane> {
         let media = &config.media;
         let mut settings = MediaSettings::from_config(config);
@@ -141,6 +160,24 @@ impl MediaPlane {
         } else {
             PortPool::new(media.bind_ip, media.udp_port_min, media.udp_port_max)
         };
+        if media.ice_tcp_port != 0 {
+            let tcp = mux::tcp::TcpMux::bind(
+                media.bind_ip,
+                media.ice_tcp_port,
+                media.public_ip,
+                &metrics,
+            )
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "media.ice_tcp_port {}:{}: {e}",
+                        media.bind_ip, media.ice_tcp_port
+                    ),
+                )
+            })?;
+            settings.ice_tcp = Some(tcp);
+        }
         Ok(MediaPlane {
             inner: Arc::new(Inner {
                 settings,

@@ -20,12 +20,18 @@
 //! answers the relay sends must therefore be passed through [`UdpMux::advertise`], which
 //! rewrites host candidates to the mux port (and to `media.public_ip` when set).
 //!
+//! The same runtime serves ICE-TCP on one port ([`tcp`], `media.ice_tcp_port`): its
+//! `wrap_tcp_listener` hands back a virtual listener fed by the node's one TCP listener.
+//! [`peer_setup`] builds the runtime for either mux or both; without the UDP mux its UDP
+//! sockets are plain tokio ones. It never dials a client (`connect_tcp` is refused).
+//!
 //! Bounds: each connection's receive queue holds [`PC_QUEUE`] datagrams; beyond that,
 //! and when the shared socket's send buffer is full, datagrams are dropped and counted in
 //! `relay_udp_mux_datagrams_dropped_total{reason}` (UDP media recovers: NACK, keyframes,
 //! DTLS and ICE retransmissions).
 
 pub mod demux;
+pub mod tcp;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -81,7 +87,6 @@ struct Shared {
     /// What host candidates announce: the public or bound address, and the mux port.
     advertised: SocketAddr,
     state: Mutex<State>,
-    next_pc: AtomicU64,
     metrics: MuxMetrics,
 }
 
@@ -189,7 +194,6 @@ impl UdpMux {
                 demux: Demux::new(DemuxLimits::default()),
                 endpoints: HashMap::new(),
             }),
-            next_pc: AtomicU64::new(1),
             metrics: MuxMetrics::register(metrics),
         });
         tracing::info!(%local, "media UDP mux listening");
@@ -206,19 +210,7 @@ impl UdpMux {
     /// the connection's driver binds its socket (inside `PeerConnectionBuilder::build`)
     /// and forgotten when the driver lets go of it (the connection closed).
     pub fn peer(&self) -> PeerSetup {
-        let ufrag = random_ice_chars(16);
-        let pwd = random_ice_chars(32);
-        let pc = PcId(self.shared.next_pc.fetch_add(1, Ordering::Relaxed));
-        let runtime = Arc::new(PeerRuntime {
-            mux: self.shared.clone(),
-            pc,
-            ufrag: ufrag.clone(),
-        });
-        PeerSetup {
-            ufrag,
-            pwd,
-            runtime,
-        }
+        peer_setup(Some(self), None)
     }
 
     /// `sdp` with every UDP host candidate announcing [`UdpMux::advertised`] instead of
@@ -226,6 +218,29 @@ impl UdpMux {
     pub fn advertise(&self, sdp: &str) -> String {
         let to = self.shared.advertised;
         rewrite_host_candidates(sdp, to.ip(), Some(to.port()))
+    }
+}
+
+/// Peer connections' ids, shared by both muxes' tables.
+static NEXT_PC: AtomicU64 = AtomicU64::new(1);
+
+/// Credentials and runtime for a new peer connection whose UDP goes through `udp` (or
+/// plain sockets) and whose ICE-TCP through `tcp` (or nowhere: without it the crate
+/// binds no TCP listener). The ufrag is registered with each mux when the connection's
+/// driver binds its socket or listener, and forgotten when it lets go of them.
+pub fn peer_setup(udp: Option<&UdpMux>, tcp: Option<&tcp::TcpMux>) -> PeerSetup {
+    let ufrag = random_ice_chars(16);
+    let pwd = random_ice_chars(32);
+    let runtime = Arc::new(PeerRuntime {
+        udp: udp.map(|m| m.shared.clone()),
+        tcp: tcp.cloned(),
+        pc: PcId(NEXT_PC.fetch_add(1, Ordering::Relaxed)),
+        ufrag: ufrag.clone(),
+    });
+    PeerSetup {
+        ufrag,
+        pwd,
+        runtime,
     }
 }
 
@@ -442,10 +457,13 @@ impl AsyncUdpSocket for Endpoint {
     }
 }
 
-/// A peer connection's runtime: tokio, except that its UDP socket is an [`Endpoint`].
+/// A peer connection's runtime: tokio, except that its UDP socket is an [`Endpoint`]
+/// (with the UDP mux), its TCP listener a virtual one (with ICE-TCP), and that it never
+/// dials out.
 #[derive(Debug)]
 struct PeerRuntime {
-    mux: Arc<Shared>,
+    udp: Option<Arc<Shared>>,
+    tcp: Option<tcp::TcpMux>,
     pc: PcId,
     ufrag: String,
 }
@@ -465,26 +483,39 @@ impl Runtime for PeerRuntime {
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         let local = socket.local_addr()?;
-        if local.port() == MDNS_PORT {
+        let Some(mux) = self.udp.as_ref().filter(|_| local.port() != MDNS_PORT) else {
             return TokioRuntime.wrap_udp_socket(socket);
-        }
+        };
         // The placeholder's address names the host candidate; its port is not needed.
         drop(socket);
-        Ok(Arc::new(self.mux.attach(self.pc, &self.ufrag, local)?))
+        Ok(Arc::new(mux.attach(self.pc, &self.ufrag, local)?))
     }
 
     fn wrap_tcp_listener(
         &self,
         listener: std::net::TcpListener,
     ) -> io::Result<Arc<dyn AsyncTcpListener>> {
-        TokioRuntime.wrap_tcp_listener(listener)
+        let Some(tcp) = &self.tcp else {
+            return TokioRuntime.wrap_tcp_listener(listener);
+        };
+        // As for UDP: the placeholder names the passive candidate, the shared port
+        // carries its streams.
+        let local = listener.local_addr()?;
+        drop(listener);
+        tcp.attach(self.pc, &self.ufrag, local)
     }
 
     fn connect_tcp<'a>(
         &'a self,
-        remote_addr: SocketAddr,
+        _remote_addr: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
-        Box::pin(TokioRuntime.connect_tcp(remote_addr))
+        // A client's passive TCP candidate would make the node open a connection to
+        // any address it names; clients dial the relay's port instead.
+        tracing::debug!("refused to dial a client's passive ICE-TCP candidate");
+        Box::pin(std::future::ready(Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the relay does not dial ICE-TCP candidates",
+        ))))
     }
 
     fn resolve_host<'a>(
@@ -515,7 +546,11 @@ impl Runtime for PeerRuntime {
     }
 
     fn name(&self) -> &'static str {
-        "tokio+udp-mux"
+        match (&self.udp, &self.tcp) {
+            (Some(_), Some(_)) => "tokio+udp-mux+ice-tcp",
+            (Some(_), None) => "tokio+udp-mux",
+            (None, _) => "tokio+ice-tcp",
+        }
     }
 }
 
@@ -693,7 +728,8 @@ mod tests {
         assert_eq!(lock(&mux.shared.state).demux.len(), 1);
     }
 
-    fn binding_request(username: &str) -> Vec<u8> {
+    /// A STUN Binding request with `USERNAME` = `username` (and nothing else).
+    pub(super) fn binding_request(username: &str) -> Vec<u8> {
         let mut attrs = Vec::new();
         attrs.extend_from_slice(&0x0006u16.to_be_bytes());
         attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());

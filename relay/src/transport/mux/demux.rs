@@ -318,6 +318,19 @@ impl Demux {
     }
 }
 
+/// The relay's half of the `USERNAME` (`<relay ufrag>:<client ufrag>`) of a STUN
+/// request, if `data` is a well-formed one that carries it. ICE-TCP routes a new
+/// stream's first frame by it (`super::tcp`), as rule 1 above routes a datagram.
+pub(super) fn request_local_ufrag(data: &[u8]) -> Option<&[u8]> {
+    match Stun::peek(data)? {
+        Stun::Request {
+            username: Some(username),
+            ..
+        } => username.split(|b| *b == b':').next(),
+        _ => None,
+    }
+}
+
 /// What the table needs to know of a STUN message (RFC 8489 §5–6): parsed, never
 /// trusted, and `None` for anything that is not well-formed STUN.
 #[derive(Debug, Clone, PartialEq, Eq)]
