@@ -5,8 +5,8 @@
 //! decoder counts the frames), who the customer is shown, input that arrives or never
 //! does, chat and files.
 //!
-//! Chromium missing: every test prints a loud SKIPPED line and passes, unless `CI` is
-//! set, where it fails. The tests take a lock so that only one of them drives browsers
+//! Chromium missing (or, for the cluster test, `redis-server`): every test prints a loud
+//! SKIPPED line and passes, unless `CI` is set, where it fails. The tests take a lock so that only one of them drives browsers
 //! at a time (each page is a Chromium process; two cores do not run two sessions' worth
 //! of video encoders and decoders at once without starving them).
 
@@ -19,13 +19,19 @@ use relay_e2e::{Relay, RelayBuilder};
 #[path = "browser/driver.rs"]
 mod driver;
 
-/// A customer page and two agent pages (one masked host, one view-only) in one session.
+/// A customer page and two agent pages (one masked host, one view-only) in one session,
+/// with an agent resume, a reload, masking, a supervisor and a used key on the way.
 #[path = "browser/session.rs"]
 mod session;
 
 /// The native clients of `relay-bench` with the browser ones, both ways.
 #[path = "browser/interop.rs"]
 mod interop;
+
+/// The pages in a cluster: moved to the node of their session, resumed through the node
+/// first reached, told when the session was lost with its node.
+#[path = "browser/cluster.rs"]
+mod cluster;
 
 use driver::Chromium;
 

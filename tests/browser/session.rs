@@ -1,17 +1,23 @@
 //! One support session in three browsers: Alice opens it from her console (masked, so
 //! the customer never learns of her; she has control as the host) and invites Victor
 //! (visible, view only), who accepts in his console; Carol joins on the portal with the
-//! key and shares her screen.
+//! key and shares her screen. Along the way: Alice's console drops and resumes on a new
+//! peer connection, Victor is masked and reloads his console back into the session, and
+//! Victor's browser then serves Sue, a supervisor who monitors silently, and a second
+//! customer whose key was already used.
 
 use anyhow::{Context, Result, ensure};
 use rand::RngCore;
 use serde_json::{Value, json};
 
-use super::{ONE_AT_A_TIME, VIDEO_WAIT, save_screenshot, setup, token};
+use super::{ONE_AT_A_TIME, PORTAL, VIDEO_WAIT, save_screenshot, setup, token};
 
 /// The keys Victor's page sends on its own, bypassing its disabled controls: the relay
 /// must drop them. `KeyB` as a HID usage.
 const KEY_B: u32 = 0x0007_0005;
+
+/// The key Victor sends once he has control, after reloading his console (`KeyC`).
+const KEY_C: u32 = 0x0007_0006;
 
 #[tokio::test]
 async fn customer_and_two_agents_in_browsers() -> Result<()> {
@@ -234,6 +240,143 @@ async fn customer_and_two_agents_in_browsers() -> Result<()> {
         "the view-only agent's input reached the customer: {log:?}"
     );
 
+    // Alice's Ctrl+Alt+Del button reaches Carol's input layer.
+    alice.click("#cad-button").await?;
+    carol
+        .wait_for(
+            "window.__inputLog.some(e => e.kind === 'cad') \
+             && document.querySelector('#input-log').textContent.includes('Ctrl+Alt+Del')",
+            "Alice's Ctrl+Alt+Del on Carol's page",
+        )
+        .await?;
+
+    // --- Alice's console loses its connection and comes back -------------------------
+    // A new WebSocket with her resume token and a new peer connection: her video plays
+    // again and her input reaches Carol again.
+    alice
+        .js("window.__dropConnection(); return true", vec![])
+        .await?;
+    alice
+        .wait_for(
+            "window.__resumes === 1 && document.body.dataset.state === 'session'",
+            "Alice's console resumed",
+        )
+        .await?;
+    alice
+        .wait_for_within(
+            "window.__console.decoded() > 30 && window.__console.inputOpen()",
+            "30 decoded frames and the input channel on Alice's new peer connection",
+            VIDEO_WAIT,
+        )
+        .await?;
+    ensure!(
+        alice
+            .js(
+                "return document.querySelector('#control-button').getAttribute('aria-pressed')",
+                vec![]
+            )
+            .await?
+            == json!("true"),
+        "Alice lost control across the resume"
+    );
+    alice.type_into("#remote", "q").await?;
+    carol
+        .wait_for(
+            "(document.querySelector('#remote-layer').dataset.keys || '').includes('KeyQ')",
+            "Alice's key after her resume on Carol's page",
+        )
+        .await?;
+    // The relay replaced her old peer connection and its channels, not added to them.
+    for (metric, want) in [
+        ("relay_peer_connections_active", 3.0),
+        ("relay_data_channels_open{label=\"chat\"}", 3.0),
+        ("relay_data_channels_open{label=\"files\"}", 3.0),
+    ] {
+        let got = relay.metric(metric).await?;
+        ensure!(
+            got == Some(want),
+            "{metric} is {got:?} after Alice's resume"
+        );
+    }
+
+    // --- A network change: Carol's page and Alice's console restart ICE ----------------
+    // (what they do by themselves when their path drops) on their peer connections, over
+    // the same WebSockets: the relay answers on the same peer connections, replacing
+    // none; Alice's video keeps decoding and her input keeps reaching Carol.
+    let negotiations = |outcome: &'static str| {
+        let relay = &relay;
+        async move {
+            let q = format!("relay_negotiations_total{{outcome=\"{outcome}\"}}");
+            Ok::<_, anyhow::Error>(relay.metric(&q).await?.unwrap_or(0.0))
+        }
+    };
+    let replaced = negotiations("replaced").await?;
+    let restarts = negotiations("ice_restart").await?;
+    let mut ufrags = Vec::new();
+    for (page, conn) in [
+        (&carol, "window.__connection()"),
+        (&alice, "window.__console.connection()"),
+    ] {
+        let ufrag = ice_ufrag(page, conn).await?;
+        ensure!(!ufrag.is_empty(), "no ICE transport on the page");
+        ensure!(
+            page.js("return window.__restartIce()", vec![]).await? == json!(true),
+            "the page did not start an ICE restart"
+        );
+        ufrags.push((page, conn, ufrag));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while negotiations("ice_restart").await? < restarts + 2.0 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the relay counted {} ICE restarts of 2",
+            negotiations("ice_restart").await? - restarts
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    ensure!(
+        negotiations("replaced").await? == replaced,
+        "an ICE restart replaced a peer connection"
+    );
+    // Chromium's ICE transport runs on the new credentials, connected.
+    for (page, conn, before) in ufrags {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let now = ice_ufrag(page, conn).await?;
+            if !now.is_empty() && now != before {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the ICE transport still uses {before:?} (now {now:?})"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let decoded = alice
+        .js("return window.__console.decoded()", vec![])
+        .await?
+        .as_f64()
+        .unwrap_or(0.0);
+    alice
+        .wait_for_within(
+            &format!(
+                "window.__console.decoded() > {} && document.body.dataset.peer === 'connected'",
+                decoded + 15.0
+            ),
+            "Alice's video decoding on after the ICE restarts",
+            VIDEO_WAIT,
+        )
+        .await?;
+    alice.type_into("#remote", "w").await?;
+    carol
+        .wait_for(
+            "(document.querySelector('#remote-layer').dataset.keys || '').includes('KeyW') \
+             && document.body.dataset.peer === 'connected'",
+            "Alice's key on Carol's page after the ICE restarts",
+        )
+        .await?;
+
     // Alice gives Victor control from her console; his page offers it to him.
     alice.select("#people select.permission", "control").await?;
     victor
@@ -344,22 +487,149 @@ async fn customer_and_two_agents_in_browsers() -> Result<()> {
     save_screenshot("portal.png", &carol.screenshot().await?)?;
     save_screenshot("console.png", &alice.screenshot().await?)?;
 
-    // --- Alice ends the session; both others are told --------------------------------
+    // --- Alice masks Victor: Carol's page stops listing him ----------------------------
+    alice
+        .click("#people li[data-role=agent] button.link")
+        .await?;
+    carol
+        .wait_for(
+            "!document.querySelector('#agents').textContent.includes('Victor')",
+            "Victor gone from Carol's roster once masked",
+        )
+        .await?;
+    victor
+        .wait_for(
+            "document.querySelector('#people li[data-role=agent]').textContent.includes('masked')",
+            "Victor's console showing him masked",
+        )
+        .await?;
+
+    // --- Victor reloads his console: it comes back into the session ------------------
+    // (the resume token kept in the tab), with the chat so far, video, and his input,
+    // now that he has control, reaching Carol.
+    victor.js("location.reload(); return true", vec![]).await?;
+    victor
+        .wait_for(
+            "window.__resumes === 1 && document.body.dataset.state === 'session'",
+            "Victor's console back in the session after a reload",
+        )
+        .await?;
+    victor
+        .wait_for_within(
+            "window.__console.decoded() > 10",
+            "decoded frames after Victor's reload",
+            VIDEO_WAIT,
+        )
+        .await?;
+    let chat = victor.text("#chat-log").await?;
+    ensure!(
+        chat.contains("Hello, my printer stopped") && chat.contains("driver 3.1 breaks it"),
+        "Victor's chat after the reload: {chat}"
+    );
+    victor
+        .wait_for(
+            &format!(
+                "window.__console.sendInput({{kind: 'key', code: {KEY_C}, down: true, modifiers: 0}})"
+            ),
+            "Victor's input channel open after the reload",
+        )
+        .await?;
+    carol
+        .wait_for(
+            "(document.querySelector('#remote-layer').dataset.keys || '').includes('KeyC')",
+            "Victor's key after his reload on Carol's page",
+        )
+        .await?;
+
+    // --- A supervisor (in Victor's browser) sees the live session, monitors silently ----
+    let sue = victor;
+    sue.goto(&relay.endpoint(&format!(
+        "/agent?token={}",
+        relay.token("sue", "Sue Supervisor", &[PORTAL], true)
+    )))
+    .await?;
+    sue.wait_for(
+        "document.body.dataset.state === 'home' \
+         && document.querySelector('#live-sessions').textContent.includes('Alice Host')",
+        "the live-session list on Sue's console",
+    )
+    .await?;
+    let row = sue.text("#live-sessions").await?;
+    ensure!(row.contains("Carol Customer"), "live sessions: {row}");
+    sue.click("#live-sessions button.monitor").await?;
+    sue.wait_for(
+        "document.body.dataset.state === 'session' && document.body.dataset.role === 'supervisor'",
+        "Sue monitoring",
+    )
+    .await?;
+    sue.wait_for_within(
+        "window.__console.decoded() > 10",
+        "decoded frames on Sue's console",
+        VIDEO_WAIT,
+    )
+    .await?;
+    let seen = sue.text("#people").await?;
+    ensure!(
+        seen.contains("Alice Host") && seen.contains("Carol Customer"),
+        "Sue sees {seen}"
+    );
+    for (page, name) in [(&carol, "Carol"), (&alice, "Alice")] {
+        let text = page.js("return document.body.innerText", vec![]).await?;
+        ensure!(
+            !text.as_str().unwrap_or_default().contains("Sue"),
+            "{name}'s page shows the supervisor"
+        );
+    }
+
+    // --- The used key on the portal: a message a customer understands ----------------
+    sue.goto(&relay.endpoint("/")).await?;
+    sue.fill("#name", "Mallory").await?;
+    sue.fill("#key", &key).await?;
+    sue.click("#join-button").await?;
+    sue.wait_for(
+        "document.body.dataset.error === 'key_used'",
+        "the used-key error",
+    )
+    .await?;
+    let said = sue.text("#join-status").await?;
+    ensure!(said.contains("already been used"), "{said}");
+
+    // --- Alice ends the session; Carol is told -----------------------------------------
     alice.click("#end-button").await?;
-    for page in [&carol, &victor] {
-        page.wait_for(
+    carol
+        .wait_for(
             "document.body.dataset.endReason === 'ended_by_host'",
             "the session's end",
         )
         .await?;
-    }
     let said = carol.text("#session-status").await?;
     ensure!(said.contains("ended the session"), "{said}");
 
-    for page in [carol, alice, victor] {
+    for page in [carol, alice, sue] {
         page.close().await?;
     }
     Ok(())
+}
+
+/// The local ICE username fragment of the connected ICE transport of the page's peer
+/// connection (`conn`: the JavaScript expression of its `SessionConnection`), or "".
+async fn ice_ufrag(page: &super::driver::Page, conn: &str) -> Result<String> {
+    let v = page
+        .js_async(
+            &format!(
+                "const done = arguments[arguments.length - 1];
+                 {conn}.pc.getStats().then((stats) => {{
+                   let u = '';
+                   stats.forEach((s) => {{
+                     if (s.type === 'transport' && s.iceState === 'connected') u = s.iceLocalUsernameFragment || '';
+                   }});
+                   done(u);
+                 }}).catch(() => done(''));"
+            ),
+            vec![],
+        )
+        .await?;
+    Ok(v.as_str().unwrap_or_default().to_owned())
 }
 
 /// Standard base64 (what `btoa` writes) to bytes.

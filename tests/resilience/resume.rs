@@ -321,3 +321,121 @@ async fn customer_that_does_not_return_ends_the_session() -> Result<()> {
     ensure!(refused["code"] == "session_ended", "{refused}");
     Ok(())
 }
+
+/// An agent whose client dies (no `leave`, no close) comes back with its resume token
+/// on a new peer connection, and everything works again there: video, its input
+/// reaching the customer, and chat on its new `chat` channel. The relay keeps one
+/// `chat` channel per participant, not the dead one besides the new one.
+#[tokio::test]
+async fn agent_killed_and_restarted_resumes_with_input_and_chat() -> Result<()> {
+    relay_e2e::install_crypto();
+    let relay = RelayBuilder::new().start().await?;
+    let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
+    let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
+    let session = relay
+        .create_session(&host_jwt, "support", Visibility::Visible)
+        .await?;
+    let host = Agent::connect(&session.host.ws_url, tls.clone(), AgentOptions::default()).await?;
+    let carol = relay.join("Carol Customer", &session.support_key).await?;
+    let customer = publish(&carol.ws_url, tls.clone()).await?;
+    host.wait_frames(10, WAIT)
+        .await
+        .context("host receives frames")?;
+    host.wait_input_open(WAIT).await?;
+    host.chat().wait_open(WAIT).await?;
+    customer.chat().wait_open(WAIT).await?;
+    let before = moves(0..5, 1111);
+    for e in &before {
+        host.send_input(e).await?;
+    }
+    relay_e2e::wait_until("input before the drop", WAIT, || {
+        customer.input_events().len() >= before.len()
+    })
+    .await?;
+    let chat_channels = relay
+        .metric("relay_data_channels_open{label=\"chat\"}")
+        .await?;
+    ensure!(
+        chat_channels == Some(2.0),
+        "chat channels open: {chat_channels:?}"
+    );
+
+    // The host's laptop sleeps: its client is gone without a word, and comes back.
+    let resume = host.resume_url().context("host's resume token")?.to_owned();
+    drop(host);
+    let host = Agent::connect(&resume, tls.clone(), AgentOptions::default())
+        .await
+        .context("the host resumes")?;
+    ensure!(host.welcome().you.permission == Some(Permission::Control));
+    let frames = host.frames_received();
+    host.wait_frames(frames + 10, WAIT)
+        .await
+        .context("the resumed host receives frames")?;
+    host.wait_input_open(WAIT).await?;
+    host.chat().wait_open(WAIT).await?;
+    // Its dead client's peer connection was still up on the relay (nothing closed it):
+    // the new one's offer replaced it, the path an agent's network blip takes.
+    let replaced = relay
+        .metric("relay_negotiations_total{outcome=\"replaced\"}")
+        .await?;
+    ensure!(replaced == Some(1.0), "replaced negotiations: {replaced:?}");
+
+    // Its input reaches the customer again, in order.
+    let after = moves(0..10, 2222);
+    for e in &after {
+        host.send_input(e).await?;
+    }
+    relay_e2e::wait_until("input after the agent's resume", WAIT, || {
+        customer.input_events().len() >= before.len() + after.len()
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the customer got {} input events",
+            customer.input_events().len()
+        )
+    })?;
+    let got: Vec<InputEvent> = customer
+        .input_events()
+        .into_iter()
+        .skip(before.len())
+        .map(|r| r.event)
+        .collect::<std::result::Result<_, _>>()?;
+    ensure!(
+        got.iter()
+            .map(|e| &e.kind)
+            .eq(after.iter().map(|e| &e.kind)),
+        "after the resume the customer got {got:?}"
+    );
+    // Chat works both ways on the new channel.
+    host.chat()
+        .send("back again", relay_e2e::wire::Audience::All)
+        .await?;
+    relay_e2e::wait_until("the customer to get the chat", WAIT, || {
+        customer
+            .chat()
+            .messages()
+            .iter()
+            .any(|m| m.text == "back again")
+    })
+    .await?;
+    customer
+        .chat()
+        .send("welcome back", relay_e2e::wire::Audience::All)
+        .await?;
+    relay_e2e::wait_until("the host to get the chat on its new channel", WAIT, || {
+        host.chat()
+            .messages()
+            .iter()
+            .any(|m| m.text == "welcome back")
+    })
+    .await?;
+    let chat_channels = relay
+        .metric("relay_data_channels_open{label=\"chat\"}")
+        .await?;
+    ensure!(
+        chat_channels == Some(2.0),
+        "chat channels open after the resume: {chat_channels:?}"
+    );
+    Ok(())
+}

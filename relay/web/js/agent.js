@@ -5,8 +5,9 @@
 
 import {
   $, el, say, api, describeError, chatLine, formatKey, SessionConnection, FileTransfers,
-  bindTransfers, encodeInput, hidUsage, modifiersOf, framesDecoded, INPUT_LABEL, CHAT_LABEL,
-  FILES_LABEL,
+  bindTransfers, encodeInput, hidUsage, modifiersOf, framesDecoded, retryResume, withToken,
+  pageOn, pageParams, homeOrigin, resumeThrough, INPUT_LABEL, CHAT_LABEL, FILES_LABEL,
+  MAX_REDIRECTS,
 } from './common.js';
 
 const END_REASONS = {
@@ -21,6 +22,55 @@ const END_REASONS = {
 
 const agent = { token: null, claims: null, console: null };
 let session = null; // the session on screen, see enterSession
+
+// ---------------------------------------------------------------------------------
+// Cluster redirects: a node that does not hold what was asked answers `redirect`; the
+// console then moves itself to the owning node (its `/agent`, the token and what to do
+// there in the fragment) and does it again there.
+// ---------------------------------------------------------------------------------
+
+const params = pageParams();
+const HOME_KEY = 'relay-agent-home';
+if (params.get('home')) sessionStorage.setItem(HOME_KEY, homeOrigin(params));
+/** The origin first reached: resumes go through it when the session's node is gone. */
+agent.home = sessionStorage.getItem(HOME_KEY) || window.location.origin;
+/** What a redirect moved this page here to do: `then` = create, accept or monitor. */
+const pending = params.get('then') ? {
+  then: params.get('then'), portal: params.get('portal'), visibility: params.get('visibility'),
+  invitation: params.get('invitation'), session: params.get('session'),
+} : null;
+const moves = Number(params.get('moves')) || 0;
+
+/** Moves the console to the node of redirect `e` to do `action` there; false if not one. */
+function followRedirect(e, action) {
+  if (e.code !== 'redirect' || !e.location || moves >= MAX_REDIRECTS) return false;
+  document.body.dataset.state = 'redirecting';
+  location.assign(pageOn(e.location, '/agent',
+    { token: agent.token, ...action, moves: String(moves + 1) }, agent.home));
+  return true;
+}
+
+/** After a move: what the other node sent this page here for. */
+async function doPending() {
+  if (!pending || (session && !session.ended)) return;
+  try {
+    if (pending.then === 'create' && pending.portal) {
+      // The node placement chose: `redirected` tells it to take the session.
+      const created = await api('/v1/sessions?redirected=1', {
+        method: 'POST', token: agent.token,
+        body: { portal: pending.portal, visibility: pending.visibility || 'visible' },
+      });
+      await enterSession(created.host, { role: 'host', created });
+    } else if (pending.then === 'accept' && pending.invitation) {
+      const creds = await api(`/v1/invitations/${encodeURIComponent(pending.invitation)}/accept`, { method: 'POST', token: agent.token });
+      await enterSession(creds, { role: 'agent' });
+    } else if (pending.then === 'monitor' && pending.session) {
+      await monitor(pending.session);
+    }
+  } catch (e) {
+    if (!followRedirect(e, pending)) say($('#start-status'), e.message, true);
+  }
+}
 
 // ---------------------------------------------------------------------------------
 // Sign-in and the console WebSocket (invitations)
@@ -73,6 +123,8 @@ async function signIn(token) {
   $('#monitor-card').hidden = !supervisor;
   if (supervisor) refreshSessions();
   document.body.dataset.state = 'home';
+  await resumeRemembered();
+  await doPending();
 }
 
 function onConsoleMessage(msg) {
@@ -111,6 +163,7 @@ async function answerInvitation(inv, accept, li) {
       li.remove();
     }
   } catch (e) {
+    if (accept && followRedirect(e, { then: 'accept', invitation: inv.invitation_id })) return;
     li.append(el('span', { class: 'error' }, ` ${e.message}`));
   }
 }
@@ -134,6 +187,7 @@ async function monitor(sid) {
     const creds = await api(`/v1/sessions/${sid}/monitor`, { method: 'POST', token: agent.token });
     await enterSession(creds, { role: 'supervisor' });
   } catch (e) {
+    if (followRedirect(e, { then: 'monitor', session: sid })) return;
     say($('#monitor-status'), e.message, true);
   }
 }
@@ -144,6 +198,8 @@ $('#signin-form').addEventListener('submit', (ev) => {
 });
 $('#signout').addEventListener('click', () => {
   sessionStorage.removeItem('relay-agent-token');
+  sessionStorage.removeItem(HOME_KEY);
+  forgetSession();
   location.replace('/agent');
 });
 $('#refresh-sessions').addEventListener('click', refreshSessions);
@@ -156,6 +212,7 @@ $('#start-form').addEventListener('submit', async (ev) => {
     const created = await api('/v1/sessions', { method: 'POST', token: agent.token, body });
     await enterSession(created.host, { role: 'host', created });
   } catch (e) {
+    if (followRedirect(e, { then: 'create', portal: $('#portal').value, visibility: $('#start-masked').checked ? 'masked' : 'visible' })) return;
     say($('#start-status'), e.message, true);
   } finally {
     $('#start-button').disabled = false;
@@ -166,39 +223,94 @@ $('#start-form').addEventListener('submit', async (ev) => {
 // A session
 // ---------------------------------------------------------------------------------
 
+/**
+ * Opens the session of `creds` (its `ws_url`: a participant token, or the resume token of
+ * a session this tab was in before a reload) and shows it. `created` is the answer that
+ * created it (the host's support key and link).
+ */
 async function enterSession(creds, { created } = {}) {
   if (session && !session.ended) {
     throw new Error('Leave the current session first.');
   }
-  const conn = new SessionConnection(creds.ws_url);
   session = {
-    conn, creds, sid: creds.session_id, you: null, people: new Map(), controlling: false,
-    seq: 1, input: null, chat: null, files: null, ended: false, lastForbidden: 0,
+    conn: null, creds, sid: creds.session_id, you: null, people: new Map(), controlling: false,
+    seq: 1, input: null, chat: null, files: null, ended: false, lastForbidden: 0, created,
+    resumeUrl: null, resuming: false,
   };
   const s = session;
-  conn.onmessage = (m) => onSessionMessage(s, m);
-  conn.onclose = () => { if (!s.ended) endView(s, 'The connection to the session was lost.'); };
-  const welcome = await conn.open();
-  s.you = welcome.you;
-  for (const p of welcome.roster) s.people.set(p.participant_id, p);
+  let welcome;
+  try {
+    welcome = await connect(s, creds.ws_url);
+  } catch (e) {
+    s.ended = true;
+    throw e;
+  }
   $('#home').hidden = true;
   $('#session').hidden = false;
   for (const c of document.querySelectorAll('#session input, #session button, #session select')) c.disabled = false;
-  $('#chat-log').replaceChildren();
   $('#transfers').replaceChildren();
-  for (const m of welcome.chat) showChat(s, m);
+  showWelcome(s, welcome);
   $('#key-box').hidden = !created;
   if (created) showKey(created);
   $('#end-button').hidden = s.you.role !== 'host';
   $('#back-button').hidden = true;
   $('#invite-box').hidden = s.you.role !== 'host';
-  renderPeople(s);
-  updateControls(s);
   document.body.dataset.state = 'session';
   document.body.dataset.role = s.you.role;
   say($('#session-status'), s.you.role === 'supervisor' ? 'Monitoring silently: nobody in the session sees you.' : '');
 
-  await conn.startPeer(async (pc) => {
+  await startMedia(s);
+  s.statsTimer = setInterval(async () => {
+    // Frames of the current peer connection only (a new one after a resume starts at 0).
+    const pc = s.conn?.pc;
+    const n = await framesDecoded(pc).catch(() => 0);
+    if (pc !== s.conn?.pc) return;
+    s.decoded = { pc, n };
+    const video = $('#remote');
+    video.dataset.framesDecoded = String(n);
+    $('#no-video').hidden = n > 0;
+    if (n > 0) $('#video-stats').textContent = `${video.videoWidth}×${video.videoHeight}, ${n} frames`;
+  }, 500);
+}
+
+/**
+ * Opens the session WebSocket at `url` for `s`; resolves with the `welcome`. Keeps the
+ * resume token of that welcome (the next connection's; each admits one) in `s` and in
+ * this tab's storage, so a drop or a reload of the page comes back into the session.
+ */
+async function connect(s, url) {
+  const conn = new SessionConnection(url);
+  conn.onmessage = (m) => onSessionMessage(s, m);
+  conn.onclose = () => {
+    if (s.conn === conn && !s.ended) resume(s);
+  };
+  const welcome = await conn.open();
+  s.conn = conn;
+  // conn.wsUrl: the node that holds the session, after any redirect.
+  s.resumeUrl = welcome.resume_token ? withToken(conn.wsUrl, welcome.resume_token) : null;
+  rememberSession(s);
+  return welcome;
+}
+
+/** The roster and recent chat of a `welcome` (the first, or one after a resume). */
+function showWelcome(s, welcome) {
+  s.you = welcome.you;
+  s.people = new Map(welcome.roster.map((p) => [p.participant_id, p]));
+  $('#chat-log').replaceChildren();
+  for (const m of welcome.chat) showChat(s, m);
+  renderPeople(s);
+  updateControls(s);
+}
+
+/**
+ * The one peer connection of the session's current WebSocket: a `recvonly` video
+ * transceiver and the `input`, `chat` and `files` channels, then the offer. After a
+ * resume this is a new peer connection with new channels (the relay replaces the old one
+ * when its offer arrives).
+ */
+async function startMedia(s) {
+  const previous = s.files;
+  await s.conn.startPeer(async (pc) => {
     pc.addTransceiver('video', { direction: 'recvonly' });
     s.input = pc.createDataChannel(INPUT_LABEL);
     s.chat = pc.createDataChannel(CHAT_LABEL);
@@ -206,19 +318,103 @@ async function enterSession(creds, { created } = {}) {
       try { onSessionMessage(s, JSON.parse(m.data)); } catch { /* not JSON: ignored */ }
     };
     s.files = new FileTransfers(pc.createDataChannel(FILES_LABEL));
+    if (previous) s.files.nextId = previous.nextId; // the list keeps the old transfers
     bindTransfers(s.files, $('#transfers'));
     pc.ontrack = (ev) => {
       $('#remote').srcObject = ev.streams[0] || new MediaStream([ev.track]);
     };
     pc.onconnectionstatechange = () => { document.body.dataset.peer = pc.connectionState; };
   });
-  s.statsTimer = setInterval(async () => {
-    const n = await framesDecoded(s.conn.pc);
-    const video = $('#remote');
-    video.dataset.framesDecoded = String(n);
-    $('#no-video').hidden = n > 0;
-    if (n > 0) $('#video-stats').textContent = `${video.videoWidth}×${video.videoHeight}, ${n} frames`;
-  }, 500);
+}
+
+/**
+ * The session WebSocket dropped (network, sleep): come back with the resume token and a
+ * new peer connection. The relay keeps the agent's place for its grace period, and its
+ * old peer connection until the new one's offer replaces it, so the old one keeps
+ * showing the screen meanwhile (if it still can) and is closed once the new one is
+ * offered. Input waits for the new one; transfers under way are lost with the old one.
+ */
+async function resume(s) {
+  if (s.resuming || s.ended) return;
+  s.resuming = true;
+  document.body.dataset.state = 'reconnecting';
+  const old = s.conn;
+  if (old.ws) old.ws.close();
+  s.input = null;
+  s.chat = null;
+  $('#remote').dataset.framesDecoded = '0';
+  if (s.files) {
+    for (const t of s.files.transfers.values()) {
+      if (['offered', 'sending', 'receiving'].includes(t.state)) {
+        s.files.update(t, { state: 'cancelled', reason: 'the connection was lost', data: null, chunks: null });
+      }
+    }
+  }
+  say($('#session-status'), 'The connection was lost. Reconnecting…', true);
+  let welcome = null;
+  const failed = await retryResume(
+    async () => {
+      welcome = await resumeThrough((url) => connect(s, url), s.resumeUrl, agent.home, window.__resumeThroughHome);
+    },
+    () => !s.ended && s.resumeUrl,
+  );
+  s.resuming = false;
+  if (failed || !welcome) {
+    forgetSession();
+    endView(s, describeError(failed?.code, failed?.message || 'The connection to the session was lost.'), failed?.code);
+    return;
+  }
+  showWelcome(s, welcome);
+  await startMedia(s);
+  if (old.pc) old.pc.close();
+  document.body.dataset.state = 'session';
+  window.__resumes = (window.__resumes || 0) + 1;
+  say($('#session-status'), 'Reconnected.');
+  setTimeout(() => {
+    if (!s.ended && $('#session-status').textContent === 'Reconnected.') say($('#session-status'), '');
+  }, 4000);
+}
+
+// For the browser tests: drop the session WebSocket as a network failure would (the
+// peer connection is left to the resume, as after a real drop).
+window.__dropConnection = () => {
+  if (session && session.conn) session.conn.ws.close();
+};
+// For the browser tests: an ICE restart, as after a network change (true if started).
+window.__restartIce = () => Boolean(session && session.conn && session.conn.restartIce());
+
+/** Where this tab keeps the session it is in, so that a reload comes back into it. */
+const SESSION_KEY = 'relay-agent-session';
+
+function rememberSession(s) {
+  if (!s.resumeUrl) return;
+  const created = s.created
+    ? { support_key: s.created.support_key, support_url: s.created.support_url }
+    : undefined;
+  sessionStorage.setItem(SESSION_KEY, JSON.stringify({
+    sid: s.sid, agent: agent.claims?.sub, resumeUrl: s.resumeUrl, created,
+  }));
+}
+
+function forgetSession() {
+  sessionStorage.removeItem(SESSION_KEY);
+}
+
+/** After a reload: back into the session this tab was in, with its resume token. */
+async function resumeRemembered() {
+  let saved;
+  try { saved = JSON.parse(sessionStorage.getItem(SESSION_KEY)); } catch { saved = null; }
+  if (!saved || !saved.resumeUrl || saved.agent !== agent.claims.sub) {
+    forgetSession();
+    return;
+  }
+  try {
+    await enterSession({ session_id: saved.sid, ws_url: saved.resumeUrl }, { created: saved.created });
+    window.__resumes = (window.__resumes || 0) + 1;
+  } catch (e) {
+    forgetSession();
+    say($('#start-status'), `The session this page was in could not be resumed: ${e.message}`, true);
+  }
 }
 
 function showKey(created) {
@@ -266,6 +462,10 @@ function onSessionMessage(s, msg) {
       endView(s, END_REASONS[msg.reason] || 'The session has ended.', msg.reason);
       break;
     case 'error':
+      if (msg.code === 'replaced') {
+        endView(s, describeError('replaced'), 'replaced');
+        break;
+      }
       if (msg.code === 'forbidden') {
         s.lastForbidden = Date.now();
         document.body.dataset.forbidden = String((Number(document.body.dataset.forbidden) || 0) + 1);
@@ -381,9 +581,10 @@ $('#back-button').addEventListener('click', () => {
 function endView(s, text, reason) {
   if (s.ended) return;
   s.ended = true;
+  forgetSession();
   setControl(s, false);
   clearInterval(s.statsTimer);
-  s.conn.close();
+  if (s.conn) s.conn.close();
   if (s !== session) return;
   document.body.dataset.state = 'ended';
   if (reason) document.body.dataset.endReason = reason;
@@ -484,16 +685,21 @@ video.addEventListener('focus', () => { if (session?.controlling) $('#control-hi
 window.__console = {
   sendInput,
   framesDecoded: () => framesDecoded(session?.conn.pc),
+  /** Frames decoded on the current peer connection, as of the last half second. */
+  decoded: () => (session?.decoded && session.decoded.pc === session.conn?.pc ? session.decoded.n : 0),
+  inputOpen: () => session?.input?.readyState === 'open',
   you: () => session?.you,
   sessionId: () => session?.sid,
+  /** The session's connection (its peer connection, ICE restarts, redirects followed). */
+  connection: () => session?.conn,
 };
 
 // ---------------------------------------------------------------------------------
 // Start: a token from the address bar (then removed from it) or from this tab's storage
 // ---------------------------------------------------------------------------------
 
-const fromUrl = new URLSearchParams(location.search).get('token');
-if (fromUrl) history.replaceState(null, '', '/agent');
+const fromUrl = params.get('token');
+if (fromUrl || location.hash) history.replaceState(null, '', '/agent');
 const remembered = fromUrl || sessionStorage.getItem('relay-agent-token');
 if (remembered) {
   $('#token').value = remembered;

@@ -59,12 +59,14 @@ export function chatLine(log, who, text, note = false) {
 // HTTP API
 // ---------------------------------------------------------------------------------
 
-/** A refused API call or session socket: the relay's stable `code` and its message. */
+/** A refused API call or session socket: the relay's stable `code` and its message.
+ * A `redirect` (a cluster node that does not hold what was asked) has `location`. */
 export class RelayError extends Error {
-  constructor(code, message, status = 0) {
+  constructor(code, message, status = 0, location = undefined) {
     super(message);
     this.code = code;
     this.status = status;
+    this.location = location;
   }
 }
 
@@ -86,13 +88,21 @@ export function describeError(code, fallback) {
     invitation_closed: 'This invitation is no longer open.',
     replaced: 'This session was opened in another window.',
     share_busy: 'Another agent is already sharing a screen.',
+    session_lost: 'The server that held this session has stopped, and the session was lost with it. A new session is needed: please start one again (customers: ask your agent for a new support key).',
+    redirect: 'Another server of this service holds this session; moving there…',
   };
   return words[code] || fallback || 'Something went wrong.';
 }
 
-/** Calls the relay's API; resolves to the JSON answer (or null), rejects with RelayError. */
+/**
+ * Calls the relay's API; resolves to the JSON answer (or null), rejects with RelayError.
+ * In a cluster, a node that does not hold what is asked answers `421` with code
+ * `redirect` and the owning node's `location` (the header below asks for that instead of
+ * a `307`, which the browser would follow cross-origin, unreadably): the caller moves
+ * the page there (see `pageOn`).
+ */
 export async function api(path, { method = 'GET', token, body } = {}) {
-  const headers = {};
+  const headers = { [REDIRECT_HEADER]: 'manual' };
   if (token) headers.authorization = `Bearer ${token}`;
   if (body !== undefined) headers['content-type'] = 'application/json';
   let resp;
@@ -105,22 +115,107 @@ export async function api(path, { method = 'GET', token, body } = {}) {
   const json = text ? JSON.parse(text) : null;
   if (!resp.ok) {
     const err = json && json.error ? json.error : { code: 'internal', message: resp.statusText };
-    throw new RelayError(err.code, describeError(err.code, err.message), resp.status);
+    throw new RelayError(err.code, describeError(err.code, err.message), resp.status, err.location);
   }
   return json;
+}
+
+/** The request header that asks a cluster node for a readable `421` redirect. */
+export const REDIRECT_HEADER = 'relay-redirect';
+
+/**
+ * The page `path` on the node named by `location` (the `location` of a `redirect`), with
+ * `params` in its fragment (which never reaches a server or a log): where a page moves
+ * itself to repeat there what it asked. `home` (the origin the person first reached)
+ * goes along, for resumes when that node is gone.
+ */
+export function pageOn(location, path, params, home) {
+  const u = new URL(path, new URL(location).origin);
+  const frag = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v !== undefined && v !== null) frag.set(k, v);
+  }
+  if (home && home !== u.origin) frag.set('home', home);
+  u.hash = frag.toString();
+  return u.toString();
+}
+
+/** The page's parameters: its query, and its fragment (set by `pageOn`), which wins. */
+export function pageParams() {
+  const params = new URLSearchParams(window.location.search);
+  for (const [k, v] of new URLSearchParams(window.location.hash.replace(/^#/, ''))) params.set(k, v);
+  return params;
+}
+
+/**
+ * The origin this person first reached (`?home=` after a redirect moved the page, else
+ * this page's own). A `home` is believed only if it is a sibling of this node (same
+ * scheme, and the same host or the same parent domain: `edge-fra-1.example` and
+ * `support.example`), since resume tokens may be sent there.
+ */
+export function homeOrigin(params) {
+  const here = new URL(window.location.href);
+  const given = params.get('home');
+  if (!given) return here.origin;
+  let home;
+  try { home = new URL(given); } catch { return here.origin; }
+  const parent = (h) => h.split('.').slice(1).join('.');
+  const sibling = home.hostname === here.hostname
+    || (parent(home.hostname).includes('.') && parent(home.hostname) === parent(here.hostname));
+  return home.protocol === here.protocol && sibling ? home.origin : here.origin;
+}
+
+/** A session WebSocket URL `wsUrl` aimed at the node of the page origin `origin`. */
+export function wsVia(origin, wsUrl) {
+  const u = new URL(wsUrl);
+  const o = new URL(origin);
+  u.protocol = o.protocol === 'https:' ? 'wss:' : 'ws:';
+  u.host = o.host;
+  return u.toString();
+}
+
+/**
+ * One resume attempt: `connect(url)` (the node that holds the session); if that node
+ * cannot be reached, `connect` through `home` (the node first reached), which answers
+ * `redirect` (followed) while the session lives somewhere and `session_lost` once its
+ * node is gone. `homeFirst` goes through `home` at once (tests).
+ */
+export async function resumeThrough(connect, url, home, homeFirst = false) {
+  const viaHome = home ? wsVia(home, url) : null;
+  const other = viaHome && new URL(viaHome).host !== new URL(url).host ? viaHome : null;
+  if (homeFirst && other) return connect(other);
+  try {
+    return await connect(url);
+  } catch (e) {
+    if (e.code !== 'network' || !other) throw e;
+    return connect(other);
+  }
 }
 
 // ---------------------------------------------------------------------------------
 // The session WebSocket and the peer connection
 // ---------------------------------------------------------------------------------
 
+/** How many cluster `redirect`s a session WebSocket follows (as the native client). */
+export const MAX_REDIRECTS = 3;
+/** Close codes of a session WebSocket answered with `redirect` or `session_lost`. */
+const REDIRECT_CLOSE = 4307;
+const SESSION_LOST_CLOSE = 4410;
+/** How often an ICE restart is tried again while the media path is still down. */
+export const ICE_RESTART_RETRY_MS = 3000;
+
 /**
  * One participant's session: the WebSocket and the one RTCPeerConnection with the relay.
  *
- * `open()` resolves with the `welcome` (or rejects with a RelayError). `startPeer(setup)`
- * builds the peer connection, lets `setup(pc)` add transceivers and data channels, and
- * offers; answers, candidates and `renegotiate` are handled here. Every other message is
- * handed to `onmessage(msg)`; `onclose({code, reason})` when the socket is gone.
+ * `open()` resolves with the `welcome` (or rejects with a RelayError), following a
+ * cluster's `redirect`s to the node that holds the session (`wsUrl` is then that node's
+ * URL). `startPeer(setup)` builds the peer connection, lets `setup(pc)` add transceivers
+ * and data channels, and offers; answers, candidates and `renegotiate` are handled here,
+ * and so are ICE restarts: a peer connection that was connected and drops to
+ * `disconnected` or `failed` (a network change) while the socket is up restarts ICE and
+ * offers again on the same connection, every ICE_RESTART_RETRY_MS until it is connected
+ * (a dropped socket is the pages' resume instead). Every other message is handed to
+ * `onmessage(msg)`; `onclose({code, reason})` when the socket is gone.
  */
 export class SessionConnection {
   constructor(wsUrl) {
@@ -134,30 +229,73 @@ export class SessionConnection {
     this.haveRemote = false;
     this.heldCandidates = [];
     this.renegotiations = 0;
+    this.redirects = 0;
+    this.iceRestarts = 0;
+    this.iceRetry = null;
+    this.wasConnected = false;
     this.nextId = 1;
   }
 
-  open() {
+  /**
+   * Opens the socket and resolves with the `welcome`. A `redirect` (the node reached
+   * does not hold the session) is followed to its `url` with the same token, which the
+   * redirecting node did not use, at most MAX_REDIRECTS times.
+   */
+  async open() {
+    for (;;) {
+      const { welcome, redirect } = await this.openOnce();
+      if (welcome) return welcome;
+      if (this.redirects >= MAX_REDIRECTS) {
+        throw new RelayError('network', 'The connection to the session was redirected too often.');
+      }
+      const next = new URL(redirect, this.wsUrl);
+      if (next.protocol !== 'ws:' && next.protocol !== 'wss:') {
+        throw new RelayError('network', 'The server redirected the session somewhere unusable.');
+      }
+      const token = new URL(this.wsUrl).searchParams.get('token');
+      if (token && !next.searchParams.get('token')) next.searchParams.set('token', token);
+      this.wsUrl = next.toString();
+      this.redirects += 1;
+    }
+  }
+
+  /** One socket: resolves `{welcome}` or `{redirect: url}`, or rejects. */
+  openOnce() {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(this.wsUrl);
       this.ws = ws;
       let welcomed = false;
+      let redirected = false;
       ws.onmessage = (m) => {
         let msg;
         try { msg = JSON.parse(m.data); } catch { return; }
         if (!welcomed) {
-          if (msg.type === 'welcome') { welcomed = true; resolve(msg); return; }
+          if (msg.type === 'welcome') { welcomed = true; resolve({ welcome: msg }); return; }
+          if (msg.type === 'redirect' && msg.url) { redirected = true; resolve({ redirect: msg.url }); return; }
           if (msg.type === 'error') { reject(new RelayError(msg.code, describeError(msg.code, msg.message))); return; }
         }
         this.handle(msg);
       };
       ws.onclose = (ev) => {
+        if (redirected || (!welcomed && ev.code === REDIRECT_CLOSE)) {
+          // A redirect's socket: not this session's end. (Its close may beat its one
+          // message only if the message was lost, which then is a plain failure.)
+          if (!redirected) reject(new RelayError('network', 'The connection to the session was lost.'));
+          return;
+        }
         if (!welcomed) {
-          reject(new RelayError('network', 'The connection to the session was refused or lost.'));
+          const lost = ev.code === SESSION_LOST_CLOSE;
+          reject(lost
+            ? new RelayError('session_lost', describeError('session_lost'))
+            : new RelayError('network', 'The connection to the session was refused or lost.'));
         }
         this.onclose({ code: ev.code, reason: ev.reason });
       };
     });
+  }
+
+  socketOpen() {
+    return Boolean(this.ws && this.ws.readyState === WebSocket.OPEN);
   }
 
   send(msg) {
@@ -191,8 +329,64 @@ export class SessionConnection {
         sdp_mline_index: c ? (c.sdpMLineIndex ?? 0) : 0,
       });
     };
+    this.wasConnected = false;
+    const watch = () => this.watchPath(pc);
+    pc.addEventListener('iceconnectionstatechange', watch);
+    pc.addEventListener('connectionstatechange', watch);
     await setup(pc);
     await this.offer();
+  }
+
+  /** Whether `pc`'s media path is up (ICE and DTLS connected). */
+  static connected(pc) {
+    return pc.connectionState === 'connected'
+      && (pc.iceConnectionState === 'connected' || pc.iceConnectionState === 'completed');
+  }
+
+  /** A state change of `pc`: remember that it was connected; restart ICE when it drops. */
+  watchPath(pc) {
+    if (pc !== this.pc) return;
+    if (SessionConnection.connected(pc)) {
+      this.wasConnected = true;
+      clearTimeout(this.iceRetry);
+      this.iceRetry = null;
+      return;
+    }
+    const lost = ['disconnected', 'failed'].includes(pc.iceConnectionState)
+      || ['disconnected', 'failed'].includes(pc.connectionState);
+    if (lost && this.wasConnected && !this.iceRetry) this.restartIce();
+  }
+
+  /**
+   * Restarts ICE on the current peer connection: new ICE credentials in a new offer on
+   * the same socket (the relay answers on the same peer connection, and asks a
+   * customer for a keyframe). Queued behind an offer still waiting for its answer. Tried
+   * again every ICE_RESTART_RETRY_MS while the path is down and the socket is open.
+   * Returns whether it was started (not without a peer connection or an open socket).
+   */
+  restartIce() {
+    const pc = this.pc;
+    if (!pc || pc.signalingState === 'closed' || !this.socketOpen()) return false;
+    clearTimeout(this.iceRetry);
+    this.iceRetry = setTimeout(() => this.retryIce(pc), ICE_RESTART_RETRY_MS);
+    this.iceRestarts += 1;
+    pc.restartIce();
+    if (this.awaitingAnswer) {
+      if (!this.offerQueued) this.offerQueued = 'restart';
+    } else {
+      this.offer(false).catch((e) => console.warn('ICE restart offer failed', e));
+    }
+    return true;
+  }
+
+  retryIce(pc) {
+    this.iceRetry = null;
+    if (pc !== this.pc || pc.signalingState === 'closed' || SessionConnection.connected(pc)) return;
+    if (!this.socketOpen()) return; // the page's resume takes over, with a new connection
+    // Still down: the answer may have been lost with the path, or the new path was not
+    // there yet. Try again, answered or not.
+    this.awaitingAnswer = false;
+    this.restartIce();
   }
 
   /** Offers again (the application added a track), or queues it behind an open offer. */
@@ -222,7 +416,12 @@ export class SessionConnection {
         } catch (e) {
           console.warn('applying the answer failed', e);
         }
-        if (this.offerQueued) { this.offerQueued = false; await this.offer(true); }
+        if (this.offerQueued) {
+          // Asked by the relay (or the application), or an ICE restart's offer.
+          const asked = this.offerQueued === true;
+          this.offerQueued = false;
+          await this.offer(asked);
+        }
         return;
       }
       case 'candidate': {
@@ -246,6 +445,8 @@ export class SessionConnection {
   }
 
   close() {
+    clearTimeout(this.iceRetry);
+    this.iceRetry = null;
     if (this.pc) this.pc.close();
     if (this.ws) this.ws.close();
   }

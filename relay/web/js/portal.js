@@ -5,10 +5,14 @@
 
 import {
   $, el, say, api, describeError, chatLine, SessionConnection, FileTransfers, bindTransfers,
-  decodeInput, keyName, retryResume, withToken, INPUT_LABEL, CHAT_LABEL, FILES_LABEL, MOD,
+  decodeInput, keyName, retryResume, withToken, pageOn, pageParams, homeOrigin, resumeThrough,
+  INPUT_LABEL, CHAT_LABEL, FILES_LABEL, MOD, MAX_REDIRECTS,
 } from './common.js';
 
-const params = new URLSearchParams(location.search);
+// `?key=` fills the key in; after a cluster redirect moved the page here (see `join`),
+// the fragment carries `key` or the link's path, `name`, `join` (the number of moves so
+// far: join at once) and `home` (the node first reached).
+const params = pageParams();
 const linkMatch = /^\/s\/([^/]+)$/.exec(location.pathname);
 const supportLink = linkMatch ? decodeURIComponent(linkMatch[1]) : null;
 
@@ -34,6 +38,8 @@ const state = {
   // token of the last welcome), and whether a resume is under way.
   resumeUrl: null,
   resuming: false,
+  // The origin first reached: resumes go through it when the session's node is gone.
+  home: homeOrigin(params),
 };
 
 
@@ -46,6 +52,8 @@ if (supportLink) {
   $('#key-field').hidden = true;
 }
 if (params.get('key')) $('#key').value = params.get('key');
+if (params.get('name')) $('#name').value = params.get('name');
+const moves = Number(params.get('join')) || 0;
 
 $('#join-form').addEventListener('submit', async (ev) => {
   ev.preventDefault();
@@ -65,6 +73,16 @@ $('#join-form').addEventListener('submit', async (ev) => {
     const creds = await api('/v1/join', { method: 'POST', body });
     await enter(creds, name);
   } catch (e) {
+    if (e.code === 'redirect' && e.location && moves < MAX_REDIRECTS) {
+      // Another node of the cluster holds this session: load the portal there and join
+      // again (the key or link was not used here).
+      say(status, describeError('redirect'));
+      document.body.dataset.state = 'redirecting';
+      const path = supportLink ? `/s/${encodeURIComponent(supportLink)}` : '/';
+      location.assign(pageOn(e.location, path,
+        { key: supportLink ? undefined : key, name, join: String(moves + 1) }, state.home));
+      return;
+    }
     say(status, e.message || describeError(e.code), true);
     document.body.dataset.error = e.code || 'error';
     $('#join-button').disabled = false;
@@ -80,7 +98,8 @@ async function connect(url) {
   };
   const welcome = await conn.open();
   state.conn = conn;
-  state.resumeUrl = welcome.resume_token ? withToken(url, welcome.resume_token) : null;
+  // conn.wsUrl: the node that holds the session, after any redirect.
+  state.resumeUrl = welcome.resume_token ? withToken(conn.wsUrl, welcome.resume_token) : null;
   return welcome;
 }
 
@@ -96,7 +115,7 @@ async function resume() {
   if (state.conn) state.conn.close();
   say($('#session-status'), 'The connection was lost. Reconnecting…', true);
   const failed = await retryResume(
-    () => connect(state.resumeUrl),
+    () => resumeThrough(connect, state.resumeUrl, state.home, window.__resumeThroughHome),
     () => !state.ended && state.resumeUrl,
   );
   state.resuming = false;
@@ -125,6 +144,15 @@ window.__dropConnection = () => {
     state.conn.ws.close();
   }
 };
+// For the browser tests: an ICE restart, as after a network change (true if started).
+window.__restartIce = () => Boolean(state.conn && state.conn.restartIce());
+// For the browser tests: the session's connection (ICE restarts, redirects followed).
+window.__connection = () => state.conn;
+
+// Moved here by a cluster redirect: join at once, as the person asked on the other node.
+if (moves > 0 && $('#name').value && (supportLink || $('#key').value)) {
+  $('#join-form').requestSubmit();
+}
 
 async function enter(creds, name) {
   const welcome = await connect(creds.ws_url);
