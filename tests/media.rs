@@ -13,7 +13,7 @@ use relay_bench::client::{
     tls_trusting_pem_file,
 };
 use relay_bench::run::measure::SentIndex;
-use relay_codec::input::{InputEvent, InputKind};
+use relay_codec::input::InputEvent;
 use relay_e2e::wire::{ErrorCode, InviteTarget, Permission, Visibility};
 use relay_e2e::{ExpectRefusal, Relay, RelayBuilder};
 
@@ -206,15 +206,6 @@ fn assert_complete_and_in_order(
     Ok(())
 }
 
-fn moves(range: std::ops::Range<u32>, x: u16) -> Vec<InputEvent> {
-    range
-        .map(|i| InputEvent {
-            seq: i,
-            kind: InputKind::MouseMove { x, y: i as u16 },
-        })
-        .collect()
-}
-
 async fn fan_out_to_eight_agents(fixture_name: &str) -> Result<()> {
     let s = eight_agents_and_a_customer(fixture_name).await?;
     for (name, agent) in &s.agents {
@@ -229,8 +220,8 @@ async fn fan_out_to_eight_agents(fixture_name: &str) -> Result<()> {
     let (host, viewer) = (&s.agents[0].1, &s.agents[2].1);
     host.wait_input_open(WAIT).await?;
     viewer.wait_input_open(WAIT).await?;
-    let from_host = moves(0..100, 1111);
-    let from_viewer = moves(0..20, 2222);
+    let from_host = relay_e2e::mouse_moves(0..100, 1111);
+    let from_viewer = relay_e2e::mouse_moves(0..20, 2222);
     for e in &from_viewer {
         viewer.send_input(e).await?;
     }

@@ -10,3 +10,28 @@
 /// session with `customer_did_not_return`.
 #[path = "resilience/resume.rs"]
 mod resume;
+
+/// Faults on the path and of the node: a lossy, jittery path (NACK keeps the stream
+/// decodable), a network change (ICE restart on the same peer connection, for both
+/// roles), the relay killed and restarted.
+#[path = "resilience/faults.rs"]
+mod faults;
+
+/// UDP blocked: clients whose ICE may use TCP only reach the relay's one ICE-TCP port
+/// (`media.ice_tcp_port`); media and input flow over it, whole and in order, and the
+/// relay's metrics show the streams went over TCP. Garbage on that port (HTTP, non-STUN
+/// frames, silence, unknown ufrags) is closed, counted, and leaves live sessions alone.
+#[path = "resilience/tcp.rs"]
+mod tcp;
+
+/// Bad input: garbage, STUN floods and forged SRTP on the media port, malformed
+/// signalling, data-channel messages over the limit or of unknown kinds, connections
+/// that never finish their handshake, 10,000 wrong support keys and a customer
+/// publishing 50 Mbps. Each is refused or dropped and counted in `/metrics`, and a
+/// healthy session on the same relay keeps its frames and input throughout.
+#[path = "resilience/bad_input.rs"]
+mod bad_input;
+
+/// Soak: two minutes of the bench's load with churn; nothing lost, memory flat.
+#[path = "resilience/soak.rs"]
+mod soak;

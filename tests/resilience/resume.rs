@@ -4,35 +4,33 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use relay_bench::client::{
     Agent, AgentOptions, ClientError, Customer, CustomerOptions, FrameSource, ReceivedFrame,
-    SentFrame, Signalling, tls_trusting_pem_file,
+    SentFrame, Signalling, VideoCodec, tls_trusting_pem_file,
 };
 use relay_bench::run::measure::SentIndex;
-use relay_codec::input::{InputEvent, InputKind};
+use relay_codec::input::InputEvent;
 use relay_e2e::RelayBuilder;
-use relay_e2e::wire::{
-    EndReason, ErrorCode, InviteTarget, Permission, RosterEntry, ServerMsg, Visibility,
-};
+use relay_e2e::wire::{EndReason, ErrorCode, Permission, RosterEntry, ServerMsg, Visibility};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn publish(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Customer> {
-    let source = FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"))?;
+    publish_fixture(url, tls, "screen-vp8.ivf").await
+}
+
+/// A customer publishing the fixture `name` (its codec is the fixture's).
+async fn publish_fixture(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> Result<Customer> {
+    let source = FrameSource::open(relay_e2e::fixture(name))?;
     let customer = Customer::connect(url, tls, source, CustomerOptions::default())
         .await
         .context("customer connects")?;
     customer.wait_connected(WAIT).await?;
     customer.wait_input_open(WAIT).await?;
     Ok(customer)
-}
-
-fn moves(range: std::ops::Range<u32>, x: u16) -> Vec<InputEvent> {
-    range
-        .map(|i| InputEvent {
-            seq: i,
-            kind: InputKind::MouseMove { x, y: i as u16 },
-        })
-        .collect()
 }
 
 /// What `agent` was told about participant `pid`: (connected, reconnecting), in order.
@@ -100,25 +98,12 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
     relay_e2e::install_crypto();
     let relay = RelayBuilder::new().start().await?;
     let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
-    let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
-    let session = relay
-        .create_session(&host_jwt, "support", Visibility::Visible)
+    let creds = relay
+        .host_invitee_customer("Bob Masked", Visibility::Masked, Permission::View)
         .await?;
-    let bob_jwt = relay.token("a1", "Bob Masked", &["support"], false);
-    let inv = relay
-        .invite(
-            &host_jwt,
-            &session.session_id,
-            InviteTarget::Agent("a1".into()),
-            Visibility::Masked,
-            Permission::View,
-            None,
-        )
-        .await?;
-    let bob_creds = relay.accept(&bob_jwt, &inv.invitation_id).await?;
+    let (session, bob_creds, carol) = (&creds.session, &creds.invitee, &creds.customer);
     let host = Agent::connect(&session.host.ws_url, tls.clone(), AgentOptions::default()).await?;
     let bob = Agent::connect(&bob_creds.ws_url, tls.clone(), AgentOptions::default()).await?;
-    let carol = relay.join("Carol Customer", &session.support_key).await?;
     let first = publish(&carol.ws_url, tls.clone()).await?;
     let customer_id = carol.participant_id.clone();
     let resume = first
@@ -145,7 +130,7 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
     .await?;
     // Input sent meanwhile is dropped and counted, and never reaches the customer
     // later. The customer's peer connection is closed; the agents' stay.
-    let during_gap = moves(0..30, 7777);
+    let during_gap = relay_e2e::mouse_moves(0..30, 7777);
     for e in &during_gap {
         host.send_input(e).await?;
     }
@@ -204,7 +189,7 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
             .with_context(|| format!("{name} receives the resumed stream"))?;
     }
     // Input after the resume arrives; nothing from the gap ever does.
-    let after_resume = moves(0..20, 8888);
+    let after_resume = relay_e2e::mouse_moves(0..20, 8888);
     for e in &after_resume {
         host.send_input(e).await?;
     }
@@ -271,6 +256,79 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
             "a used host token was accepted"
         );
     }
+    Ok(())
+}
+
+/// A customer that comes back from a reboot with another encoder (VP8 before, H.264
+/// after: another browser, a hardware encoder): the relay never transcodes, so each
+/// agent's track of the old codec goes, the agents are asked to renegotiate, and they
+/// get the new codec's frames whole, from its first keyframe, on the same peer
+/// connection.
+#[tokio::test]
+async fn a_customer_that_comes_back_with_another_codec_is_forwarded_after_a_renegotiation()
+-> Result<()> {
+    relay_e2e::install_crypto();
+    let relay = RelayBuilder::new().start().await?;
+    let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
+    let creds = relay
+        .host_invitee_customer("Victor Viewer", Visibility::Visible, Permission::View)
+        .await?;
+    let host = Agent::connect(
+        &creds.session.host.ws_url,
+        tls.clone(),
+        AgentOptions::default(),
+    )
+    .await?;
+    let viewer =
+        Agent::connect(&creds.invitee.ws_url, tls.clone(), AgentOptions::default()).await?;
+    let first = publish_fixture(&creds.customer.ws_url, tls.clone(), "screen-vp8.ivf").await?;
+    for agent in [&host, &viewer] {
+        agent.wait_frames(10, WAIT).await?;
+    }
+    let resume = first.resume_url().context("resume token")?.to_owned();
+    let before = [host.negotiation(), viewer.negotiation()];
+    drop(first);
+
+    let resumed_at = Instant::now();
+    let second = publish_fixture(&resume, tls.clone(), "screen-h264.h264")
+        .await
+        .context("the customer resumes with H.264")?;
+    for (name, agent) in [("host", &host), ("viewer", &viewer)] {
+        relay_e2e::wait_until("H.264 frames at the agent", WAIT, || {
+            agent
+                .frames()
+                .iter()
+                .filter(|f| f.received_at >= resumed_at && f.codec == VideoCodec::H264)
+                .count()
+                >= 30
+        })
+        .await
+        .with_context(|| format!("{name} gets the new codec"))?;
+    }
+    second.set_publishing(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = second.sent_frames();
+    for ((name, agent), before) in [("host", &host), ("viewer", &viewer)]
+        .into_iter()
+        .zip(before)
+    {
+        let n = complete_after_resume(name, resumed_at, &sent, &agent.frames())?;
+        ensure!(n >= 30, "{name}: {n} frames of the new codec");
+        let now = agent.negotiation();
+        ensure!(
+            now.renegotiate_requests > before.renegotiate_requests
+                && now.answers_applied > before.answers_applied,
+            "{name} was not asked to renegotiate for the new codec: {before:?} then {now:?}"
+        );
+    }
+    ensure!(
+        relay
+            .metric("relay_negotiations_total{outcome=\"replaced\"}")
+            .await?
+            .unwrap_or(0.0)
+            == 0.0,
+        "the agents kept their peer connections (renegotiated them, none replaced)"
+    );
     Ok(())
 }
 
@@ -344,7 +402,7 @@ async fn agent_killed_and_restarted_resumes_with_input_and_chat() -> Result<()> 
     host.wait_input_open(WAIT).await?;
     host.chat().wait_open(WAIT).await?;
     customer.chat().wait_open(WAIT).await?;
-    let before = moves(0..5, 1111);
+    let before = relay_e2e::mouse_moves(0..5, 1111);
     for e in &before {
         host.send_input(e).await?;
     }
@@ -381,7 +439,7 @@ async fn agent_killed_and_restarted_resumes_with_input_and_chat() -> Result<()> 
     ensure!(replaced == Some(1.0), "replaced negotiations: {replaced:?}");
 
     // Its input reaches the customer again, in order.
-    let after = moves(0..10, 2222);
+    let after = relay_e2e::mouse_moves(0..10, 2222);
     for e in &after {
         host.send_input(e).await?;
     }

@@ -6,8 +6,8 @@ use relay_bench::client::{
     SentFrame, tls_trusting_pem_file,
 };
 use relay_bench::run::measure::SentIndex;
-use relay_codec::input::{InputEvent, InputKind};
-use relay_e2e::wire::{InviteTarget, Permission, Visibility};
+use relay_codec::input::InputEvent;
+use relay_e2e::wire::{Permission, Visibility};
 use relay_e2e::{Relay, RelayBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,22 +32,10 @@ async fn tcp_session() -> Result<TcpSession> {
         .context("the builder set an ICE-TCP port")?;
     let relay = builder.start().await?;
     let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
-    let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
-    let session = relay
-        .create_session(&host_jwt, "support", Visibility::Visible)
+    let creds = relay
+        .host_invitee_customer("Udo Udp", Visibility::Visible, Permission::View)
         .await?;
-    let jwt = relay.token("a1", "Udo Udp", &["support"], false);
-    let inv = relay
-        .invite(
-            &host_jwt,
-            &session.session_id,
-            InviteTarget::Agent("a1".into()),
-            Visibility::Visible,
-            Permission::View,
-            None,
-        )
-        .await?;
-    let udp_creds = relay.accept(&jwt, &inv.invitation_id).await?;
+    let (session, udp_creds) = (&creds.session, &creds.invitee);
 
     let tcp_only = AgentOptions {
         ice_transport: IceTransport::Tcp,
@@ -55,7 +43,7 @@ async fn tcp_session() -> Result<TcpSession> {
     };
     let host = Agent::connect(&session.host.ws_url, tls.clone(), tcp_only).await?;
     let udp_agent = Agent::connect(&udp_creds.ws_url, tls.clone(), AgentOptions::default()).await?;
-    let carol = relay.join("Carol Customer", &session.support_key).await?;
+    let carol = &creds.customer;
     let source = FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"))?;
     let options = CustomerOptions {
         ice_transport: IceTransport::Tcp,
@@ -130,15 +118,6 @@ fn complete_from_first_keyframe(
     Ok(from_keyframe.len())
 }
 
-fn moves(range: std::ops::Range<u32>, x: u16) -> Vec<InputEvent> {
-    range
-        .map(|i| InputEvent {
-            seq: i,
-            kind: InputKind::MouseMove { x, y: i as u16 },
-        })
-        .collect()
-}
-
 /// Sends `events` from `agent` and waits until the customer has `before + events.len()`
 /// events, the last ones being exactly `events`.
 async fn input_arrives(
@@ -179,7 +158,7 @@ async fn input_arrives(
 async fn media_and_input_flow_over_ice_tcp_when_udp_is_blocked() -> Result<()> {
     let s = tcp_session().await?;
 
-    let events = moves(0..40, 4242);
+    let events = relay_e2e::mouse_moves(0..40, 4242);
     input_arrives(&s.host, &s.customer, 0, &events).await?;
     s.host
         .wait_frames(s.host.frames_received() + 30, WAIT)
@@ -315,7 +294,7 @@ async fn garbage_on_the_ice_tcp_port_is_dropped_counted_and_harmless() -> Result
         .wait_frames(frames_before + 30, WAIT)
         .await
         .context("the host keeps receiving over TCP")?;
-    let events = moves(0..20, 777);
+    let events = relay_e2e::mouse_moves(0..20, 777);
     input_arrives(&s.host, &s.customer, 0, &events).await?;
     ensure!(metric(&s.relay, "relay_ice_tcp_streams_open").await? == 2.0);
     s.customer.set_publishing(false);

@@ -38,6 +38,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 pub use relay_codec::wire;
+
+/// An impairable media path between a client and the relay (loss, jitter, cut).
+pub mod proxy;
+/// A throwaway `redis-server` and relays configured as the nodes of a cluster on it.
+pub mod redis_server;
 pub use reqwest::Method;
 use wire::{
     CreateSessionRequest, CreateSessionResponse, ErrorBody, ErrorCode, InvitationInfo,
@@ -54,6 +59,18 @@ pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a build of the relay may wait for cargo's build-directory lock before the
 /// harness assumes its own `cargo test` holds it and builds into `<target>/e2e` instead.
 const BUILD_LOCK_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Mouse moves numbered `range`, at column `x` and row = the number: input events a
+/// test can send and then recognise, in order, at the customer.
+pub fn mouse_moves(range: std::ops::Range<u32>, x: u16) -> Vec<relay_codec::input::InputEvent> {
+    use relay_codec::input::{InputEvent, InputKind};
+    range
+        .map(|i| InputEvent {
+            seq: i,
+            kind: InputKind::MouseMove { x, y: i as u16 },
+        })
+        .collect()
+}
 
 /// A committed media fixture: `tests/fixtures/<name>` (see its README).
 pub fn fixture(name: &str) -> PathBuf {
@@ -414,6 +431,29 @@ impl RelayBuilder {
         self.set("media", "udp_mux_port", first)
     }
 
+    /// `media.ice_tcp_port`: the ICE-TCP fallback on one TCP port, the number of the
+    /// first UDP port of this relay's own block (TCP and UDP ports do not collide). Read
+    /// it back with [`Self::tcp_port`].
+    pub fn ice_tcp_port(self) -> Self {
+        let first = self
+            .config
+            .get("media")
+            .and_then(|m| m.get("udp_port_min"))
+            .and_then(toml::Value::as_integer)
+            .unwrap_or(0);
+        self.set("media", "ice_tcp_port", first)
+    }
+
+    /// The configured `media.ice_tcp_port`, if set.
+    pub fn tcp_port(&self) -> Option<u16> {
+        let port = self
+            .config
+            .get("media")?
+            .get("ice_tcp_port")?
+            .as_integer()?;
+        u16::try_from(port).ok().filter(|p| *p != 0)
+    }
+
     /// The configured `media.udp_mux_port`, if set.
     pub fn mux_port(&self) -> Option<u16> {
         let port = self
@@ -536,82 +576,8 @@ impl RelayBuilder {
         let config_path = dir.path().join("relay.toml");
         std::fs::write(&config_path, toml::to_string(&config)?)
             .with_context(|| format!("writing {}", config_path.display()))?;
-        let stderr_path = dir.path().join("relay.stderr");
-        let stderr = std::fs::File::create(&stderr_path).context("creating the stderr file")?;
-
-        let mut command = Command::new(&bin);
-        // The relay reads RELAY_* variables (RELAY_KEY_TTL, RELAY_TLS, ...); the test's
-        // configuration must not depend on the environment it happens to run in.
-        for (name, _) in std::env::vars_os() {
-            if name.to_str().is_some_and(|n| n.starts_with("RELAY_")) {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let stdout = child.stdout.take().context("relay stdout")?;
-        let mut process = Process {
-            child,
-            dir: Some(dir),
-            stderr_path,
-            stdout_lines: Arc::new(Mutex::new(Vec::new())),
-            exited: None,
-            reported: false,
-        };
-        let first_line = process.read_stdout(stdout);
-
-        let line = match tokio::time::timeout(STARTUP_TIMEOUT, first_line).await {
-            Err(_) => {
-                return Err(process.failure(format!(
-                    "relay printed no listening line within {STARTUP_TIMEOUT:?}"
-                )));
-            }
-            Ok(Err(_)) | Ok(Ok(None)) => {
-                let status = process.wait_briefly().await;
-                return Err(process.failure(format!(
-                    "relay closed its stdout without printing its listening line ({})",
-                    status.map_or_else(|| "still running".to_owned(), |s| s.to_string()),
-                )));
-            }
-            Ok(Ok(Some(line))) => line,
-        };
-        let Some(url) = line
-            .trim()
-            .strip_prefix("listening on ")
-            .filter(|u| u.starts_with("https://127.0.0.1:") || u.starts_with("http://127.0.0.1:"))
-        else {
-            return Err(process.failure(format!(
-                "relay's first stdout line is {line:?}; expected `listening on https://127.0.0.1:PORT`"
-            )));
-        };
-        let url = url.trim_end_matches('/').to_owned();
-        let base = reqwest::Url::parse(&url).with_context(|| format!("listening URL {url:?}"))?;
-        if base.port().is_none_or(|p| p == 0) {
-            bail!("listening URL {url:?} has no real port");
-        }
-
-        let tls = if base.scheme() == "https" {
-            let cert_path = process.data_dir().join("tls").join("cert.pem");
-            let pem = std::fs::read(&cert_path).with_context(|| {
-                format!(
-                    "relay listens on https but {} cannot be read",
-                    cert_path.display()
-                )
-            })?;
-            Some(Tls::from_pem(pem)?)
-        } else {
-            None
-        };
+        let (mut process, url, tls) = launch(&bin, &config_path, dir.path(), "127.0.0.1:0").await?;
+        process.dir = Some(dir);
         let client = build_client(tls.as_ref(), None)?;
         Ok(Relay {
             process,
@@ -622,6 +588,112 @@ impl RelayBuilder {
             client,
         })
     }
+}
+
+/// Starts `relay serve` with `config_path` and `data_dir` on `listen`, and waits (at
+/// most [`STARTUP_TIMEOUT`]) for its listening line: the process (not yet owning the
+/// directory), its base URL and, over HTTPS, its certificate.
+async fn launch(
+    bin: &Path,
+    config_path: &Path,
+    data_dir: &Path,
+    listen: &str,
+) -> Result<(Process, String, Option<Tls>)> {
+    let stderr_path = data_dir.join("relay.stderr");
+    // Appended to: a restarted relay keeps the first run's lines.
+    let stderr = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&stderr_path)
+        .context("opening the stderr file")?;
+
+    let mut command = Command::new(bin);
+    // The relay reads RELAY_* variables (RELAY_KEY_TTL, RELAY_TLS, ...); the test's
+    // configuration must not depend on the environment it happens to run in.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|n| n.starts_with("RELAY_")) {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
+        .arg("serve")
+        .arg("--config")
+        .arg(config_path)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", listen])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))?;
+    let stdout = child.stdout.take().context("relay stdout")?;
+    let mut process = Process {
+        child,
+        dir: None,
+        stderr_path,
+        stdout_lines: Arc::new(Mutex::new(Vec::new())),
+        exited: None,
+        reported: false,
+    };
+    let first_line = process.read_stdout(stdout);
+
+    let line = match tokio::time::timeout(STARTUP_TIMEOUT, first_line).await {
+        Err(_) => {
+            return Err(process.failure(format!(
+                "relay printed no listening line within {STARTUP_TIMEOUT:?}"
+            )));
+        }
+        Ok(Err(_)) | Ok(Ok(None)) => {
+            let status = process.wait_briefly().await;
+            return Err(process.failure(format!(
+                "relay closed its stdout without printing its listening line ({})",
+                status.map_or_else(|| "still running".to_owned(), |s| s.to_string()),
+            )));
+        }
+        Ok(Ok(Some(line))) => line,
+    };
+    let Some(url) = line
+        .trim()
+        .strip_prefix("listening on ")
+        .filter(|u| u.starts_with("https://127.0.0.1:") || u.starts_with("http://127.0.0.1:"))
+    else {
+        return Err(process.failure(format!(
+            "relay's first stdout line is {line:?}; expected `listening on https://127.0.0.1:PORT`"
+        )));
+    };
+    let url = url.trim_end_matches('/').to_owned();
+    let base = reqwest::Url::parse(&url).with_context(|| format!("listening URL {url:?}"))?;
+    if base.port().is_none_or(|p| p == 0) {
+        bail!("listening URL {url:?} has no real port");
+    }
+
+    let tls = if base.scheme() == "https" {
+        let cert_path = data_dir.join("tls").join("cert.pem");
+        let pem = std::fs::read(&cert_path).with_context(|| {
+            format!(
+                "relay listens on https but {} cannot be read",
+                cert_path.display()
+            )
+        })?;
+        Some(Tls::from_pem(pem)?)
+    } else {
+        None
+    };
+    Ok((process, url, tls))
+}
+
+/// What [`Relay::host_invitee_customer`] set up.
+#[derive(Debug)]
+pub struct HostInviteeCustomer {
+    /// The host's agent token.
+    pub host_jwt: String,
+    /// The session as created (its host's credentials in `host`).
+    pub session: CreateSessionResponse,
+    /// The invited agent's credentials.
+    pub invitee: ParticipantCredentials,
+    /// The customer's credentials.
+    pub customer: ParticipantCredentials,
 }
 
 /// Deep-merges `over` into `base`: tables merge, everything else is replaced.
@@ -908,6 +980,39 @@ impl Relay {
         }
     }
 
+    /// Starts the relay again once it has exited (a crash, SIGKILL, a stop), as a
+    /// service manager would: the same binary, configuration, data directory (so the
+    /// same certificate and recordings) and listening port. Waits for it to listen.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.process.try_wait().is_none() {
+            bail!("the relay is still running; stop it before restarting it");
+        }
+        let bin = tokio::task::spawn_blocking(relay_binary)
+            .await
+            .context("binary lookup task")??;
+        let dir = self
+            .process
+            .dir
+            .take()
+            .context("the relay's data directory is gone")?;
+        let listen = self
+            .base
+            .rsplit_once("://")
+            .map_or(self.base.as_str(), |(_, rest)| rest)
+            .to_owned();
+        // The old process has exited; its output stays in the appended stderr file.
+        self.process.reported = true;
+        let (mut process, url, tls) = launch(&bin, &self.config_path, dir.path(), &listen).await?;
+        process.dir = Some(dir);
+        if url != self.base {
+            bail!("the restarted relay listens on {url}, not on {}", self.base);
+        }
+        self.process = process;
+        self.tls = tls;
+        self.client = build_client(self.tls.as_ref(), None)?;
+        Ok(())
+    }
+
     /// Whether the relay process is still running.
     pub fn is_running(&mut self) -> bool {
         self.process.try_wait().is_none()
@@ -1116,6 +1221,41 @@ impl Relay {
             None,
         )
         .await
+    }
+
+    /// The session most media tests start from: host `a0` ("Alice Host") opens a visible
+    /// session in portal `support`, invites agent `a1` (named `invitee`) with
+    /// `visibility` and `permission`, `a1` accepts, and "Carol Customer" joins with the
+    /// support key. Nobody has connected a WebSocket yet.
+    pub async fn host_invitee_customer(
+        &self,
+        invitee: &str,
+        visibility: Visibility,
+        permission: Permission,
+    ) -> Result<HostInviteeCustomer> {
+        let host_jwt = self.token("a0", "Alice Host", &["support"], false);
+        let session = self
+            .create_session(&host_jwt, "support", Visibility::Visible)
+            .await?;
+        let invitee_jwt = self.token("a1", invitee, &["support"], false);
+        let invitation = self
+            .invite(
+                &host_jwt,
+                &session.session_id,
+                InviteTarget::Agent("a1".into()),
+                visibility,
+                permission,
+                None,
+            )
+            .await?;
+        let invitee = self.accept(&invitee_jwt, &invitation.invitation_id).await?;
+        let customer = self.join("Carol Customer", &session.support_key).await?;
+        Ok(HostInviteeCustomer {
+            host_jwt,
+            session,
+            invitee,
+            customer,
+        })
     }
 
     /// `POST /v1/invitations/{iid}/accept`.

@@ -25,6 +25,7 @@ use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionStat
 
 use super::channels::{CHAT_LABEL, ChatChannel, FILES_LABEL, FileTransfers};
 use super::codec::VideoCodec;
+use super::peer::IceTransport;
 use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
@@ -33,6 +34,7 @@ use super::publish::{
     watch_keyframe_requests,
 };
 use super::receive::{ReceiveStats, ReceivedFrame, Receiver};
+use super::route::MediaRoute;
 use super::rtcp::with_keyframe_request_marker;
 use super::signalling::{Signalling, SignallingSender, SignallingTasks, Transcript, Welcome};
 use super::source::FrameSource;
@@ -49,6 +51,15 @@ pub struct AgentOptions {
     pub auto_accept_files: bool,
     /// Frames per second of a screen share ([`Agent::start_share`]).
     pub share_fps: f64,
+    /// Maps the candidate addresses exchanged with the relay, to put something between
+    /// the two (a test's impairing proxy); `None`: direct.
+    pub route: Option<Arc<dyn MediaRoute>>,
+    /// Restart ICE by itself when the media path drops after it was up (a network
+    /// change, a blip), as a browser client does; on by default.
+    pub auto_ice_restart: bool,
+    /// The transports ICE may use: [`IceTransport::Tcp`] acts as a client behind a UDP
+    /// block (the relay needs `media.ice_tcp_port`).
+    pub ice_transport: IceTransport,
 }
 
 impl Default for AgentOptions {
@@ -59,6 +70,9 @@ impl Default for AgentOptions {
             welcome_timeout: Duration::from_secs(10),
             auto_accept_files: false,
             share_fps: 15.0,
+            route: None,
+            auto_ice_restart: true,
+            ice_transport: IceTransport::Any,
         }
     }
 }
@@ -176,12 +190,16 @@ impl Agent {
                 ));
             }
         };
-        let shared = Arc::new(PeerShared::new(
-            signal.clone(),
-            state_tx,
-            Some(Box::new(on_track)),
-            Box::new(on_data_channel),
-        ));
+        let shared = Arc::new(
+            PeerShared::new(
+                signal.clone(),
+                state_tx,
+                Some(Box::new(on_track)),
+                Box::new(on_data_channel),
+            )
+            .with_media_path(options.route.clone(), options.auto_ice_restart)
+            .with_ice_transport(options.ice_transport),
+        );
         let pc =
             peer::build_peer_connection(options.bind, media_engine, registry, Arc::clone(&shared))
                 .await?;
@@ -280,6 +298,14 @@ impl Agent {
     /// The peer connection's state now.
     pub fn connection_state(&self) -> RTCPeerConnectionState {
         *self.state.borrow()
+    }
+
+    /// Restarts ICE on the same peer connection (fresh credentials offered over the
+    /// session socket; the relay answers on its side of the same connection): what a
+    /// client does when its network changes. Returns once the offer is queued; wait with
+    /// `wait_connected` or for frames.
+    pub fn restart_ice(&self) {
+        self.shared.ice_restart.notify_one();
     }
 
     /// Encodes `event` with `relay_codec::input` and sends it on the `input` channel.
@@ -416,6 +442,7 @@ impl Agent {
             records: Arc::clone(&self.shared_frames),
             keyframe_wanted: Arc::clone(&t.keyframe_wanted),
             publishing: Arc::new(AtomicBool::new(true)),
+            padding: Default::default(),
         })));
         Ok(())
     }

@@ -4,7 +4,7 @@
 //! `chat` and `files` channels.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use webrtc::peer_connection::{MediaEngine, PeerConnection, RTCPeerConnectionStat
 
 use super::channels::{CHAT_LABEL, ChatChannel, FILES_LABEL, FileTransfers};
 use super::codec::{ClientCodec, VideoCodec};
+use super::peer::IceTransport;
 use super::peer::{
     self, DataChannelMessage, NegotiationStats, OTHER_MESSAGES_QUEUE, PeerShared, lock,
 };
@@ -29,6 +30,7 @@ use super::publish::{
     watch_keyframe_requests,
 };
 use super::receive::{ReceiveStats, ReceivedFrame, Receiver};
+use super::route::MediaRoute;
 use super::rtcp::with_keyframe_request_marker;
 use super::signalling::{Signalling, SignallingSender, SignallingTasks, Transcript, Welcome};
 use super::source::FrameSource;
@@ -45,6 +47,15 @@ pub struct CustomerOptions {
     pub welcome_timeout: Duration,
     /// Accept every file offered on the `files` channel at once.
     pub auto_accept_files: bool,
+    /// Maps the candidate addresses exchanged with the relay, to put something between
+    /// the two (a test's impairing proxy); `None`: direct.
+    pub route: Option<Arc<dyn MediaRoute>>,
+    /// Restart ICE by itself when the media path drops after it was up (a network
+    /// change, a blip), as a browser client does; on by default.
+    pub auto_ice_restart: bool,
+    /// The transports ICE may use: [`IceTransport::Tcp`] acts as a client behind a UDP
+    /// block (the relay needs `media.ice_tcp_port`).
+    pub ice_transport: IceTransport,
 }
 
 impl Default for CustomerOptions {
@@ -55,6 +66,9 @@ impl Default for CustomerOptions {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             welcome_timeout: Duration::from_secs(10),
             auto_accept_files: false,
+            route: None,
+            auto_ice_restart: true,
+            ice_transport: IceTransport::Any,
         }
     }
 }
@@ -97,6 +111,7 @@ pub struct Customer {
     messages: Arc<Mutex<Vec<DataChannelMessage>>>,
     others: tokio::sync::Mutex<mpsc::Receiver<ServerMsg>>,
     publishing: Arc<AtomicBool>,
+    padding: Arc<AtomicUsize>,
     chat: Arc<ChatChannel>,
     files: Arc<FileTransfers>,
     tasks: Vec<JoinHandle<()>>,
@@ -167,12 +182,16 @@ impl Customer {
             let share = share.clone();
             move |track: Arc<dyn TrackRemote>| share.on_track(track)
         };
-        let shared = Arc::new(PeerShared::new(
-            signal.clone(),
-            state_tx,
-            Some(Box::new(on_track)),
-            Box::new(on_data_channel),
-        ));
+        let shared = Arc::new(
+            PeerShared::new(
+                signal.clone(),
+                state_tx,
+                Some(Box::new(on_track)),
+                Box::new(on_data_channel),
+            )
+            .with_media_path(options.route.clone(), options.auto_ice_restart)
+            .with_ice_transport(options.ice_transport),
+        );
         shared
             .recv_video_on_renegotiate
             .store(true, Ordering::Relaxed);
@@ -199,6 +218,7 @@ impl Customer {
 
         let keyframe_wanted = Arc::new(AtomicBool::new(false));
         let publishing = Arc::new(AtomicBool::new(true));
+        let padding = Arc::new(AtomicUsize::new(0));
         let (open_tx, input_open) = watch::channel(false);
         let (others_tx, others_rx) = mpsc::channel(OTHER_MESSAGES_QUEUE);
 
@@ -238,6 +258,7 @@ impl Customer {
             records: Arc::clone(&published),
             keyframe_wanted,
             publishing: Arc::clone(&publishing),
+            padding: Arc::clone(&padding),
         })));
 
         Ok(Customer {
@@ -255,6 +276,7 @@ impl Customer {
             messages,
             others: tokio::sync::Mutex::new(others_rx),
             publishing,
+            padding,
             chat,
             files,
             tasks,
@@ -297,6 +319,22 @@ impl Customer {
     /// The peer connection's state now.
     pub fn connection_state(&self) -> RTCPeerConnectionState {
         *self.state.borrow()
+    }
+
+    /// Test hook for an over-eager publisher: from the next frame on, frames shorter
+    /// than `bytes` are padded with zeros to that size (0 turns it off). At 15 fps,
+    /// 400,000 bytes a frame is about 50 Mbps. [`Customer::sent_frames`] records the
+    /// padded frames.
+    pub fn set_frame_padding(&self, bytes: usize) {
+        self.padding.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Restarts ICE on the same peer connection (fresh credentials offered over the
+    /// session socket; the relay answers on its side of the same connection): what a
+    /// client does when its network changes. Returns once the offer is queued; wait with
+    /// `wait_connected` or for frames.
+    pub fn restart_ice(&self) {
+        self.shared.ice_restart.notify_one();
     }
 
     /// Stops (`false`) or resumes (`true`) publishing frames; the track stays.

@@ -51,9 +51,11 @@ mod customer;
 mod peer;
 mod publish;
 mod receive;
+mod route;
 mod rtcp;
 mod signalling;
 mod source;
+mod tcp_runtime;
 
 pub use agent::{Agent, AgentOptions};
 pub use channels::{
@@ -64,7 +66,7 @@ pub use codec::{
     ClientCodec, CodecDepacketizer, VIDEO_CLOCK_RATE, VideoCodec, digest_hex, frame_digest,
 };
 pub use customer::{Customer, CustomerOptions, ReceivedInput};
-pub use peer::{DataChannelMessage, NegotiationStats};
+pub use peer::{DataChannelMessage, IceTransport, NegotiationStats};
 pub use publish::{KeyframeRequest, SentFrame};
 pub use receive::{ReceiveStats, ReceivedFrame};
 // RTP without a peer connection (the UDP forwarder of `compare`), cut and reassembled
@@ -78,6 +80,7 @@ pub(crate) use publish::{
     PublishRecords, Publisher, publish, video_track, watch_keyframe_requests,
 };
 pub(crate) use receive::Receiver;
+pub use route::MediaRoute;
 pub use rtcp::KeyframeRequestKind;
 pub(crate) use rtcp::with_keyframe_request_marker;
 pub use signalling::{

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use relay_codec::wire::{ClientMsg, IceCandidate, ServerMsg};
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::ice::network_type::NetworkType;
 use rtc::interceptor::Registry;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
@@ -23,6 +24,7 @@ use webrtc::peer_connection::{
 };
 
 use super::ClientError;
+use super::route::{self, MediaRoute};
 use super::signalling::SignallingSender;
 
 /// Locks a mutex that only ever guards plain records: a panic elsewhere cannot leave
@@ -48,6 +50,17 @@ pub struct DataChannelMessage {
     pub received_at: Instant,
 }
 
+/// Which transports a client's ICE may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IceTransport {
+    /// UDP host candidates, as before (a relay's TCP candidates go unused).
+    #[default]
+    Any,
+    /// ICE-TCP only, as a client behind a UDP block: no UDP socket at all; the client
+    /// dials the relay's passive TCP candidate (`media.ice_tcp_port`) from an active one.
+    Tcp,
+}
+
 /// Counters of the offer/answer exchange.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NegotiationStats {
@@ -61,6 +74,8 @@ pub struct NegotiationStats {
     pub remote_candidates: u32,
     /// Local candidates sent to the relay (end-of-candidates not counted).
     pub local_candidates: u32,
+    /// ICE restarts offered (asked for by the application or automatic).
+    pub ice_restarts: u32,
     /// What went wrong applying the relay's messages, in order.
     pub errors: Vec<String>,
 }
@@ -83,9 +98,18 @@ pub(crate) struct PeerShared {
     /// Set by the application to offer again (it added a track): the negotiation loop
     /// treats it like the relay's `renegotiate`.
     pub renegotiate: Notify,
+    /// Set by the application to offer again with an ICE restart.
+    pub ice_restart: Notify,
+    /// The transports ICE may use ([`PeerShared::with_ice_transport`]).
+    pub ice_transport: IceTransport,
     /// The customer's: on the relay's first `renegotiate` (an agent shares its screen),
     /// add a `recvonly` video transceiver before offering, once.
     pub recv_video_on_renegotiate: AtomicBool,
+    /// Maps the addresses of the candidates exchanged with the relay (see `route.rs`).
+    pub route: Option<Arc<dyn MediaRoute>>,
+    /// Restart ICE by itself when the connection drops to `disconnected` or `failed`
+    /// after it was connected (see [`run_negotiation`]).
+    pub auto_ice_restart: bool,
 }
 
 impl PeerShared {
@@ -104,7 +128,48 @@ impl PeerShared {
             on_track,
             on_data_channel,
             renegotiate: Notify::new(),
+            ice_restart: Notify::new(),
+            ice_transport: IceTransport::Any,
             recv_video_on_renegotiate: AtomicBool::new(false),
+            route: None,
+            auto_ice_restart: false,
+        }
+    }
+
+    /// With `route` mapping candidate addresses and `auto_ice_restart` on or off.
+    pub(crate) fn with_media_path(
+        mut self,
+        route: Option<Arc<dyn MediaRoute>>,
+        auto_ice_restart: bool,
+    ) -> PeerShared {
+        self.route = route;
+        self.auto_ice_restart = auto_ice_restart;
+        self
+    }
+
+    /// With ICE limited to `transport`.
+    pub(crate) fn with_ice_transport(mut self, transport: IceTransport) -> PeerShared {
+        self.ice_transport = transport;
+        self
+    }
+
+    /// A local candidate as the relay should see it.
+    fn announced(&self, candidate: String) -> String {
+        match &self.route {
+            Some(route) => {
+                route::map_candidate(&candidate, |a| route.announce_local(a)).unwrap_or(candidate)
+            }
+            None => candidate,
+        }
+    }
+
+    /// A relay candidate as this client should use it.
+    fn reached(&self, candidate: String) -> String {
+        match &self.route {
+            Some(route) => {
+                route::map_candidate(&candidate, |a| route.reach_remote(a)).unwrap_or(candidate)
+            }
+            None => candidate,
         }
     }
 
@@ -126,8 +191,12 @@ impl PeerConnectionEventHandler for Handler {
             Ok(init) => init,
             Err(e) => return self.0.error(format!("local candidate: {e}")),
         };
+        if is_passive_tcp(&init.candidate) {
+            // The relay never dials a client; only the active candidate is of use.
+            return;
+        }
         let candidate = IceCandidate {
-            candidate: init.candidate,
+            candidate: self.0.announced(init.candidate),
             sdp_mid: lock(&self.0.first_mid).clone(),
             sdp_mline_index: Some(0),
         };
@@ -174,7 +243,15 @@ pub(crate) async fn build_peer_connection(
     registry: Registry,
     shared: Arc<PeerShared>,
 ) -> Result<Arc<dyn PeerConnection>, ClientError> {
-    build_peer_connection_with(bind, media_engine, registry, Arc::new(Handler(shared))).await
+    let transport = shared.ice_transport;
+    build(
+        bind,
+        transport,
+        media_engine,
+        registry,
+        Arc::new(Handler(shared)),
+    )
+    .await
 }
 
 /// [`build_peer_connection`] with another event handler, for peers not signalled over the
@@ -185,19 +262,84 @@ pub(crate) async fn build_peer_connection_with(
     registry: Registry,
     handler: Arc<dyn PeerConnectionEventHandler>,
 ) -> Result<Arc<dyn PeerConnection>, ClientError> {
-    let settings = SettingEngineBuilder::new()
-        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-        .build();
-    let pc = PeerConnectionBuilder::new()
+    build(bind, IceTransport::Any, media_engine, registry, handler).await
+}
+
+/// One peer connection on `bind`: a UDP socket (`Any`), or only a TCP listener
+/// (`Tcp`), which the crate needs to gather an active TCP candidate; it never accepts
+/// anything, as the relay never dials.
+async fn build(
+    bind: SocketAddr,
+    transport: IceTransport,
+    media_engine: MediaEngine,
+    registry: Registry,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+) -> Result<Arc<dyn PeerConnection>, ClientError> {
+    let settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled);
+    let builder = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(media_engine)
-        .with_setting_engine(settings)
         .with_interceptor_registry(registry)
-        .with_handler(handler)
-        .with_udp_addrs(vec![bind])
-        .build()
-        .await?;
+        .with_handler(handler);
+    let pc = match transport {
+        IceTransport::Any => {
+            builder
+                .with_setting_engine(settings.build())
+                .with_udp_addrs(vec![bind])
+                .build()
+                .await?
+        }
+        IceTransport::Tcp => {
+            builder
+                .with_setting_engine(
+                    settings
+                        .with_network_types(vec![NetworkType::Tcp4, NetworkType::Tcp6])
+                        .build(),
+                )
+                .with_runtime(Arc::new(super::tcp_runtime::NoDelayRuntime))
+                .with_udp_addrs(Vec::<SocketAddr>::new())
+                .with_tcp_addrs(vec![bind])
+                .build()
+                .await?
+        }
+    };
     Ok(Arc::new(pc))
+}
+
+/// Whether an ICE candidate (`candidate:…` or its value) is a passive TCP one of
+/// component 1 (RTCP is muxed: dialing a component-2 candidate would only open a
+/// second, idle connection).
+fn is_passive_tcp(candidate: &str) -> bool {
+    let value = candidate.strip_prefix("candidate:").unwrap_or(candidate);
+    let fields: Vec<&str> = value.split(' ').collect();
+    fields.get(1) == Some(&"1")
+        && fields.get(2).is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
+        && fields.windows(2).any(|w| w == ["tcptype", "passive"])
+}
+
+/// The relay's passive TCP candidates in an SDP, to add as if trickled: the crate dials
+/// a passive candidate only when it is added that way, not when it comes in the SDP.
+fn passive_tcp_candidates(sdp: &str) -> Vec<RTCIceCandidateInit> {
+    let mut mid = None;
+    let mut out = Vec::new();
+    for line in sdp.lines().map(str::trim_end) {
+        if let Some(m) = line.strip_prefix("a=mid:") {
+            mid = Some(m.to_owned());
+        } else if let Some(value) = line.strip_prefix("a=candidate:")
+            && is_passive_tcp(value)
+            && !out
+                .iter()
+                .any(|c: &RTCIceCandidateInit| c.candidate.ends_with(value))
+        {
+            out.push(RTCIceCandidateInit {
+                candidate: format!("candidate:{value}"),
+                sdp_mid: mid.clone(),
+                sdp_mline_index: Some(0),
+                ..Default::default()
+            });
+        }
+    }
+    out
 }
 
 /// `a=mid` of the first media section of an SDP.
@@ -231,20 +373,44 @@ pub(crate) async fn send_offer(
     }
     let offer = pc.create_offer(None).await?;
     *lock(&shared.first_mid) = first_mid(&offer.sdp);
-    let sdp = offer.sdp.clone();
+    let sdp = match &shared.route {
+        Some(route) => route::map_sdp(&offer.sdp, |a| route.announce_local(a)),
+        None => offer.sdp.clone(),
+    };
     pc.set_local_description(offer).await?;
     shared.signal.send(&ClientMsg::Offer { sdp }).await?;
     lock(&shared.stats).offers_sent += 1;
     Ok(())
 }
 
+/// How often an automatic ICE restart is tried again while the connection stays down
+/// (the network may not be back yet).
+pub(crate) const ICE_RESTART_RETRY: Duration = Duration::from_secs(3);
+
+/// Offers now, restarting ICE first when `restart` (fresh ICE credentials: the relay
+/// checks every path again, e.g. after a network change).
+async fn offer(
+    pc: &dyn PeerConnection,
+    shared: &PeerShared,
+    restart: bool,
+) -> Result<(), ClientError> {
+    if restart {
+        pc.restart_ice().await?;
+        lock(&shared.stats).ice_restarts += 1;
+    }
+    send_offer(pc, shared).await
+}
+
 /// Sends the first offer, then applies what the relay sends until the socket closes:
-/// `answer` → remote description (then a queued renegotiation, if any); `candidate` →
-/// added, or held until the first answer; `renegotiate` (or the application's
+/// `answer` → remote description (then a queued offer, if any); `candidate` → added, or
+/// held until the first answer; `renegotiate` (or the application's
 /// [`PeerShared::renegotiate`]) → a new offer on the same connection, or queued while
-/// an offer is outstanding. Everything else goes to
-/// `others` (dropped when nobody reads it; the transcript keeps it). `on_answer` sees
-/// each applied answer's SDP.
+/// an offer is outstanding; [`PeerShared::ice_restart`] → the same with an ICE restart.
+/// With [`PeerShared::auto_ice_restart`], a connection that was connected and drops to
+/// `disconnected` or `failed` restarts ICE at once and again every
+/// [`ICE_RESTART_RETRY`] until it is connected. Everything else goes to `others`
+/// (dropped when nobody reads it; the transcript keeps it). `on_answer` sees each
+/// applied answer's SDP.
 pub(crate) async fn run_negotiation(
     pc: Arc<dyn PeerConnection>,
     shared: Arc<PeerShared>,
@@ -253,9 +419,16 @@ pub(crate) async fn run_negotiation(
     on_answer: impl Fn(&str) + Send,
 ) {
     let mut awaiting_answer = false;
-    let mut renegotiate_queued = false;
+    let mut offer_queued = false;
+    let mut restart_queued = false;
     let mut have_remote = false;
     let mut held_candidates: Vec<RTCIceCandidateInit> = Vec::new();
+    // The relay's passive TCP candidates dialed, per relay ICE ufrag: a renegotiation
+    // keeps the stream, an ICE restart (a new ufrag) needs a new one.
+    let mut tcp_dialed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut state = shared.state_tx.subscribe();
+    let mut was_connected = false;
+    let mut retry_at: Option<tokio::time::Instant> = None;
 
     match send_offer(&*pc, &shared).await {
         Ok(()) => awaiting_answer = true,
@@ -265,23 +438,56 @@ pub(crate) async fn run_negotiation(
     loop {
         let msg = tokio::select! {
             msg = incoming.recv() => match msg {
-                Some(msg) => msg,
+                Some(msg) => Some(msg),
                 None => break,
             },
             () = shared.renegotiate.notified() => {
-                if awaiting_answer {
-                    renegotiate_queued = true;
-                } else {
-                    match send_offer(&*pc, &shared).await {
-                        Ok(()) => awaiting_answer = true,
-                        Err(e) => shared.error(format!("renegotiation offer: {e}")),
+                offer_queued = true;
+                None
+            }
+            () = shared.ice_restart.notified() => {
+                offer_queued = true;
+                restart_queued = true;
+                None
+            }
+            Ok(()) = state.changed() => {
+                let now = *state.borrow_and_update();
+                match now {
+                    RTCPeerConnectionState::Connected => {
+                        was_connected = true;
+                        retry_at = None;
                     }
+                    RTCPeerConnectionState::Disconnected | RTCPeerConnectionState::Failed
+                        if shared.auto_ice_restart && was_connected && retry_at.is_none() =>
+                    {
+                        tracing::info!(state = %now, "client: media path lost; restarting ICE");
+                        offer_queued = true;
+                        restart_queued = true;
+                        retry_at = Some(tokio::time::Instant::now() + ICE_RESTART_RETRY);
+                    }
+                    _ => {}
                 }
-                continue;
+                None
+            }
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if retry_at.is_some() =>
+            {
+                // Still not connected: the answer may have been lost with the path, or
+                // the new path was not there yet. Try again, answered or not.
+                awaiting_answer = false;
+                offer_queued = true;
+                restart_queued = true;
+                retry_at = Some(tokio::time::Instant::now() + ICE_RESTART_RETRY);
+                None
             }
         };
         match msg {
-            ServerMsg::Answer { sdp } => {
+            None => {}
+            Some(ServerMsg::Answer { sdp }) => {
+                let sdp = match &shared.route {
+                    Some(route) => route::map_sdp(&sdp, |a| route.reach_remote(a)),
+                    None => sdp,
+                };
                 let applied = match RTCSessionDescription::answer(sdp.clone()) {
                     Ok(desc) => pc.set_remote_description(desc).await,
                     Err(e) => Err(e),
@@ -295,24 +501,28 @@ pub(crate) async fn run_negotiation(
                         for c in held_candidates.drain(..) {
                             add_candidate(&*pc, &shared, c).await;
                         }
+                        if shared.ice_transport == IceTransport::Tcp {
+                            let ufrag = sdp
+                                .lines()
+                                .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+                                .unwrap_or_default();
+                            for c in passive_tcp_candidates(&sdp) {
+                                if tcp_dialed.insert(format!("{ufrag} {}", c.candidate)) {
+                                    add_candidate(&*pc, &shared, c).await;
+                                }
+                            }
+                        }
                     }
                     Err(e) => shared.error(format!("applying the answer: {e}")),
                 }
-                if renegotiate_queued {
-                    renegotiate_queued = false;
-                    match send_offer(&*pc, &shared).await {
-                        Ok(()) => awaiting_answer = true,
-                        Err(e) => shared.error(format!("renegotiation offer: {e}")),
-                    }
-                }
             }
-            ServerMsg::Candidate(c) => {
+            Some(ServerMsg::Candidate(c)) => {
                 if c.candidate.is_empty() {
                     // End of the relay's candidates: nothing to do with host candidates.
                     continue;
                 }
                 let init = RTCIceCandidateInit {
-                    candidate: c.candidate,
+                    candidate: shared.reached(c.candidate),
                     sdp_mid: c.sdp_mid,
                     sdp_mline_index: c.sdp_mline_index,
                     ..Default::default()
@@ -323,21 +533,21 @@ pub(crate) async fn run_negotiation(
                     held_candidates.push(init);
                 }
             }
-            ServerMsg::Renegotiate {} => {
+            Some(ServerMsg::Renegotiate {}) => {
                 lock(&shared.stats).renegotiate_requests += 1;
-                if awaiting_answer {
-                    renegotiate_queued = true;
-                } else {
-                    match send_offer(&*pc, &shared).await {
-                        Ok(()) => awaiting_answer = true,
-                        Err(e) => shared.error(format!("renegotiation offer: {e}")),
-                    }
-                }
+                offer_queued = true;
             }
-            other => {
-                if others.try_send(other).is_err() {
-                    tracing::debug!("client: non-media message dropped (nobody reads them)");
-                }
+            Some(other) => match others.try_send(other) {
+                Ok(()) => {}
+                Err(_) => tracing::debug!("client: non-media message dropped (nobody reads them)"),
+            },
+        }
+        if offer_queued && !awaiting_answer {
+            offer_queued = false;
+            let restart = std::mem::take(&mut restart_queued);
+            match offer(&*pc, &shared, restart).await {
+                Ok(()) => awaiting_answer = true,
+                Err(e) => shared.error(format!("renegotiation offer: {e}")),
             }
         }
     }

@@ -21,9 +21,10 @@ use super::peer::lock;
 
 /// RTP packets a frame may wait for a missing one before the frame is given up.
 const MAX_LATE_PACKETS: u16 = 512;
-/// Media time a frame may wait for a missing packet (NACK recovery on loopback takes a
-/// few milliseconds) before it is given up.
-const MAX_LATE_TIME: Duration = Duration::from_millis(200);
+/// Media time a frame may wait for a missing packet before it is given up. NACK
+/// recovery takes a round trip plus the NACK interval: milliseconds on loopback, a few
+/// hundred on a lossy, jittery path, which a browser's jitter buffer also waits out.
+const MAX_LATE_TIME: Duration = Duration::from_millis(600);
 /// After a resume ([`Agent::resume`](super::Agent::resume)), how long a jump in sequence numbers still counts as packets
 /// lost while paused (and triggers a PLI).
 const RESUME_GAP_WINDOW: Duration = Duration::from_secs(2);
@@ -242,6 +243,43 @@ impl Assembler {
     }
 }
 
+/// How long a receiver whose decode chain is broken waits for the keyframe it asked
+/// for before asking again.
+const PLI_REPEAT: Duration = Duration::from_millis(500);
+
+/// Whether the frames received so far would decode, as a decoder sees it: a frame the
+/// sample builder gave up (packets that never came) breaks the chain until the next
+/// keyframe. Says when to send a PLI: at the break, then every [`PLI_REPEAT`] until a
+/// keyframe arrives.
+#[derive(Debug, Default)]
+struct DecodeChain {
+    /// When the chain broke and the last PLI for it was sent; `None` while intact.
+    broken: Option<Instant>,
+}
+
+impl DecodeChain {
+    /// Takes the frames just completed at `now`; true when a PLI is due.
+    fn after(&mut self, now: Instant, frames: &[ReceivedFrame]) -> bool {
+        let mut newly_broken = false;
+        for f in frames {
+            if f.is_keyframe {
+                self.broken = None;
+            } else if f.dropped_packets_before > 0 && self.broken.is_none() {
+                self.broken = Some(now);
+                newly_broken = true;
+            }
+        }
+        match self.broken {
+            _ if newly_broken => true,
+            Some(since) if now.duration_since(since) >= PLI_REPEAT => {
+                self.broken = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Reads one remote track until it ends, honouring pause/resume.
 async fn receive_track(track: Arc<dyn TrackRemote>, ctx: Arc<ReceiveContext>) {
     let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
@@ -256,6 +294,7 @@ async fn receive_track(track: Arc<dyn TrackRemote>, ctx: Arc<ReceiveContext>) {
     let mut assembler: Option<Assembler> = None;
     let mut last_seq: Option<u16> = None;
     let mut gap_watch_until: Option<Instant> = None;
+    let mut chain = DecodeChain::default();
     let mut frames = Vec::new();
     loop {
         if *paused.borrow_and_update() {
@@ -324,6 +363,14 @@ async fn receive_track(track: Arc<dyn TrackRemote>, ctx: Arc<ReceiveContext>) {
             continue;
         };
         assembler.push(now, packet, &mut frames);
+        if chain.after(now, &frames) {
+            // A frame was given up: what follows does not decode until a keyframe,
+            // which is asked for now (and again while none comes), as decoders do.
+            match send_pli(&*track, ssrc).await {
+                Ok(()) => lock(&ctx.records).stats.plis_sent += 1,
+                Err(e) => tracing::warn!(error = %e, "client: PLI after a lost frame failed"),
+            }
+        }
         if !frames.is_empty() {
             let count = {
                 let mut records = lock(&ctx.records);
@@ -338,6 +385,40 @@ async fn receive_track(track: Arc<dyn TrackRemote>, ctx: Arc<ReceiveContext>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(is_keyframe: bool, dropped_packets_before: u16) -> ReceivedFrame {
+        ReceivedFrame {
+            codec: VideoCodec::Vp8,
+            digest: [0; 32],
+            is_keyframe,
+            size: 1,
+            rtp_timestamp: 0,
+            received_at: Instant::now(),
+            dropped_packets_before,
+        }
+    }
+
+    #[test]
+    fn a_given_up_frame_asks_for_a_keyframe_until_one_comes() {
+        let t0 = Instant::now();
+        let mut chain = DecodeChain::default();
+        assert!(!chain.after(t0, &[frame(true, 0), frame(false, 0)]));
+        assert!(
+            chain.after(t0, &[frame(false, 3)]),
+            "the break asks at once"
+        );
+        assert!(!chain.after(t0 + Duration::from_millis(100), &[frame(false, 0)]));
+        assert!(!chain.after(t0 + Duration::from_millis(200), &[frame(false, 2)]));
+        assert!(
+            chain.after(t0 + PLI_REPEAT, &[]),
+            "asked again while none comes"
+        );
+        assert!(!chain.after(t0 + PLI_REPEAT * 2, &[frame(true, 0)]));
+        assert!(
+            !chain.after(t0 + PLI_REPEAT * 4, &[frame(false, 0)]),
+            "intact again"
+        );
+    }
 
     #[test]
     fn payload_types_from_sdp() {

@@ -96,13 +96,17 @@ pub(super) async fn build(
         setting_engine = setting_engine.with_include_loopback_candidate(true);
     }
     let mut builder = PeerConnectionBuilder::new();
-    if let Some(mux) = &settings.udp_mux {
-        // The shared media port (see `mux.rs`): the relay picks the connection's ICE
-        // credentials so the mux can route its checks, and its runtime's socket is the
-        // mux's. `addr` is a placeholder naming the host candidate's address.
-        let setup = mux.peer();
+    if settings.udp_mux.is_some() || settings.ice_tcp.is_some() {
+        // The shared media ports (see `mux.rs`): the relay picks the connection's ICE
+        // credentials so the muxes can route its checks, and its runtime's socket and
+        // TCP listener are the muxes'. With the UDP mux, `addr` is a placeholder naming
+        // the host candidate's address; the TCP listener always is (`bind_ip:0`).
+        let setup = super::mux::peer_setup(settings.udp_mux.as_ref(), settings.ice_tcp.as_ref());
         setting_engine = setting_engine.with_ice_credentials(setup.ufrag, setup.pwd);
         builder = builder.with_runtime(setup.runtime);
+        if settings.ice_tcp.is_some() {
+            builder = builder.with_tcp_addrs(vec![SocketAddr::new(addr.ip(), 0)]);
+        }
     }
     let pc = builder
         .with_configuration(RTCConfigurationBuilder::new().build())
@@ -125,9 +129,47 @@ pub(super) fn dtls_fingerprint(sdp: &str) -> Option<&str> {
         .map(str::trim)
 }
 
+/// The ICE username fragment an SDP offers (`a=ice-ufrag:`, session or first media
+/// level): a new one on the same connection is an ICE restart.
+pub(super) fn ice_ufrag(sdp: &str) -> Option<&str> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        .map(str::trim)
+}
+
+/// Whether a trickled `candidate:` attribute is a TCP one (its third field, the
+/// transport, is `tcp`).
+pub(super) fn is_tcp_candidate(candidate: &str) -> bool {
+    candidate
+        .split_ascii_whitespace()
+        .nth(2)
+        .is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::dtls_fingerprint;
+    use super::{dtls_fingerprint, ice_ufrag, is_tcp_candidate};
+
+    #[test]
+    fn tcp_candidates_are_told_from_udp_ones() {
+        assert!(is_tcp_candidate(
+            "candidate:2 1 TCP 1518280447 198.51.100.7 9 typ host tcptype active"
+        ));
+        assert!(is_tcp_candidate(
+            "candidate:3 1 tcp 1518280447 10.0.0.1 443 typ host tcptype passive"
+        ));
+        assert!(!is_tcp_candidate(
+            "candidate:1 1 udp 2130706431 192.0.2.7 50002 typ host"
+        ));
+        assert!(!is_tcp_candidate(""));
+    }
+
+    #[test]
+    fn the_ice_ufrag_is_read_from_the_first_line_that_has_one() {
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=ice-ufrag:AbCd\r\na=ice-pwd:x\r\n";
+        assert_eq!(ice_ufrag(sdp), Some("AbCd"));
+        assert_eq!(ice_ufrag("v=0\r\n"), None);
+    }
 
     #[test]
     fn the_fingerprint_is_read_from_session_or_media_level() {

@@ -314,6 +314,12 @@ impl SessionMedia {
                 ..
             }) => match signal {
                 Signal::Offer(sdp) => self.on_offer(participant, sdp).await,
+                Signal::Candidate(c) if peer::is_tcp_candidate(&c.candidate) => {
+                    // The relay never dials a client: a client on ICE-TCP connects to
+                    // the relay's passive candidate. Adding a client's TCP candidate
+                    // would let it make the node open connections to any address.
+                    tracing::debug!(participant = %participant.as_str(), "TCP candidate ignored");
+                }
                 Signal::Candidate(c) => {
                     if let Some(peer) = self.peers.get(&participant) {
                         let init = RTCIceCandidateInit {
@@ -346,6 +352,15 @@ impl SessionMedia {
                 participant: pid, ..
             }) => {
                 if let Some(peer) = self.peers.get_mut(&pid) {
+                    if peer.connected && peer.role == Role::Customer {
+                        // Connected again after losing its path (an ICE restart): what
+                        // was sent meanwhile is gone, so every agent waits for a
+                        // keyframe, asked for now rather than at the encoder's next one.
+                        tracing::info!("the customer's media path is back");
+                        self.shared.with_plane(Direction::Screen, |p| {
+                            p.fanout.publisher_gap(Instant::now())
+                        });
+                    }
                     peer.connected = true;
                 }
                 self.subscribe(&pid);
@@ -423,7 +438,20 @@ impl SessionMedia {
         if let Some(peer) = self.peers.get(&pid) {
             let current = peer.pc.remote_description().await;
             let replaced = current
+                .as_ref()
                 .is_some_and(|c| peer::dtls_fingerprint(&c.sdp) != peer::dtls_fingerprint(&sdp));
+            let restarts_ice = current
+                .as_ref()
+                .is_some_and(|c| !replaced && peer::ice_ufrag(&c.sdp) != peer::ice_ufrag(&sdp));
+            if restarts_ice {
+                // The client's network changed (or it lost its path): same connection,
+                // fresh ICE credentials; the answer restarts ICE on the relay's side.
+                tracing::info!(participant = %pid.as_str(), "ICE restart");
+                metrics
+                    .negotiations_total
+                    .with_label_values(&["ice_restart"])
+                    .inc();
+            }
             if replaced {
                 tracing::info!(participant = %pid.as_str(), "a new peer connection replaces the old one");
                 metrics
@@ -679,6 +707,10 @@ impl SessionMedia {
             });
             self.shared.input_gap.store(false, Ordering::Relaxed);
         }
+        // A customer that came back with another codec (a new browser, another
+        // encoder): agents' tracks of the old codec go, and they renegotiate.
+        self.drop_tracks_of_another_codec(kind, &codec.mime_type)
+            .await;
         // Agents whose connection lacks this track renegotiate to get it.
         let stale: Vec<ParticipantId> = self
             .peers
@@ -688,6 +720,38 @@ impl SessionMedia {
             .collect();
         for agent in stale {
             self.shared.tell(&agent, ServerMsg::Renegotiate {}).await;
+        }
+    }
+
+    /// Removes every agent's local track of `kind` whose codec is not `mime` (the relay
+    /// never transcodes, so such a track cannot carry the new stream), and stops that
+    /// agent's subscriber; the renegotiation that follows adds a track of the new codec
+    /// and subscribes the agent again (see [`Self::on_offer`]).
+    async fn drop_tracks_of_another_codec(&mut self, kind: MediaKind, mime: &str) {
+        for (pid, peer) in self.peers.iter_mut() {
+            if peer.role == Role::Customer {
+                continue;
+            }
+            let (stale, kept): (Vec<LocalTrack>, Vec<LocalTrack>) = peer
+                .tracks
+                .drain(..)
+                .partition(|t| t.kind == kind && !t.mime.eq_ignore_ascii_case(mime));
+            peer.tracks = kept;
+            if stale.is_empty() {
+                continue;
+            }
+            tracing::info!(participant = %pid.as_str(), from = %stale[0].mime, to = %mime, "the customer's codec changed");
+            if let Some(id) = peer.subscriber.take() {
+                self.shared.with_plane(Direction::Screen, |p| {
+                    p.sinks.remove(&id);
+                    p.fanout.remove_subscriber(id);
+                });
+            }
+            for t in stale {
+                if let Err(e) = peer.pc.remove_track(&t.sender).await {
+                    tracing::warn!(error = %e, "cannot remove a track of the old codec");
+                }
+            }
         }
     }
 
