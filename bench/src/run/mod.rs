@@ -28,7 +28,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::RelayApi;
-use crate::client::{FrameSource, insecure_tls, tls_trusting_pem};
+use crate::client::{FrameSource, IceTransport, insecure_tls, tls_trusting_pem};
 use crate::prom::metric_value;
 use crate::relay_process::{LocalRelay, ProcStats, default_relay_binary};
 use report::{RelayUsage, Report};
@@ -119,6 +119,12 @@ pub struct RunArgs {
     /// bytes recorded and the compression ratio.
     #[arg(long, conflicts_with = "relay")]
     pub record: bool,
+    /// The transports the clients' ICE may use: `tcp` forces ICE-TCP, as clients behind
+    /// a UDP block (the relay it starts then gets a free `media.ice_tcp_port`; a relay
+    /// given with --relay needs one configured). The report's `relay.ice_tcp_bytes`
+    /// says how much media went over TCP.
+    #[arg(long, value_enum, default_value_t = IceTransport::Any)]
+    pub ice_transport: IceTransport,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -177,6 +183,8 @@ struct Usage {
     rss_peak_bytes: Option<u64>,
     packets_forwarded: f64,
     refused_view_only: f64,
+    /// Bytes over ICE-TCP (both directions); `None` when the relay has no ICE-TCP port.
+    ice_tcp_bytes: Option<f64>,
     /// The metrics text it was read from.
     metrics: String,
 }
@@ -184,9 +192,14 @@ struct Usage {
 /// Longest wait, after the sessions ended, for their recordings to be finished.
 const RECORDINGS_FINISH_LIMIT: Duration = Duration::from_secs(15);
 
-/// A configuration file for the relay: `base` (if any) with recording enabled and a
-/// fresh review key for the bench's portal.
-fn recording_config(base: Option<&std::path::Path>) -> Result<tempfile::NamedTempFile, RunError> {
+/// A configuration file for the relay: `base` (if any) with, if `record`, recording
+/// enabled and a fresh review key for the bench's portal, and with `ice_tcp_port` (if
+/// any) as `media.ice_tcp_port`.
+fn relay_config(
+    base: Option<&std::path::Path>,
+    record: bool,
+    ice_tcp_port: Option<u16>,
+) -> Result<tempfile::NamedTempFile, RunError> {
     let mut table: toml::Table = match base {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| RunError::Io(path.to_owned(), e))?
@@ -194,6 +207,37 @@ fn recording_config(base: Option<&std::path::Path>) -> Result<tempfile::NamedTem
             .map_err(|e| RunError::Options(format!("{}: {e}", path.display())))?,
         None => toml::Table::new(),
     };
+    if let Some(port) = ice_tcp_port {
+        table
+            .entry("media")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| RunError::Options("[media] must be a table".into()))?
+            .insert("ice_tcp_port".into(), toml::Value::Integer(i64::from(port)));
+    }
+    if record {
+        add_review_key(&mut table)?;
+    }
+    let mut file = tempfile::Builder::new()
+        .prefix("relay-bench-config-")
+        .suffix(".toml")
+        .tempfile()
+        .map_err(|e| RunError::Setup(format!("writing the relay's configuration: {e}")))?;
+    std::io::Write::write_all(&mut file, table.to_string().as_bytes())
+        .map_err(|e| RunError::Setup(format!("writing the relay's configuration: {e}")))?;
+    Ok(file)
+}
+
+/// A free TCP port on loopback (for the relay's ICE-TCP port), as the OS hands it out.
+fn free_tcp_port() -> Result<u16, RunError> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| RunError::Setup(format!("finding a free TCP port: {e}")))
+}
+
+/// Enables recording in `table` with a fresh review key for the bench's portal.
+fn add_review_key(table: &mut toml::Table) -> Result<(), RunError> {
     let recording = table
         .entry("recording")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
@@ -207,14 +251,7 @@ fn recording_config(base: Option<&std::path::Path>) -> Result<tempfile::NamedTem
         .ok_or_else(|| RunError::Options("[recording.review_keys] must be a table".into()))?;
     let recipient = age::x25519::Identity::generate().to_public().to_string();
     keys.insert(session::PORTAL.into(), toml::Value::String(recipient));
-    let mut file = tempfile::Builder::new()
-        .prefix("relay-bench-config-")
-        .suffix(".toml")
-        .tempfile()
-        .map_err(|e| RunError::Setup(format!("writing the relay's configuration: {e}")))?;
-    std::io::Write::write_all(&mut file, table.to_string().as_bytes())
-        .map_err(|e| RunError::Setup(format!("writing the relay's configuration: {e}")))?;
-    Ok(file)
+    Ok(())
 }
 
 /// What the relay recorded since `before` (its metrics text), once every recording is
@@ -266,6 +303,15 @@ async fn usage(target: &Target, api: &RelayApi) -> Result<Usage, RunError> {
             "relay_input_events_total{outcome=\"refused_view_only\"}",
         )
         .unwrap_or(0.0),
+        ice_tcp_bytes: ["in", "out"]
+            .iter()
+            .map(|d| {
+                metric_value(
+                    &text,
+                    &format!("relay_ice_tcp_bytes_total{{direction=\"{d}\"}}"),
+                )
+            })
+            .sum(),
         metrics: text.clone(),
         ..Usage::default()
     };
@@ -351,8 +397,16 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
     let (target, api, tls) = match &args.relay {
         None => {
             let bin = args.relay_bin.clone().unwrap_or_else(default_relay_binary);
-            let config = if args.record {
-                Some(recording_config(args.relay_config.as_deref())?)
+            let ice_tcp_port = match args.ice_transport {
+                IceTransport::Tcp => Some(free_tcp_port()?),
+                IceTransport::Any => None,
+            };
+            let config = if args.record || ice_tcp_port.is_some() {
+                Some(relay_config(
+                    args.relay_config.as_deref(),
+                    args.record,
+                    ice_tcp_port,
+                )?)
             } else {
                 None
             };
@@ -410,6 +464,7 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
         churn_interval: Duration::from_secs_f64(args.churn_interval),
         fps: args.fps,
         input_hz: args.input_hz,
+        ice_transport: args.ice_transport,
     };
     let run_id = format!("{:08x}", rand::random::<u32>());
     let before_sessions = usage(&target, &api).await?;
@@ -440,11 +495,18 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
         s.start(&plan);
     }
     let window_end = window_start + window;
+    let rss_sampler = target
+        .pid()
+        .map(|pid| tokio::spawn(sample_rss(pid, window_start, window)));
     watch_window(&progress, window_start, window, || {
         sessions.iter().map(BenchSession::frames_received).sum()
     })
     .await;
     let end_usage = usage(&target, &api).await?;
+    let rss_trend = match rss_sampler {
+        Some(task) => task.await.ok().and_then(report::RssTrend::from_samples),
+        None => None,
+    };
     for s in &mut sessions {
         s.stop_input().await;
     }
@@ -483,6 +545,11 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) / u64::from(args.sessions)),
             _ => None,
         },
+        ice_tcp_bytes: match (start_usage.ice_tcp_bytes, end_usage.ice_tcp_bytes) {
+            (Some(a), Some(b)) => Some((b - a).max(0.0) as u64),
+            _ => None,
+        },
+        rss_trend,
     };
     totals.input.refused_view_only =
         (after.refused_view_only - before_sessions.refused_view_only).max(0.0) as u64;
@@ -530,6 +597,22 @@ pub(crate) fn progress_bar(args: &RunArgs) -> ProgressBar {
 
 /// Waits out the measured window that began at `window_start`, showing its seconds and
 /// the frames `received` counts so far.
+/// Samples the resident memory of process `pid` about 60 times through the window
+/// (at least every second, at most every 30 s): `(seconds into the window, bytes)`.
+async fn sample_rss(pid: u32, window_start: Instant, window: Duration) -> Vec<(f64, u64)> {
+    let every = (window / 60).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    let mut samples = Vec::new();
+    while Instant::now() < window_start + window {
+        tick.tick().await;
+        match ProcStats::read(pid) {
+            Ok(p) => samples.push((window_start.elapsed().as_secs_f64(), p.rss_bytes)),
+            Err(_) => break,
+        }
+    }
+    samples
+}
+
 pub(crate) async fn watch_window(
     progress: &ProgressBar,
     window_start: Instant,

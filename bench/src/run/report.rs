@@ -158,6 +158,49 @@ pub struct RelayUsage {
     pub cpu_us_per_packet: Option<f64>,
     /// Resident memory the sessions added, divided by the number of sessions.
     pub bytes_per_session: Option<u64>,
+    /// Bytes of media over ICE-TCP during the window (both directions, framing
+    /// included); `null` when the relay has no ICE-TCP port.
+    pub ice_tcp_bytes: Option<u64>,
+    /// Resident memory through the window (a relay the bench started); `null`
+    /// otherwise.
+    pub rss_trend: Option<RssTrend>,
+}
+
+/// Resident memory of the relay through the window, to tell a leak (growing to the
+/// end) from a plateau (settled after the warm-up).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RssTrend {
+    /// `[seconds into the window, bytes]`, evenly spaced.
+    pub samples: Vec<(f64, u64)>,
+    /// Median of the samples of the window's second quarter (after the warm-up).
+    pub settled_bytes: u64,
+    /// Median of the samples of its last quarter.
+    pub end_bytes: u64,
+    /// `end_bytes - settled_bytes` (negative: it shrank).
+    pub growth_bytes: i64,
+}
+
+impl RssTrend {
+    /// From samples in time order; `None` with fewer than 4 (no quarters to compare).
+    pub fn from_samples(samples: Vec<(f64, u64)>) -> Option<RssTrend> {
+        let n = samples.len();
+        if n < 4 {
+            return None;
+        }
+        let median = |part: &[(f64, u64)]| {
+            let mut v: Vec<u64> = part.iter().map(|s| s.1).collect();
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let settled_bytes = median(&samples[n / 4..n / 2]);
+        let end_bytes = median(&samples[n - n / 4..]);
+        Some(RssTrend {
+            settled_bytes,
+            end_bytes,
+            growth_bytes: end_bytes as i64 - settled_bytes as i64,
+            samples,
+        })
+    }
 }
 
 /// `p50`/`p99`/`p999`/`max` of a microsecond histogram, in milliseconds.
@@ -296,7 +339,7 @@ impl Report {
             "target {}: {} sessions x {} agents, {:.1} s",
             self.target, self.sessions, self.agents_per_session, self.duration_s
         );
-        let rows: [(&str, String); 11] = [
+        let rows: [(&str, String); 13] = [
             (
                 "frames",
                 format!(
@@ -366,9 +409,27 @@ impl Report {
                 ),
             ),
             (
+                "media over tcp",
+                r.ice_tcp_bytes
+                    .map_or("n/a (no ICE-TCP port)".to_owned(), |b| {
+                        format!("{:.1} MiB", b as f64 / 1048576.0)
+                    }),
+            ),
+            (
                 "relay rss peak",
                 r.rss_peak_bytes.map_or("n/a".to_owned(), |b| {
                     format!("{:.1} MiB", b as f64 / 1048576.0)
+                }),
+            ),
+            (
+                "relay rss trend",
+                r.rss_trend.as_ref().map_or("n/a".to_owned(), |t| {
+                    format!(
+                        "{:.1} MiB settled, {:.1} MiB at the end ({:+.1} MiB)",
+                        t.settled_bytes as f64 / 1048576.0,
+                        t.end_bytes as f64 / 1048576.0,
+                        t.growth_bytes as f64 / 1048576.0
+                    )
                 }),
             ),
             (
@@ -395,5 +456,31 @@ impl Report {
             );
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_trend_compares_the_settled_quarter_with_the_last() {
+        let flat: Vec<(f64, u64)> = (0..8u32)
+            .map(|i| (f64::from(i), 100 + u64::from(i % 2)))
+            .collect();
+        let t = RssTrend::from_samples(flat).unwrap();
+        assert_eq!(
+            (t.settled_bytes, t.end_bytes, t.growth_bytes),
+            (101, 101, 0)
+        );
+        let leak: Vec<(f64, u64)> = (0..8u32)
+            .map(|i| (f64::from(i), 100 + 10 * u64::from(i)))
+            .collect();
+        let t = RssTrend::from_samples(leak).unwrap();
+        assert_eq!(
+            (t.settled_bytes, t.end_bytes, t.growth_bytes),
+            (130, 170, 40)
+        );
+        assert_eq!(RssTrend::from_samples(vec![(0.0, 1); 3]), None);
     }
 }
