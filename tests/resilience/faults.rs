@@ -7,7 +7,6 @@ use relay_bench::client::{
     ReceivedFrame, SentFrame, Signalling, tls_trusting_pem_file,
 };
 use relay_bench::run::measure::SentIndex;
-use relay_codec::input::{InputEvent, InputKind};
 use relay_e2e::proxy::{Impairment, PathSwitch, UdpWire};
 use relay_e2e::wire::{Permission, ServerMsg, Visibility};
 use relay_e2e::{Relay, RelayBuilder};
@@ -107,37 +106,6 @@ fn decoding(
     })
 }
 
-/// Sends `events` from `agent` and waits until the customer has them all, in order
-/// (the last ones it got).
-async fn input_arrives(agent: &Agent, customer: &Customer, events: &[InputEvent]) -> Result<()> {
-    for e in events {
-        agent.send_input(e).await?;
-    }
-    // The relay numbers what it forwards itself: the kinds are compared, in order.
-    let sent: Vec<InputKind> = events.iter().map(|e| e.kind.clone()).collect();
-    let arrived = || {
-        let got: Vec<InputKind> = customer
-            .input_events()
-            .into_iter()
-            .filter_map(|i| i.event.ok().map(|e| e.kind))
-            .collect();
-        got.ends_with(&sent)
-    };
-    relay_e2e::wait_until("the input to reach the customer", WAIT, arrived)
-        .await
-        .with_context(|| {
-            format!(
-                "the customer got {:?}",
-                customer
-                    .input_events()
-                    .iter()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
-            )
-        })
-}
-
 /// 5% loss and up to 100 ms of jitter (datagrams overtaking each other) on one agent's
 /// path, both ways: NACK and retransmission keep its stream decodable, and the agent
 /// on a clean path gets every frame.
@@ -213,7 +181,7 @@ async fn an_agent_whose_network_changes_restarts_ice_and_carries_on() -> Result<
     )
     .await?;
     s.host.wait_frames(15, WAIT).await?;
-    input_arrives(&s.host, &s.customer, &relay_e2e::mouse_moves(0..5, 100))
+    relay_e2e::input_arrives(&s.host, &s.customer, &relay_e2e::mouse_moves(0..5, 100))
         .await
         .context("input flows before the network change")?;
 
@@ -244,7 +212,7 @@ async fn an_agent_whose_network_changes_restarts_ice_and_carries_on() -> Result<
         &s.host.frames(),
     )?;
     ensure!(after.decodable >= 30, "after the change: {after:?}");
-    input_arrives(&s.host, &s.customer, &relay_e2e::mouse_moves(5..10, 200))
+    relay_e2e::input_arrives(&s.host, &s.customer, &relay_e2e::mouse_moves(5..10, 200))
         .await
         .context("input flows again after the network change")?;
 
@@ -323,7 +291,7 @@ async fn a_customer_whose_network_changes_restarts_ice_and_the_agents_resume() -
         s.customer.keyframe_request_count() > requests_before,
         "nobody asked the customer for a keyframe after its ICE restart"
     );
-    input_arrives(&s.host, &s.customer, &relay_e2e::mouse_moves(0..5, 300))
+    relay_e2e::input_arrives(&s.host, &s.customer, &relay_e2e::mouse_moves(0..5, 300))
         .await
         .context("input reaches the customer on its new path")?;
     ensure!(cellular.stats().to_relay > 0, "{:?}", cellular.stats());

@@ -3,10 +3,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use relay_bench::client::{
-    Agent, AgentOptions, ClientError, Customer, CustomerOptions, FrameSource, ReceivedFrame,
-    SentFrame, Signalling, VideoCodec, tls_trusting_pem_file,
+    Agent, AgentOptions, ClientError, Customer, CustomerOptions, FrameSource, Signalling,
+    VideoCodec, tls_trusting_pem_file,
 };
-use relay_bench::run::measure::SentIndex;
 use relay_codec::input::InputEvent;
 use relay_e2e::RelayBuilder;
 use relay_e2e::wire::{EndReason, ErrorCode, Permission, RosterEntry, ServerMsg, Visibility};
@@ -52,43 +51,6 @@ fn presence_of(agent: &Agent, pid: &str) -> Vec<(bool, bool)> {
             _ => None,
         })
         .collect()
-}
-
-/// From the first keyframe the agent received of the resumed stream on, every frame is
-/// one the restarted customer sent, whole, in order, with none missing. Returns how
-/// many frames that is.
-fn complete_after_resume(
-    name: &str,
-    resumed_at: Instant,
-    sent: &[SentFrame],
-    frames: &[ReceivedFrame],
-) -> Result<usize> {
-    let index = SentIndex::new(sent);
-    let after: Vec<&ReceivedFrame> = frames
-        .iter()
-        .filter(|f| f.received_at >= resumed_at)
-        .skip_while(|f| !(f.is_keyframe && index.find(f).is_some()))
-        .collect();
-    ensure!(
-        after.len() >= 20,
-        "{name} received only {} frames of the resumed stream from its first keyframe",
-        after.len()
-    );
-    let mut previous: Option<u64> = None;
-    for (i, f) in after.iter().enumerate() {
-        let Some(s) = index.find(f) else {
-            bail!("{name}: frame #{i} after the resume keyframe matches nothing the customer sent");
-        };
-        if let Some(p) = previous {
-            ensure!(
-                s.index == p + 1,
-                "{name}: after sent frame {p} came sent frame {} (missing or out of order)",
-                s.index
-            );
-        }
-        previous = Some(s.index);
-    }
-    Ok(after.len())
 }
 
 /// The customer's client is killed mid-session (dropped: no `leave`, no close
@@ -214,7 +176,7 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sent = second.sent_frames();
     for (name, agent) in [("host", &host), ("bob", &bob)] {
-        complete_after_resume(name, resumed_at, &sent, &agent.frames())?;
+        relay_e2e::frames_whole_in_order(name, Some(resumed_at), &sent, &agent.frames(), 20)?;
     }
     // The agents kept their peer connections: the resume asked for no new offer.
     for (before, (name, agent)) in negotiated.iter().zip([("host", &host), ("bob", &bob)]) {
@@ -312,7 +274,8 @@ async fn a_customer_that_comes_back_with_another_codec_is_forwarded_after_a_rene
         .into_iter()
         .zip(before)
     {
-        let n = complete_after_resume(name, resumed_at, &sent, &agent.frames())?;
+        let n =
+            relay_e2e::frames_whole_in_order(name, Some(resumed_at), &sent, &agent.frames(), 20)?;
         ensure!(n >= 30, "{name}: {n} frames of the new codec");
         let now = agent.negotiation();
         ensure!(

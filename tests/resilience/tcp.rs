@@ -2,11 +2,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use relay_bench::client::{
-    Agent, AgentOptions, Customer, CustomerOptions, FrameSource, IceTransport, ReceivedFrame,
-    SentFrame, tls_trusting_pem_file,
+    Agent, AgentOptions, Customer, CustomerOptions, FrameSource, IceTransport,
+    tls_trusting_pem_file,
 };
-use relay_bench::run::measure::SentIndex;
-use relay_codec::input::InputEvent;
 use relay_e2e::wire::{Permission, Visibility};
 use relay_e2e::{Relay, RelayBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,70 +82,6 @@ fn streams(outcome: &str) -> String {
     format!("relay_ice_tcp_streams_total{{outcome=\"{outcome}\"}}")
 }
 
-/// From the first keyframe `frames` holds on, every frame is one the customer sent,
-/// whole, in order, with none missing; how many that is.
-fn complete_from_first_keyframe(
-    name: &str,
-    sent: &[SentFrame],
-    frames: &[ReceivedFrame],
-) -> Result<usize> {
-    let index = SentIndex::new(sent);
-    let from_keyframe: Vec<&ReceivedFrame> = frames
-        .iter()
-        .skip_while(|f| !(f.is_keyframe && index.find(f).is_some()))
-        .collect();
-    ensure!(
-        from_keyframe.len() >= 30,
-        "{name} received only {} frames from its first keyframe",
-        from_keyframe.len()
-    );
-    let mut previous: Option<u64> = None;
-    for (i, f) in from_keyframe.iter().enumerate() {
-        let Some(s) = index.find(f) else {
-            bail!("{name}: frame #{i} from the first keyframe matches nothing the customer sent");
-        };
-        if let Some(p) = previous {
-            ensure!(
-                s.index == p + 1,
-                "{name}: after sent frame {p} came sent frame {} (missing or out of order)",
-                s.index
-            );
-        }
-        previous = Some(s.index);
-    }
-    Ok(from_keyframe.len())
-}
-
-/// Sends `events` from `agent` and waits until the customer has `before + events.len()`
-/// events, the last ones being exactly `events`.
-async fn input_arrives(
-    agent: &Agent,
-    customer: &Customer,
-    before: usize,
-    events: &[InputEvent],
-) -> Result<()> {
-    for e in events {
-        agent.send_input(e).await?;
-    }
-    relay_e2e::wait_until("the agent's input at the customer", WAIT, || {
-        customer.input_events().len() >= before + events.len()
-    })
-    .await?;
-    let got: Vec<InputEvent> = customer
-        .input_events()
-        .into_iter()
-        .skip(before)
-        .map(|r| r.event)
-        .collect::<std::result::Result<_, _>>()?;
-    ensure!(
-        got.iter()
-            .map(|e| &e.kind)
-            .eq(events.iter().map(|e| &e.kind)),
-        "the customer got {got:?}"
-    );
-    Ok(())
-}
-
 /// With UDP blocked at the customer and the host (their ICE may use TCP only), media
 /// and input still flow, through the relay's one ICE-TCP port: the host gets every
 /// frame from its first keyframe on, its input reaches the customer, and the relay's
@@ -159,7 +93,7 @@ async fn media_and_input_flow_over_ice_tcp_when_udp_is_blocked() -> Result<()> {
     let s = tcp_session().await?;
 
     let events = relay_e2e::mouse_moves(0..40, 4242);
-    input_arrives(&s.host, &s.customer, 0, &events).await?;
+    relay_e2e::input_arrives(&s.host, &s.customer, &events).await?;
     s.host
         .wait_frames(s.host.frames_received() + 30, WAIT)
         .await?;
@@ -167,8 +101,8 @@ async fn media_and_input_flow_over_ice_tcp_when_udp_is_blocked() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sent = s.customer.sent_frames();
     let host_frames = s.host.frames();
-    complete_from_first_keyframe("host (TCP)", &sent, &host_frames)?;
-    complete_from_first_keyframe("UDP agent", &sent, &s.udp_agent.frames())?;
+    relay_e2e::frames_whole_in_order("host (TCP)", None, &sent, &host_frames, 30)?;
+    relay_e2e::frames_whole_in_order("UDP agent", None, &sent, &s.udp_agent.frames(), 30)?;
 
     // The two TCP-only clients hold one ICE-TCP stream each; the UDP agent none.
     ensure!(
@@ -295,11 +229,11 @@ async fn garbage_on_the_ice_tcp_port_is_dropped_counted_and_harmless() -> Result
         .await
         .context("the host keeps receiving over TCP")?;
     let events = relay_e2e::mouse_moves(0..20, 777);
-    input_arrives(&s.host, &s.customer, 0, &events).await?;
+    relay_e2e::input_arrives(&s.host, &s.customer, &events).await?;
     ensure!(metric(&s.relay, "relay_ice_tcp_streams_open").await? == 2.0);
     s.customer.set_publishing(false);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sent = s.customer.sent_frames();
-    complete_from_first_keyframe("host (TCP)", &sent, &s.host.frames())?;
+    relay_e2e::frames_whole_in_order("host (TCP)", None, &sent, &s.host.frames(), 30)?;
     Ok(())
 }

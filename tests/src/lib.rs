@@ -72,6 +72,82 @@ pub fn mouse_moves(range: std::ops::Range<u32>, x: u16) -> Vec<relay_codec::inpu
         .collect()
 }
 
+/// Checks what an agent received against what the customer sent: from the agent's first
+/// keyframe received at or after `from` (from the start with `None`) that matches a
+/// sent one, every frame is one the customer sent, whole, in order, with none missing,
+/// and there are at least `at_least` of them. Returns how many; errors name `who`.
+pub fn frames_whole_in_order(
+    who: &str,
+    from: Option<Instant>,
+    sent: &[relay_bench::client::SentFrame],
+    frames: &[relay_bench::client::ReceivedFrame],
+    at_least: usize,
+) -> Result<usize> {
+    let index = relay_bench::run::measure::SentIndex::new(sent);
+    let after: Vec<_> = frames
+        .iter()
+        .filter(|f| from.is_none_or(|from| f.received_at >= from))
+        .skip_while(|f| !(f.is_keyframe && index.find(f).is_some()))
+        .collect();
+    if after.len() < at_least {
+        bail!(
+            "{who} received only {} frames from its first keyframe (at least {at_least} expected)",
+            after.len()
+        );
+    }
+    let mut previous: Option<u64> = None;
+    for (i, f) in after.iter().enumerate() {
+        let Some(s) = index.find(f) else {
+            bail!("{who}: frame #{i} from the first keyframe matches nothing the customer sent");
+        };
+        if let Some(p) = previous {
+            if s.index != p + 1 {
+                bail!(
+                    "{who}: after sent frame {p} came sent frame {} (missing or out of order)",
+                    s.index
+                );
+            }
+        }
+        previous = Some(s.index);
+    }
+    Ok(after.len())
+}
+
+/// Sends `events` from `agent` on its `input` channel and waits (at most [`WS_TIMEOUT`]
+/// times two) until `customer` got exactly those events after what it had, in order
+/// (compared by kind: the relay numbers what it forwards itself).
+pub async fn input_arrives(
+    agent: &relay_bench::client::Agent,
+    customer: &relay_bench::client::Customer,
+    events: &[relay_codec::input::InputEvent],
+) -> Result<()> {
+    let before = customer.input_events().len();
+    for e in events {
+        agent.send_input(e).await?;
+    }
+    wait_until("the agent's input at the customer", WS_TIMEOUT * 2, || {
+        customer.input_events().len() >= before + events.len()
+    })
+    .await?;
+    let got: Vec<_> = customer
+        .input_events()
+        .into_iter()
+        .skip(before)
+        .map(|r| r.event)
+        .collect::<std::result::Result<_, _>>()?;
+    if !got
+        .iter()
+        .map(|e| &e.kind)
+        .eq(events.iter().map(|e| &e.kind))
+    {
+        bail!(
+            "the customer got {got:?}, not the {} events sent",
+            events.len()
+        );
+    }
+    Ok(())
+}
+
 /// A committed media fixture: `tests/fixtures/<name>` (see its README).
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
