@@ -5,8 +5,11 @@
 //! bench client: what grows here grows in the `webrtc`/`rtc` crates.
 //!
 //! ```sh
-//! cargo run --release -p relay-bench --example dc_memory -- [messages] [every]
+//! cargo run --release -p relay-bench --example dc_memory -- [messages] [every] [unordered]
 //! ```
+//!
+//! `unordered` opens an unordered channel with no retransmissions instead, to tell the
+//! reliable, ordered delivery apart from the rest of the path.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::BytesMut;
 use tokio::sync::{Notify, mpsc};
-use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCSessionDescription, Registry,
@@ -83,10 +86,16 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let total: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(400_000);
     let every: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(50_000);
+    let unordered = args.next().is_some_and(|a| a == "unordered");
 
     let (offerer, offerer_gathered, _) = peer().await?;
     let (answerer, answerer_gathered, mut incoming) = peer().await?;
-    let sender = offerer.create_data_channel("input", None).await?;
+    let init = unordered.then(|| RTCDataChannelInit {
+        ordered: false,
+        max_retransmits: Some(0),
+        ..Default::default()
+    });
+    let sender = offerer.create_data_channel("input", init).await?;
 
     let offer = offerer.create_offer(None).await?;
     offerer.set_local_description(offer).await?;
