@@ -9,7 +9,10 @@
 //! ```
 //!
 //! `unordered` opens an unordered channel with no retransmissions instead, to tell the
-//! reliable, ordered delivery apart from the rest of the path.
+//! reliable, ordered delivery apart from the rest of the path. `DC_MEMORY_DRAIN=1` also
+//! reads the sending side's events: then memory stays flat. The crate keeps every event
+//! of a channel that nobody reads (one per message sent), which is what grew the relay
+//! until it read the customer's `input` channel (bench/RESULTS.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,6 +132,13 @@ async fn main() -> Result<()> {
     };
     // Wait for the sender's channel to open.
     while !matches!(sender.poll().await, Some(DataChannelEvent::OnOpen) | None) {}
+    // `drain`: read the sending side's events too (what an application that only sends
+    // easily forgets; the crate keeps every event nobody reads).
+    let drain = std::env::var_os("DC_MEMORY_DRAIN").is_some();
+    let drainer = drain.then(|| {
+        let sender = sender.clone();
+        tokio::spawn(async move { while sender.poll().await.is_some() {} })
+    });
 
     println!("messages  received  rss_kib");
     println!("{:>8}  {:>8}  {:>7}", 0, 0, rss_kib());
@@ -154,5 +164,8 @@ async fn main() -> Result<()> {
         rss_kib()
     );
     reader.abort();
+    if let Some(d) = drainer {
+        d.abort();
+    }
     Ok(())
 }

@@ -647,7 +647,18 @@ impl SessionMedia {
             }
         }
         if peer.role == Role::Customer {
-            *lock(&self.shared.customer_input) = Some(channel);
+            *lock(&self.shared.customer_input) = Some(channel.clone());
+            // The relay only sends on the customer's `input` channel, but its events
+            // (one per message sent) must still be read: the `webrtc` crate keeps every
+            // event nobody reads, which grew the node's memory with every input event
+            // delivered (bench/RESULTS.md, the 30-minute soak).
+            peer.tasks.push(tokio::spawn(async move {
+                while let Some(event) = channel.poll().await {
+                    if let DataChannelEvent::OnMessage(_) = event {
+                        tracing::debug!("the customer sent on its input channel; ignored");
+                    }
+                }
+            }));
         } else {
             peer.tasks
                 .push(tokio::spawn(read_input(self.shared.clone(), pid, channel)));
