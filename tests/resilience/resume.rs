@@ -6,7 +6,6 @@ use relay_bench::client::{
     Agent, AgentOptions, ClientError, Customer, CustomerOptions, FrameSource, Signalling,
     VideoCodec, tls_trusting_pem_file,
 };
-use relay_codec::input::InputEvent;
 use relay_e2e::RelayBuilder;
 use relay_e2e::wire::{EndReason, ErrorCode, Permission, RosterEntry, ServerMsg, Visibility};
 use serde_json::Value;
@@ -152,24 +151,12 @@ async fn customer_killed_and_restarted_mid_session_resumes() -> Result<()> {
     }
     // Input after the resume arrives; nothing from the gap ever does.
     let after_resume = relay_e2e::mouse_moves(0..20, 8888);
-    for e in &after_resume {
-        host.send_input(e).await?;
-    }
-    relay_e2e::wait_until("input after the resume", WAIT, || {
-        second.input_events().len() >= after_resume.len()
-    })
-    .await?;
+    relay_e2e::input_arrives(&host, &second, &after_resume).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let got: Vec<InputEvent> = second
-        .input_events()
-        .into_iter()
-        .map(|r| r.event)
-        .collect::<std::result::Result<_, _>>()?;
     ensure!(
-        got.iter()
-            .map(|e| &e.kind)
-            .eq(after_resume.iter().map(|e| &e.kind)),
-        "the resumed customer got {got:?}, not exactly the 20 events sent after it published"
+        second.input_events().len() == after_resume.len(),
+        "the resumed customer got {:?}, not exactly the 20 events sent after it published",
+        second.input_events()
     );
 
     second.set_publishing(false);
@@ -366,13 +353,9 @@ async fn agent_killed_and_restarted_resumes_with_input_and_chat() -> Result<()> 
     host.chat().wait_open(WAIT).await?;
     customer.chat().wait_open(WAIT).await?;
     let before = relay_e2e::mouse_moves(0..5, 1111);
-    for e in &before {
-        host.send_input(e).await?;
-    }
-    relay_e2e::wait_until("input before the drop", WAIT, || {
-        customer.input_events().len() >= before.len()
-    })
-    .await?;
+    relay_e2e::input_arrives(&host, &customer, &before)
+        .await
+        .context("input before the drop")?;
     let chat_channels = relay
         .metric("relay_data_channels_open{label=\"chat\"}")
         .await?;
@@ -403,31 +386,9 @@ async fn agent_killed_and_restarted_resumes_with_input_and_chat() -> Result<()> 
 
     // Its input reaches the customer again, in order.
     let after = relay_e2e::mouse_moves(0..10, 2222);
-    for e in &after {
-        host.send_input(e).await?;
-    }
-    relay_e2e::wait_until("input after the agent's resume", WAIT, || {
-        customer.input_events().len() >= before.len() + after.len()
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "the customer got {} input events",
-            customer.input_events().len()
-        )
-    })?;
-    let got: Vec<InputEvent> = customer
-        .input_events()
-        .into_iter()
-        .skip(before.len())
-        .map(|r| r.event)
-        .collect::<std::result::Result<_, _>>()?;
-    ensure!(
-        got.iter()
-            .map(|e| &e.kind)
-            .eq(after.iter().map(|e| &e.kind)),
-        "after the resume the customer got {got:?}"
-    );
+    relay_e2e::input_arrives(&host, &customer, &after)
+        .await
+        .context("input after the agent's resume")?;
     // Chat works both ways on the new channel.
     host.chat()
         .send("back again", relay_e2e::wire::Audience::All)
