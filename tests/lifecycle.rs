@@ -223,6 +223,52 @@ async fn health_ready_and_metrics() -> Result<()> {
     Ok(())
 }
 
+/// The metrics count masked agents and supervisors, which the customer must not learn:
+/// the public port has no `/metrics` (health only); the operations listener has it, and
+/// with `ops.token_file` only for the bearer of that token.
+#[tokio::test]
+async fn metrics_live_on_the_operations_listener_only() -> Result<()> {
+    let relay = RelayBuilder::new().start().await?;
+    let public = relay.get("/metrics").await?;
+    ensure!(
+        public.status == 404 && !public.body.contains("relay_participants_active"),
+        "the public port must not serve /metrics: {public:?}"
+    );
+    for path in ["/healthz", "/readyz"] {
+        let r = relay.get(path).await?;
+        ensure!(r.status == 200, "public {path}: {r:?}");
+        let r = relay.get(&format!("{}{path}", relay.ops_url())).await?;
+        ensure!(r.status == 200, "ops {path}: {r:?}");
+    }
+    ensure!(
+        relay.metric("relay_participants_active{role=\"supervisor\"}").await? == Some(0.0),
+        "the operations listener serves the metrics"
+    );
+    drop(relay);
+
+    let dir = tempfile::tempdir()?;
+    let token_file = dir.path().join("metrics.token");
+    std::fs::write(&token_file, "s3cret-scrape-token-0123\n")?;
+    let relay = RelayBuilder::new()
+        .extra_toml(&format!("[ops]\ntoken_file = {:?}\n", token_file.display().to_string()))
+        .start()
+        .await?;
+    let url = format!("{}/metrics", relay.ops_url());
+    let without = relay.client().get(&url).send().await?;
+    ensure!(without.status() == 401, "no token: {}", without.status());
+    let wrong = relay.client().get(&url).bearer_auth("s3cret-scrape-token-0124").send().await?;
+    ensure!(wrong.status() == 401, "wrong token: {}", wrong.status());
+    let right = relay.client().get(&url).bearer_auth("s3cret-scrape-token-0123").send().await?;
+    ensure!(right.status() == 200, "the token: {}", right.status());
+    ensure!(
+        right.text().await?.contains("relay_sessions_active"),
+        "the metrics text"
+    );
+    let health = relay.get(&format!("{}/healthz", relay.ops_url())).await?;
+    ensure!(health.status == 200, "health needs no token: {health:?}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------
 // 2. Support keys
 // ---------------------------------------------------------------------------------

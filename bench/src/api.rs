@@ -95,10 +95,17 @@ pub enum ApiError {
     Client(String),
 }
 
+/// Where a relay's operations listener (`/metrics`) is unless told otherwise: the
+/// relay's default `ops.listen`, on this machine.
+pub const DEFAULT_OPS_URL: &str = "http://127.0.0.1:9464";
+
 /// A relay's HTTP API, with the HS256 secret to mint agent tokens for it.
 #[derive(Clone)]
 pub struct RelayApi {
     base: String,
+    /// The operations listener's base URL (`/metrics`), and the bearer token it needs.
+    ops: String,
+    ops_token: Option<String>,
     secret: Vec<u8>,
     client: reqwest::Client,
 }
@@ -136,6 +143,8 @@ impl RelayApi {
             .map_err(|e| ApiError::Client(e.to_string()))?;
         Ok(RelayApi {
             base: base.trim_end_matches('/').to_owned(),
+            ops: DEFAULT_OPS_URL.to_owned(),
+            ops_token: None,
             secret: secret.to_vec(),
             client,
         })
@@ -144,6 +153,14 @@ impl RelayApi {
     /// The base URL.
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// Scrapes `/metrics` at the operations listener `ops` (`http://host:port`; default
+    /// [`DEFAULT_OPS_URL`]) instead, sending `token` as a bearer token if given.
+    pub fn with_ops(mut self, ops: &str, token: Option<String>) -> Self {
+        self.ops = ops.trim_end_matches('/').to_owned();
+        self.ops_token = token;
+        self
     }
 
     /// A token for `agent` in `portals`, valid for an hour.
@@ -249,12 +266,15 @@ impl RelayApi {
         self.call(Method::POST, "/v1/join", None, Some(&req)).await
     }
 
-    /// `GET /metrics`: the Prometheus text (see [`crate::prom::metric_value`]).
+    /// `GET /metrics` of the operations listener: the Prometheus text (see
+    /// [`crate::prom::metric_value`]).
     pub async fn metrics(&self) -> Result<String, ApiError> {
-        let request = "GET /metrics".to_owned();
-        let resp = self
-            .client
-            .get(format!("{}/metrics", self.base))
+        let request = format!("GET {}/metrics", self.ops);
+        let mut get = self.client.get(format!("{}/metrics", self.ops));
+        if let Some(token) = &self.ops_token {
+            get = get.bearer_auth(token);
+        }
+        let resp = get
             .send()
             .await
             .map_err(|source| ApiError::Transport {

@@ -2,7 +2,8 @@
 //!
 //! [`LocalRelay::spawn`] runs `relay serve` on `127.0.0.1:0` with a fresh data directory
 //! and a random token secret (passed in `RELAY_AUTH_HS256_SECRET`, never on the command
-//! line), and reads its first stdout line, `listening on https://127.0.0.1:PORT`.
+//! line), its operations listener on a free port too, and reads its first two stdout
+//! lines, `listening on https://127.0.0.1:PORT` and `ops listening on http://127.0.0.1:PORT`.
 //! [`ProcStats::read`] samples `/proc/<pid>` for CPU time and resident memory.
 //! [`spawn_until_first_line`] is the start-up step on its own, for the other processes
 //! `compare` measures the same way (the UDP forwarder).
@@ -73,6 +74,17 @@ pub fn spawn_until_first_line(
     name: &str,
     log: &Path,
 ) -> Result<(Child, String), ProcessError> {
+    let (child, mut lines) = spawn_until_lines(command, name, log, 1)?;
+    Ok((child, lines.remove(0)))
+}
+
+/// [`spawn_until_first_line`] for the first `n` lines (all within [`STARTUP_TIMEOUT`]).
+pub fn spawn_until_lines(
+    command: &mut Command,
+    name: &str,
+    log: &Path,
+    n: usize,
+) -> Result<(Child, Vec<String>), ProcessError> {
     let program = Path::new(command.get_program()).display().to_string();
     let mut child = command
         .stdout(Stdio::piped())
@@ -82,25 +94,42 @@ pub fn spawn_until_first_line(
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
+        for _ in 0..n {
+            if tx.send(lines.next()).is_err() {
+                break;
+            }
+        }
         // Keep draining, so the child never blocks on a full pipe.
         for _ in lines {}
     });
-    match rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(Some(Ok(line))) => Ok((child, line)),
-        Ok(_) => Err(startup_failed(
-            child,
-            name,
-            log,
-            "it closed stdout without a first line".into(),
-        )),
-        Err(_) => Err(startup_failed(
-            child,
-            name,
-            log,
-            format!("no first line within {STARTUP_TIMEOUT:?}"),
-        )),
+    let deadline = std::time::Instant::now() + STARTUP_TIMEOUT;
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Some(Ok(line))) => got.push(line),
+            Ok(_) => {
+                return Err(startup_failed(
+                    child,
+                    name,
+                    log,
+                    format!("it closed stdout after {} of {n} start-up lines", got.len()),
+                ));
+            }
+            Err(_) => {
+                return Err(startup_failed(
+                    child,
+                    name,
+                    log,
+                    format!(
+                        "{} of {n} start-up lines within {STARTUP_TIMEOUT:?}",
+                        got.len()
+                    ),
+                ));
+            }
+        }
     }
+    Ok((child, got))
 }
 
 /// Kills `child` and says why it did not start, with the tail of its `log`.
@@ -125,6 +154,7 @@ pub(crate) fn startup_failed(
 pub struct LocalRelay {
     child: Child,
     url: String,
+    ops: String,
     secret: String,
     dir: tempfile::TempDir,
 }
@@ -166,24 +196,29 @@ impl LocalRelay {
             .arg("serve")
             .arg("--data-dir")
             .arg(dir.path())
-            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .args(["--log-level", "warn"])
             .env("RELAY_AUTH_HS256_SECRET", &secret)
             .stdin(Stdio::null())
             .stderr(stderr);
         if let Some(config) = config {
             command.arg("--config").arg(config);
         }
-        let (child, line) = spawn_until_first_line(&mut command, "relay", &stderr_path)?;
-        let Some(url) = line.trim().strip_prefix("listening on ") else {
+        let (child, lines) = spawn_until_lines(&mut command, "relay", &stderr_path, 2)?;
+        let (Some(url), Some(ops)) = (
+            lines[0].trim().strip_prefix("listening on "),
+            lines[1].trim().strip_prefix("ops listening on "),
+        ) else {
             return Err(startup_failed(
                 child,
                 "relay",
                 &stderr_path,
-                format!("its first line is {line:?}"),
+                format!("its first lines are {lines:?}"),
             ));
         };
         Ok(LocalRelay {
             url: url.trim_end_matches('/').to_owned(),
+            ops: ops.trim_end_matches('/').to_owned(),
             child,
             secret,
             dir,
@@ -193,6 +228,11 @@ impl LocalRelay {
     /// Where it listens, `https://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Where its operations listener (`/metrics`) listens, `http://127.0.0.1:PORT`.
+    pub fn ops_url(&self) -> &str {
+        &self.ops
     }
 
     /// Its HS256 token secret.

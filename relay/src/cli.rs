@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// Directory for the generated certificate and token secret (key `data_dir`).
     #[arg(long, value_name = "DIR", env = "RELAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Address and port of the operations listener (`/metrics`, `/healthz`, `/readyz`
+    /// over plain HTTP; key `ops.listen`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", env = "RELAY_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
     /// Where the TLS certificate comes from (key `tls.mode`); "off" serves plain HTTP
     /// and is only allowed on a loopback listen address.
     #[arg(long, value_name = "MODE", value_enum, env = "RELAY_TLS")]
@@ -176,6 +180,9 @@ impl ServeArgs {
         }
         if let Some(dir) = &self.data_dir {
             cfg.data_dir = dir.clone();
+        }
+        if let Some(ops) = self.ops_listen {
+            cfg.ops.listen = ops;
         }
         if let Some(mode) = self.tls {
             cfg.tls.mode = mode;

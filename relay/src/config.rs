@@ -63,6 +63,8 @@ pub struct Config {
     pub recording: RecordingConfig,
     /// Scale-out: the shared session directory (`[cluster]`).
     pub cluster: crate::cluster::ClusterConfig,
+    /// The operations listener: metrics and health apart from the public port (`[ops]`).
+    pub ops: OpsConfig,
 }
 
 impl Default for Config {
@@ -80,7 +82,60 @@ impl Default for Config {
             media: MediaConfig::default(),
             recording: RecordingConfig::default(),
             cluster: crate::cluster::ClusterConfig::default(),
+            ops: OpsConfig::default(),
         }
+    }
+}
+
+/// The operations listener (`[ops]`): `GET /metrics`, `/healthz` and `/readyz` over
+/// plain HTTP on an address of their own, so that what only operators may see (counts
+/// of masked agents and supervisors among them) never reaches the public port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Address and port the listener binds; loopback by default. Port 0 picks a free
+    /// port, printed on stdout at start (`ops listening on http://…`).
+    pub listen: SocketAddr,
+    /// File holding a bearer token that `/metrics` then requires
+    /// (`Authorization: Bearer <token>`); required when `listen` is not loopback.
+    pub token_file: Option<PathBuf>,
+}
+
+/// The default operations address (the Prometheus exporters' port range).
+pub const DEFAULT_OPS_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// The shortest bearer token `ops.token_file` may hold.
+pub const MIN_OPS_TOKEN_CHARS: usize = 16;
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            listen: DEFAULT_OPS_LISTEN,
+            token_file: None,
+        }
+    }
+}
+
+impl OpsConfig {
+    /// The bearer token `/metrics` requires, read from `token_file` (trimmed); `None`
+    /// without one. Refuses an unreadable, over-long or too short token.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let mut raw = String::new();
+        File::open(path)
+            .and_then(|f| io::Read::read_to_string(&mut io::Read::take(f, 4096), &mut raw))
+            .map_err(|e| ConfigError::Invalid(format!("ops.token_file {}: {e}", path.display())))?;
+        let token = raw.trim();
+        if token.chars().count() < MIN_OPS_TOKEN_CHARS || token.len() >= 4096 {
+            return invalid(format!(
+                "ops.token_file {} must hold one token of {MIN_OPS_TOKEN_CHARS} to 4095 characters",
+                path.display()
+            ));
+        }
+        Ok(Some(token.to_owned()))
     }
 }
 
@@ -599,6 +654,19 @@ impl Config {
             TlsMode::Off | TlsMode::SelfSigned => {}
         }
 
+        if !self.ops.listen.ip().is_loopback() && self.ops.token_file.is_none() {
+            return invalid(format!(
+                "ops.listen {} is not a loopback address: set ops.token_file so that /metrics needs a token",
+                self.ops.listen
+            ));
+        }
+        if self.ops.listen == self.listen && self.listen.port() != 0 {
+            return invalid(format!(
+                "ops.listen and listen are both {}; the operations listener needs its own port",
+                self.listen
+            ));
+        }
+
         if let Some(url) = &self.public_url {
             check_public_url(url)?;
         }
@@ -747,6 +815,26 @@ mod tests {
             Err(ConfigError::Invalid(m)) => m,
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_operations_listener_needs_a_token_off_loopback_and_a_port_of_its_own() {
+        let wide: SocketAddr = "0.0.0.0:9464".parse().expect("addr");
+        let m = invalid_message(&with(|c| c.ops.listen = wide));
+        assert!(m.contains("ops.token_file"), "{m}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        fs::write(&file, "  0123456789abcdef \n").expect("write");
+        let cfg = with(|c| {
+            c.ops.listen = wide;
+            c.ops.token_file = Some(file.clone());
+        });
+        cfg.validate().expect("a token makes a wide listener valid");
+        assert_eq!(cfg.ops.token().expect("token").as_deref(), Some("0123456789abcdef"));
+        fs::write(&file, "short").expect("write");
+        assert!(cfg.ops.token().is_err(), "a short token is refused");
+        let m = invalid_message(&with(|c| c.ops.listen = c.listen));
+        assert!(m.contains("its own port"), "{m}");
     }
 
     #[test]

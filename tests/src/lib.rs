@@ -477,6 +477,10 @@ impl RelayBuilder {
 
             [log]
             level = "info"
+
+            // Every relay of a test run scrapes its own free port.
+            [ops]
+            listen = "127.0.0.1:0"
         };
         // Each relay gets its own block of media ports, so relays started by tests
         // running in parallel never race for the same port.
@@ -652,12 +656,18 @@ impl RelayBuilder {
         let config_path = dir.path().join("relay.toml");
         std::fs::write(&config_path, toml::to_string(&config)?)
             .with_context(|| format!("writing {}", config_path.display()))?;
-        let (mut process, url, tls) = launch(&bin, &config_path, dir.path(), "127.0.0.1:0").await?;
+        let Launched {
+            mut process,
+            url,
+            ops,
+            tls,
+        } = launch(&bin, &config_path, dir.path(), "127.0.0.1:0").await?;
         process.dir = Some(dir);
         let client = build_client(tls.as_ref(), None)?;
         Ok(Relay {
             process,
             base: url,
+            ops,
             secret,
             config_path,
             tls,
@@ -667,14 +677,13 @@ impl RelayBuilder {
 }
 
 /// Starts `relay serve` with `config_path` and `data_dir` on `listen`, and waits (at
-/// most [`STARTUP_TIMEOUT`]) for its listening line: the process (not yet owning the
-/// directory), its base URL and, over HTTPS, its certificate.
+/// most [`STARTUP_TIMEOUT`]) for its two listening lines (public, then operations).
 async fn launch(
     bin: &Path,
     config_path: &Path,
     data_dir: &Path,
     listen: &str,
-) -> Result<(Process, String, Option<Tls>)> {
+) -> Result<Launched> {
     let stderr_path = data_dir.join("relay.stderr");
     // Appended to: a restarted relay keeps the first run's lines.
     let stderr = std::fs::File::options()
@@ -712,22 +721,27 @@ async fn launch(
         exited: None,
         reported: false,
     };
-    let first_line = process.read_stdout(stdout);
+    let mut lines = process.read_stdout(stdout);
+    let started = tokio::time::timeout(STARTUP_TIMEOUT, async {
+        let first = lines.recv().await?;
+        let second = lines.recv().await?;
+        Some((first, second))
+    });
 
-    let line = match tokio::time::timeout(STARTUP_TIMEOUT, first_line).await {
+    let (line, ops_line) = match started.await {
         Err(_) => {
             return Err(process.failure(format!(
-                "relay printed no listening line within {STARTUP_TIMEOUT:?}"
+                "relay printed no listening lines within {STARTUP_TIMEOUT:?}"
             )));
         }
-        Ok(Err(_)) | Ok(Ok(None)) => {
+        Ok(None) => {
             let status = process.wait_briefly().await;
             return Err(process.failure(format!(
                 "relay closed its stdout without printing its listening line ({})",
                 status.map_or_else(|| "still running".to_owned(), |s| s.to_string()),
             )));
         }
-        Ok(Ok(Some(line))) => line,
+        Ok(Some(lines)) => lines,
     };
     let Some(url) = line
         .trim()
@@ -739,6 +753,16 @@ async fn launch(
         )));
     };
     let url = url.trim_end_matches('/').to_owned();
+    let Some(ops) = ops_line
+        .trim()
+        .strip_prefix("ops listening on ")
+        .filter(|u| u.starts_with("http://127.0.0.1:"))
+    else {
+        return Err(process.failure(format!(
+            "relay's second stdout line is {ops_line:?}; expected `ops listening on http://127.0.0.1:PORT`"
+        )));
+    };
+    let ops = ops.trim_end_matches('/').to_owned();
     let base = reqwest::Url::parse(&url).with_context(|| format!("listening URL {url:?}"))?;
     if base.port().is_none_or(|p| p == 0) {
         bail!("listening URL {url:?} has no real port");
@@ -756,7 +780,24 @@ async fn launch(
     } else {
         None
     };
-    Ok((process, url, tls))
+    Ok(Launched {
+        process,
+        url,
+        ops,
+        tls,
+    })
+}
+
+/// A relay process that printed its listening lines.
+struct Launched {
+    /// The process (not yet owning its directory).
+    process: Process,
+    /// Its public base URL.
+    url: String,
+    /// Its operations listener's base URL (`http://127.0.0.1:PORT`).
+    ops: String,
+    /// Its certificate, over HTTPS.
+    tls: Option<Tls>,
 }
 
 /// What [`Relay::host_invitee_customer`] set up.
@@ -846,22 +887,18 @@ struct Process {
 impl Process {
     /// Reads stdout on a thread: the first line is handed back, the rest is kept for
     /// diagnostics (and so that the relay never blocks on a full pipe).
+    /// Collects the process's stdout lines (into `stdout_lines`) on a thread, and hands
+    /// each over on the returned channel too, which closes with stdout.
     fn read_stdout(
         &self,
         stdout: impl Read + Send + 'static,
-    ) -> tokio::sync::oneshot::Receiver<Option<String>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    ) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let lines = Arc::clone(&self.stdout_lines);
         std::thread::spawn(move || {
-            let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(Some(line.clone()));
-                }
+                let _ = tx.send(line.clone());
                 lines.lock().expect("lock poisoned").push(line);
-            }
-            if let Some(tx) = tx.take() {
-                let _ = tx.send(None);
             }
         });
         rx
@@ -942,6 +979,8 @@ pub use relay_bench::api::{Claims, mint_token, unix_now};
 pub struct Relay {
     process: Process,
     base: String,
+    /// The operations listener (`/metrics`), `http://127.0.0.1:PORT`.
+    ops: String,
     secret: String,
     config_path: PathBuf,
     tls: Option<Tls>,
@@ -1007,9 +1046,14 @@ impl Relay {
         )
     }
 
-    /// `GET /metrics` as text.
+    /// The operations listener's base URL, `http://127.0.0.1:PORT` (no trailing slash).
+    pub fn ops_url(&self) -> &str {
+        &self.ops
+    }
+
+    /// `GET /metrics` of the operations listener, as text.
     pub async fn metrics(&self) -> Result<String> {
-        let r = self.get("/metrics").await?;
+        let r = self.get(&format!("{}/metrics", self.ops)).await?;
         if r.status != 200 {
             bail!("/metrics answered {}: {}", r.status, r.body);
         }
@@ -1078,12 +1122,18 @@ impl Relay {
             .to_owned();
         // The old process has exited; its output stays in the appended stderr file.
         self.process.reported = true;
-        let (mut process, url, tls) = launch(&bin, &self.config_path, dir.path(), &listen).await?;
+        let Launched {
+            mut process,
+            url,
+            ops,
+            tls,
+        } = launch(&bin, &self.config_path, dir.path(), &listen).await?;
         process.dir = Some(dir);
         if url != self.base {
             bail!("the restarted relay listens on {url}, not on {}", self.base);
         }
         self.process = process;
+        self.ops = ops;
         self.tls = tls;
         self.client = build_client(self.tls.as_ref(), None)?;
         Ok(())

@@ -106,6 +106,13 @@ pub struct RunArgs {
     /// With --relay: accept any certificate.
     #[arg(long, requires = "relay")]
     pub insecure: bool,
+    /// With --relay: its operations listener (`ops.listen`), where `/metrics` is.
+    #[arg(long, value_name = "URL", requires = "relay", default_value = crate::api::DEFAULT_OPS_URL)]
+    pub metrics: String,
+    /// With --relay: file holding the bearer token its `/metrics` needs
+    /// (`ops.token_file`), if it needs one.
+    #[arg(long, value_name = "FILE", requires = "relay")]
+    pub metrics_token_file: Option<PathBuf>,
     /// Relay binary to start (default: `relay` next to this program, else
     /// target/release/relay).
     #[arg(long, value_name = "FILE", conflicts_with = "relay")]
@@ -422,7 +429,8 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
             .await
             .map_err(|e| RunError::Setup(format!("starting the relay: {e}")))??;
             let pem = relay.certificate_pem()?;
-            let api = RelayApi::new(relay.url(), relay.secret().as_bytes(), Some(&pem), false)?;
+            let api = RelayApi::new(relay.url(), relay.secret().as_bytes(), Some(&pem), false)?
+                .with_ops(relay.ops_url(), None);
             let tls = tls_trusting_pem(&pem)?;
             (Target::Local(relay), api, tls)
         }
@@ -443,7 +451,17 @@ pub async fn run(args: &RunArgs) -> Result<Report, RunError> {
                 Some(path) => Some(std::fs::read(path).map_err(|e| RunError::Io(path.clone(), e))?),
                 None => None,
             };
-            let api = RelayApi::new(url, secret.as_bytes(), pem.as_deref(), args.insecure)?;
+            let metrics_token = match &args.metrics_token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| RunError::Io(path.clone(), e))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let api = RelayApi::new(url, secret.as_bytes(), pem.as_deref(), args.insecure)?
+                .with_ops(&args.metrics, metrics_token);
             let tls = match &pem {
                 Some(pem) => tls_trusting_pem(pem)?,
                 None if args.insecure => insecure_tls(),

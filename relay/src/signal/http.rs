@@ -30,7 +30,6 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{sid}", delete(end_session))
         .route("/v1/join", post(join))
@@ -282,23 +281,13 @@ async fn count_responses(State(state): State<AppState>, req: Request, next: Next
     resp
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+/// `GET /readyz`: `200 ready`, or `503 draining` once a drain has started.
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     if state.draining.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
 }
 
 async fn create_session(

@@ -12,10 +12,12 @@
 //! - [`ws`]: the session and agent-console WebSockets.
 //! - [`actor`]: the task that owns the node, its timer and the connection table.
 //! - [`handshake`]: the deadline of a new connection's TLS handshake and first request.
+//! - [`ops`]: the operations listener (`/metrics`, health), apart from the public port.
 
 pub mod actor;
 pub mod handshake;
 pub mod http;
+pub mod ops;
 pub mod web;
 pub mod ws;
 
@@ -99,6 +101,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    let ops_token = config.ops.token()?;
+    let ops_listener = std::net::TcpListener::bind(config.ops.listen).with_context(|| {
+        format!(
+            "binding the operations listener {} (set [ops] listen or --ops-listen)",
+            config.ops.listen
+        )
+    })?;
+    ops_listener.set_nonblocking(true)?;
+    let ops_bound = ops_listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let base_url: Arc<str> = config.base_url(bound).into();
 
@@ -179,12 +190,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let server = tokio::spawn(server);
+    let ops_handle = axum_server::Handle::new();
+    let ops_server = axum_server::from_tcp(ops_listener)
+        .acceptor(handshake::HandshakeGuard::new(
+            axum_server::accept::DefaultAcceptor,
+            config.limits.handshake_timeout,
+            metrics.clone(),
+        ))
+        .handle(ops_handle.clone())
+        .serve(ops::router(state.clone(), ops_token.as_deref()).into_make_service());
+    let ops_server = tokio::spawn(ops_server);
 
     // Signals are hooked before the listening line, so a SIGTERM right after it drains.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     handle.listening().await;
+    ops_handle.listening().await;
+    // The first line says where clients connect, the second where operators scrape.
     println!("listening on {scheme}://{bound}");
-    tracing::info!(%bound, public = %state.base_url, "relay listening");
+    println!("ops listening on http://{ops_bound}");
+    tracing::info!(%bound, public = %state.base_url, ops = %ops_bound, "relay listening");
 
     tokio::select! {
         _ = sigterm.recv() => {},
@@ -233,6 +257,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    ops_handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, server).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, ops_server).await;
     Ok(())
 }
