@@ -4,8 +4,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay_codec::wire::{
-    CreateSessionRequest, CreateSessionResponse, InviteRequest, InviteResponse, InviteTarget,
-    JoinRequest, ParticipantCredentials, Permission, Visibility,
+    CreateSessionRequest, CreateSessionResponse, ErrorBody, InviteRequest, InviteResponse,
+    InviteTarget, JoinRequest, KeyChallenge, KeyProof, ParticipantCredentials, Permission,
+    Visibility,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -256,13 +257,29 @@ impl RelayApi {
             .await
     }
 
-    /// `POST /v1/join`: a customer joins with a support key.
+    /// `POST /v1/join`: a customer joins with a support key. Answered
+    /// `challenge_required` (the relay's key budget is spent), it solves the challenge
+    /// and repeats the join once, as the customer portal does.
     pub async fn join(&self, name: &str, key: &str) -> Result<ParticipantCredentials, ApiError> {
-        let req = JoinRequest {
+        let mut req = JoinRequest {
             name: name.to_owned(),
             support_key: Some(key.to_owned()),
             support_link: None,
+            proof: None,
         };
+        let first = self.call(Method::POST, "/v1/join", None, Some(&req)).await;
+        let challenge = match &first {
+            Err(ApiError::Status { body, .. }) => challenge_of(body),
+            _ => None,
+        };
+        let Some(c) = challenge else {
+            return first;
+        };
+        let nonce = relay_codec::challenge::solve(&c.challenge, c.bits);
+        req.proof = Some(KeyProof {
+            challenge: c.challenge,
+            nonce,
+        });
         self.call(Method::POST, "/v1/join", None, Some(&req)).await
     }
 
@@ -274,13 +291,10 @@ impl RelayApi {
         if let Some(token) = &self.ops_token {
             get = get.bearer_auth(token);
         }
-        let resp = get
-            .send()
-            .await
-            .map_err(|source| ApiError::Transport {
-                request: request.clone(),
-                source,
-            })?;
+        let resp = get.send().await.map_err(|source| ApiError::Transport {
+            request: request.clone(),
+            source,
+        })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|source| ApiError::Transport {
             request: request.clone(),
@@ -295,4 +309,12 @@ impl RelayApi {
         }
         Ok(text)
     }
+}
+
+/// The challenge of a `challenge_required` error body, if that is what `body` is.
+fn challenge_of(body: &str) -> Option<KeyChallenge> {
+    serde_json::from_str::<ErrorBody>(body)
+        .ok()?
+        .error
+        .challenge
 }

@@ -8,6 +8,8 @@
 //!   WebSockets, with the stable error codes clients match on.
 //! - [`input`]: the binary remote-control events (mouse, wheel, keys, Ctrl+Alt+Del,
 //!   clipboard) agents send to the customer over the `input` data channel.
+//! - [`challenge`]: the proof-of-work puzzle a customer solves to try a support key
+//!   while the node's key budget is spent.
 //! - [`files`]: the binary file-transfer messages (offer, accept, chunks, credit,
 //!   completion) on the `files` data channel, in both directions.
 //! - [`frame`]: whole encoded frames: keyframe detection, H.264 NAL units, AV1 OBUs
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod challenge;
 pub mod files;
 pub mod frame;
 pub mod input;

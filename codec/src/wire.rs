@@ -44,8 +44,11 @@ pub enum ErrorCode {
     KeyExpired,
     /// The support key or link already admitted its customer.
     KeyUsed,
-    /// Too many failed support-key attempts from this address, or node-wide; retry later.
+    /// Too many failed support-key attempts from this address; retry later.
     Throttled,
+    /// The node's support-key budget is spent: repeat the join with a solved
+    /// `challenge` (a proof of work; see [`crate::challenge`]).
+    ChallengeRequired,
     /// The session already has its 8 agents.
     SessionFull,
     /// The agent is already in the maximum number of concurrent sessions.
@@ -90,6 +93,7 @@ impl ErrorCode {
             ErrorCode::KeyExpired => "key_expired",
             ErrorCode::KeyUsed => "key_used",
             ErrorCode::Throttled => "throttled",
+            ErrorCode::ChallengeRequired => "challenge_required",
             ErrorCode::SessionFull => "session_full",
             ErrorCode::AgentSessionLimit => "agent_session_limit",
             ErrorCode::MonitorLimit => "monitor_limit",
@@ -127,6 +131,29 @@ pub struct ErrorDetail {
     /// `Location` header).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// For [`ErrorCode::ChallengeRequired`]: the puzzle to solve before repeating the join.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<KeyChallenge>,
+}
+
+/// A proof-of-work puzzle (see [`crate::challenge`]): find a decimal `nonce` such that
+/// `SHA-256(challenge ":" nonce)` starts with `bits` zero bits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChallenge {
+    /// The opaque challenge string (ASCII), valid for a short while and once.
+    pub challenge: String,
+    /// The leading zero bits a solution needs.
+    pub bits: u8,
+}
+
+/// A solved [`KeyChallenge`], sent with a repeated join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyProof {
+    /// The challenge string as received.
+    pub challenge: String,
+    /// The solution: 1 to 20 decimal digits.
+    pub nonce: String,
 }
 
 /// Whether the customer can see an agent.
@@ -289,6 +316,9 @@ pub struct JoinRequest {
     /// The token from the support URL (`/s/{token}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub support_link: Option<String>,
+    /// A solved challenge, when an earlier attempt was answered `challenge_required`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<KeyProof>,
 }
 
 /// Who an invitation goes to.
@@ -894,6 +924,7 @@ mod tests {
             message: "m".into(),
             retry_after_s: None,
             location: None,
+            challenge: None,
         };
         assert!(!serde_json::to_string(&plain).unwrap().contains("location"));
     }

@@ -30,6 +30,11 @@ pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 pub const MIN_PUBLISH_BITRATE: u64 = 100_000;
 /// The largest accepted `limits.max_publish_bitrate` (1 Gbit/s).
 pub const MAX_PUBLISH_BITRATE: u64 = 1_000_000_000;
+/// The easiest accepted `limits.key_challenge_bits` (below it a challenge costs nothing).
+pub const MIN_CHALLENGE_BITS: u8 = 8;
+/// The hardest accepted `limits.key_challenge_max_bits` (2^26 hashes: minutes of a
+/// browser's time).
+pub const MAX_CHALLENGE_BITS: u8 = 26;
 /// The longest accepted `limits.handshake_timeout`.
 pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -276,8 +281,15 @@ pub struct LimitsConfig {
     /// Longest lock-out of an address.
     #[serde(with = "humantime_serde")]
     pub key_lockout_max: Duration,
-    /// Wrong support keys the whole node accepts within `key_failure_window`.
+    /// Wrong support keys the whole node accepts within `key_failure_window` before
+    /// every key attempt needs a solved proof-of-work challenge.
     pub key_failures_node: u32,
+    /// Difficulty (leading zero bits of SHA-256) of the first challenge once the node's
+    /// key budget is spent; 2^bits hashes on average.
+    pub key_challenge_bits: u8,
+    /// The difficulty the challenges grow to while the guessing goes on (one bit per
+    /// doubling of the failures past the budget).
+    pub key_challenge_max_bits: u8,
     /// Most simultaneous WebSockets (session and console).
     pub max_connections: usize,
     /// Largest file that may be offered on a `files` data channel (1 ..= 16 GiB).
@@ -303,6 +315,8 @@ impl Default for LimitsConfig {
             key_lockout_base: Duration::from_secs(60),
             key_lockout_max: Duration::from_secs(3600),
             key_failures_node: 300,
+            key_challenge_bits: 18,
+            key_challenge_max_bits: 22,
             max_connections: 10_000,
             max_file_bytes: 100 * 1024 * 1024,
             trust_forwarded_for: false,
@@ -628,6 +642,15 @@ impl Config {
                 return invalid(format!("{key} must be more than 0"));
             }
         }
+        if !(MIN_CHALLENGE_BITS..=MAX_CHALLENGE_BITS).contains(&l.key_challenge_bits)
+            || !(l.key_challenge_bits..=MAX_CHALLENGE_BITS).contains(&l.key_challenge_max_bits)
+        {
+            return invalid(format!(
+                "limits.key_challenge_bits ({}) and limits.key_challenge_max_bits ({}) must satisfy \
+                 {MIN_CHALLENGE_BITS} <= key_challenge_bits <= key_challenge_max_bits <= {MAX_CHALLENGE_BITS}",
+                l.key_challenge_bits, l.key_challenge_max_bits
+            ));
+        }
         if l.key_lockout_max < l.key_lockout_base {
             return invalid(format!(
                 "limits.key_lockout_max ({}) must be at least limits.key_lockout_base ({})",
@@ -830,7 +853,10 @@ mod tests {
             c.ops.token_file = Some(file.clone());
         });
         cfg.validate().expect("a token makes a wide listener valid");
-        assert_eq!(cfg.ops.token().expect("token").as_deref(), Some("0123456789abcdef"));
+        assert_eq!(
+            cfg.ops.token().expect("token").as_deref(),
+            Some("0123456789abcdef")
+        );
         fs::write(&file, "short").expect("write");
         assert!(cfg.ops.token().is_err(), "a short token is refused");
         let m = invalid_message(&with(|c| c.ops.listen = c.listen));

@@ -16,7 +16,7 @@ use crate::session::ShareOutcome;
 /// Participant roles (`role` label).
 pub const ROLES: [&str; 4] = ["host", "agent", "customer", "supervisor"];
 /// Outcomes of support-key attempts (`outcome` label of `relay_support_key_attempts_total`).
-pub const KEY_OUTCOMES: [&str; 5] = ["ok", "wrong", "expired", "used", "throttled"];
+pub const KEY_OUTCOMES: [&str; 6] = ["ok", "wrong", "expired", "used", "throttled", "challenged"];
 /// Lock-out scopes (`scope` label of `relay_key_lockouts_total`).
 pub const LOCKOUT_SCOPES: [&str; 2] = ["address", "node"];
 /// Invitation outcomes (`outcome` label of `relay_invitations_total`).
@@ -241,13 +241,15 @@ impl Metrics {
             support_key_attempts_total: counter_vec(
                 "relay_support_key_attempts_total",
                 "Customer attempts with a support key or link, by outcome \
-                 (ok, wrong, expired, used, throttled).",
+                 (ok, wrong, expired, used, throttled; challenged: answered with a \
+                 proof-of-work challenge while the node's key budget is spent).",
                 &["outcome"],
             ),
             key_lockouts_total: counter_vec(
                 "relay_key_lockouts_total",
                 "Lock-outs started by the support-key throttle, by scope \
-                 (address: one client address, node: all addresses).",
+                 (address: one client address; node: the node-wide budget is spent, \
+                 and key attempts need a solved challenge).",
                 &["scope"],
             ),
             invitations_total: counter_vec(

@@ -581,18 +581,19 @@ async fn customer_and_two_agents_in_browsers() -> Result<()> {
         );
     }
 
-    // --- The used key on the portal: a message a customer understands ----------------
+    // --- The used key on the portal: the answer of any wrong key (a guesser learns
+    // nothing), in words a customer understands --------------------------------------
     sue.goto(&relay.endpoint("/")).await?;
     sue.fill("#name", "Mallory").await?;
     sue.fill("#key", &key).await?;
     sue.click("#join-button").await?;
     sue.wait_for(
-        "document.body.dataset.error === 'key_used'",
-        "the used-key error",
+        "document.body.dataset.error === 'wrong_key'",
+        "the wrong-key error",
     )
     .await?;
     let said = sue.text("#join-status").await?;
-    ensure!(said.contains("already been used"), "{said}");
+    ensure!(said.contains("Check the nine digits"), "{said}");
 
     // --- Alice ends the session; Carol is told -----------------------------------------
     alice.click("#end-button").await?;

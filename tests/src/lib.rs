@@ -678,12 +678,7 @@ impl RelayBuilder {
 
 /// Starts `relay serve` with `config_path` and `data_dir` on `listen`, and waits (at
 /// most [`STARTUP_TIMEOUT`]) for its two listening lines (public, then operations).
-async fn launch(
-    bin: &Path,
-    config_path: &Path,
-    data_dir: &Path,
-    listen: &str,
-) -> Result<Launched> {
+async fn launch(bin: &Path, config_path: &Path, data_dir: &Path, listen: &str) -> Result<Launched> {
     let stderr_path = data_dir.join("relay.stderr");
     // Appended to: a restarted relay keeps the first run's lines.
     let stderr = std::fs::File::options()
@@ -1294,13 +1289,49 @@ impl Relay {
         name: &str,
         key: &str,
     ) -> ApiResult<ParticipantCredentials> {
+        self.join_with_proof(client, name, key, None).await
+    }
+
+    /// `POST /v1/join` with a support key and, if given, a solved challenge.
+    pub async fn join_with_proof(
+        &self,
+        client: &reqwest::Client,
+        name: &str,
+        key: &str,
+        proof: Option<wire::KeyProof>,
+    ) -> ApiResult<ParticipantCredentials> {
         let req = JoinRequest {
             name: name.to_owned(),
             support_key: Some(key.to_owned()),
             support_link: None,
+            proof,
         };
         self.call(client, Method::POST, "/v1/join", None, Some(&req), None)
             .await
+    }
+
+    /// [`Relay::join_from`] as the customer portal does it: answered
+    /// `challenge_required`, it solves the challenge and repeats the join once.
+    pub async fn join_solving(
+        &self,
+        client: &reqwest::Client,
+        name: &str,
+        key: &str,
+    ) -> ApiResult<ParticipantCredentials> {
+        match self.join_from(client, name, key).await {
+            Err(e) if e.code == Some(ErrorCode::ChallengeRequired) => {
+                let challenge = e.challenge().ok_or_else(|| {
+                    ApiError::local("POST /v1/join", format!("no challenge in {}", e.body))
+                })?;
+                let nonce = relay_codec::challenge::solve(&challenge.challenge, challenge.bits);
+                let proof = wire::KeyProof {
+                    challenge: challenge.challenge,
+                    nonce,
+                };
+                self.join_with_proof(client, name, key, Some(proof)).await
+            }
+            other => other,
+        }
     }
 
     /// `POST /v1/join` with the token of a support URL (its last path segment).
@@ -1309,6 +1340,7 @@ impl Relay {
             name: name.to_owned(),
             support_key: None,
             support_link: Some(link.to_owned()),
+            proof: None,
         };
         self.call(
             &self.client,
@@ -1579,6 +1611,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The body's `error.challenge`, for `challenge_required`.
+    pub fn challenge(&self) -> Option<wire::KeyChallenge> {
+        serde_json::from_str::<wire::ErrorBody>(&self.body)
+            .ok()?
+            .error
+            .challenge
+    }
+
     fn local(request: &str, message: String) -> Self {
         ApiError {
             request: request.to_owned(),

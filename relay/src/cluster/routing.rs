@@ -179,21 +179,35 @@ async fn join(
         return next.run(req).await;
     };
     let from = crate::signal::http::client_ip(&state, peer, &headers);
+    let proof = parsed.as_ref().and_then(|j| j.proof.clone());
     let allowed = state
         .actor
-        .call(move |node, now| node.key_lookup_allowed(now, from))
+        .call(move |node, now| match claim {
+            Claim::Key => node.key_lookup_allowed(now, from, proof.as_ref()),
+            Claim::Link | Claim::Invitation => node
+                .link_lookup_allowed(now, from)
+                .then_some(crate::session::Proof::None),
+        })
         .await
-        .unwrap_or(false);
-    if !allowed {
+        .unwrap_or(None);
+    let Some(proof) = allowed else {
         return next.run(req).await;
-    }
+    };
     match cluster.route_claim(claim, &hash).await {
         Route::Redirect(url) => {
             cluster.count_redirect("join");
             redirect(location(&url, "/v1/join"), manual)
         }
         Route::Lost => lost(),
-        Route::Local => next.run(req).await,
+        Route::Local => {
+            let mut req = req;
+            if let crate::session::Proof::Redeemed = proof {
+                // The proof is spent here: the handler must not ask for it again.
+                req.extensions_mut()
+                    .insert(crate::signal::http::ProofRedeemed);
+            }
+            next.run(req).await
+        }
     }
 }
 
@@ -215,6 +229,7 @@ fn redirect(location: String, manual: bool) -> Response {
             ),
             retry_after_s: None,
             location: Some(location.clone()),
+            challenge: None,
         },
     };
     let status = if manual {

@@ -71,8 +71,8 @@ pub use ids::{
     ConnId, InvitationId, ParticipantId, Random, Secret, SecretDigest, SessionId, SupportKey,
 };
 pub use node::{
-    Census, Credentials, DirectoryEntry, InvitationCreated, JoinCredential, Node, SessionCreated,
-    WallClock,
+    Census, Credentials, DirectoryEntry, InvitationCreated, JoinCredential, Node, Proof,
+    SessionCreated, WallClock,
 };
 
 use crate::throttle::{Scope, ThrottleSettings};
@@ -321,6 +321,9 @@ pub enum KeyOutcome {
     Used,
     /// Refused by the throttle without being looked up.
     Throttled,
+    /// Not looked up: answered with a challenge (the node budget is spent, and the
+    /// attempt came without a valid proof).
+    Challenged,
 }
 
 impl KeyOutcome {
@@ -332,6 +335,7 @@ impl KeyOutcome {
             KeyOutcome::Expired => "expired",
             KeyOutcome::Used => "used",
             KeyOutcome::Throttled => "throttled",
+            KeyOutcome::Challenged => "challenged",
         }
     }
 }
@@ -386,8 +390,10 @@ pub enum SessionError {
     /// A value was unacceptable.
     #[error("{0}")]
     InvalidField(&'static str),
-    /// No live session has this support key or link.
-    #[error("no live session has this support key")]
+    /// No live session has this support key or link. A support key that expired or was
+    /// used gets this answer too, so that a guesser cannot tell which numbers are or
+    /// were real keys.
+    #[error("no live session has this support key; check it, or ask your agent for a new one")]
     WrongKey,
     /// The key or link expired before a customer used it.
     #[error("this support key has expired; ask your agent for a new one")]
@@ -401,6 +407,9 @@ pub enum SessionError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// The node's key budget is spent: solve this challenge and repeat the join.
+    #[error("solve the challenge, then repeat the join with the proof")]
+    ChallengeRequired(relay_codec::wire::KeyChallenge),
     /// Already 8 agents.
     #[error("the session already has its {MAX_AGENTS} agents")]
     SessionFull,
@@ -439,6 +448,7 @@ impl SessionError {
             SessionError::KeyExpired => ErrorCode::KeyExpired,
             SessionError::KeyUsed => ErrorCode::KeyUsed,
             SessionError::Throttled { .. } => ErrorCode::Throttled,
+            SessionError::ChallengeRequired(_) => ErrorCode::ChallengeRequired,
             SessionError::SessionFull => ErrorCode::SessionFull,
             SessionError::AgentSessionLimit(_) => ErrorCode::AgentSessionLimit,
             SessionError::MonitorLimit(_) => ErrorCode::MonitorLimit,

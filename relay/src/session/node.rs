@@ -32,6 +32,7 @@ use super::{
     SessionError, Settings, ShareOutcome, Signal, Stat,
 };
 use crate::identity::AgentIdentity;
+use crate::throttle::challenge::Challenges;
 use crate::throttle::{KeyThrottle, Verdict};
 
 /// How often stale tombstones and throttle entries are swept.
@@ -87,6 +88,19 @@ pub struct SessionCreated {
     pub link: Secret,
     /// When key and link stop working if no customer used them.
     pub expires_at: Instant,
+}
+
+/// What a support-key attempt brings for a spent key budget.
+#[derive(Debug, Clone, Default)]
+pub enum Proof {
+    /// Nothing (the usual case: the budget is not spent).
+    #[default]
+    None,
+    /// A solved challenge.
+    Solution(relay_codec::wire::KeyProof),
+    /// A solved challenge this node already redeemed for the same request (the cluster
+    /// router redeems it before it routes the attempt).
+    Redeemed,
 }
 
 /// How a customer proves it was given access.
@@ -204,6 +218,10 @@ pub struct Node {
     clock: WallClock,
     rng: Random,
     throttle: KeyThrottle,
+    /// Unknown support links, per address only (links are never held by the key budgets).
+    link_throttle: KeyThrottle,
+    /// The proof-of-work challenges of a spent key budget.
+    challenges: Challenges,
     sessions: HashMap<SessionId, SessionState>,
     keys: HashMap<String, SessionId>,
     links: HashMap<SecretDigest, SessionId>,
@@ -263,11 +281,16 @@ impl Node {
     /// A node with no sessions. `rng` must be a CSPRNG outside tests (support keys,
     /// ids and tokens come from it).
     pub fn new(settings: Settings, clock: WallClock, rng: Random) -> Self {
+        let mut rng = rng;
         let mut settings = settings;
         settings.key_ttl = settings.key_ttl.min(MAX_KEY_TTL);
         settings.max_sessions_per_agent = settings.max_sessions_per_agent.clamp(1, MAX_AGENTS);
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
         Node {
             throttle: KeyThrottle::new(settings.throttle.clone()),
+            link_throttle: KeyThrottle::per_address_only(settings.throttle.clone()),
+            challenges: Challenges::new(secret, clock.instant),
             next_housekeeping: clock.instant + HOUSEKEEPING_EVERY,
             settings,
             clock,
@@ -346,13 +369,6 @@ impl Node {
                 summary: Self::summary(s, now),
             })
             .collect()
-    }
-
-    /// Whether a support-key attempt from `from` may be looked up now (the throttle's
-    /// verdict; nothing is counted). The cluster shell asks before it looks a key up in
-    /// the directory, so that the directory is no way around the throttle.
-    pub fn key_lookup_allowed(&mut self, now: Instant, from: IpAddr) -> bool {
-        matches!(self.throttle.check(now, from), Verdict::Allow)
     }
 
     /// Gives a session whose key no customer has used a new support key, unique on this
@@ -497,10 +513,77 @@ impl Node {
         from: IpAddr,
         name: &str,
         credential: &JoinCredential,
+        proof: Proof,
     ) -> Result<Credentials, SessionError> {
-        let result = self.try_join(now, from, name, credential);
+        let result = self.try_join(now, from, name, credential, proof);
         self.count_join(Role::Customer, &result);
         result
+    }
+
+    /// Whether a support-key attempt from `from` may be looked up now, redeeming
+    /// `proof` if the key budget is spent (a refusal is answered by [`Node::join`];
+    /// nothing is counted). The cluster shell asks before it looks a key up in the
+    /// directory, so that the directory is no way around the throttle. `None`: not
+    /// now; `Some(Proof::None)`: yes; `Some(Proof::Redeemed)`: yes, by the proof, which
+    /// the attempt must then carry as [`Proof::Redeemed`] when it is joined here.
+    pub fn key_lookup_allowed(
+        &mut self,
+        now: Instant,
+        from: IpAddr,
+        proof: Option<&relay_codec::wire::KeyProof>,
+    ) -> Option<Proof> {
+        match self.throttle.check(now, from) {
+            Verdict::Allow => Some(Proof::None),
+            Verdict::Throttled { .. } => None,
+            Verdict::NeedsProof { .. } => proof
+                .filter(|p| {
+                    self.challenges
+                        .redeem(now, p, self.settings.throttle.challenge_bits)
+                        .is_ok()
+                })
+                .map(|_| Proof::Redeemed),
+        }
+    }
+
+    /// Whether a support-link attempt from `from` may be looked up now (the links' own
+    /// per-address budget; never the key budgets).
+    pub fn link_lookup_allowed(&mut self, now: Instant, from: IpAddr) -> bool {
+        matches!(self.link_throttle.check(now, from), Verdict::Allow)
+    }
+
+    /// The throttle's verdict on a key attempt: `Ok` to look it up, or the refusal.
+    fn admit_key_attempt(
+        &mut self,
+        now: Instant,
+        from: IpAddr,
+        proof: Proof,
+    ) -> Result<(), SessionError> {
+        match self.throttle.check(now, from) {
+            Verdict::Allow => Ok(()),
+            Verdict::Throttled { retry_after, .. } => {
+                self.stat(Stat::KeyAttempt(KeyOutcome::Throttled));
+                Err(SessionError::Throttled { retry_after })
+            }
+            Verdict::NeedsProof { bits } => {
+                let redeemed = match &proof {
+                    Proof::Redeemed => true,
+                    Proof::Solution(p) => self
+                        .challenges
+                        .redeem(now, p, self.settings.throttle.challenge_bits)
+                        .is_ok(),
+                    Proof::None => false,
+                };
+                if redeemed {
+                    return Ok(());
+                }
+                self.stat(Stat::KeyAttempt(KeyOutcome::Challenged));
+                Err(SessionError::ChallengeRequired(self.challenges.issue(
+                    now,
+                    bits,
+                    &mut *self.rng,
+                )))
+            }
+        }
     }
 
     fn try_join(
@@ -509,11 +592,17 @@ impl Node {
         from: IpAddr,
         name: &str,
         credential: &JoinCredential,
+        proof: Proof,
     ) -> Result<Credentials, SessionError> {
         let name = clean_name(name)?;
-        if let Verdict::Throttled { retry_after, .. } = self.throttle.check(now, from) {
-            self.stat(Stat::KeyAttempt(KeyOutcome::Throttled));
-            return Err(SessionError::Throttled { retry_after });
+        let is_link = matches!(credential, JoinCredential::Link(_));
+        if is_link {
+            if let Verdict::Throttled { retry_after, .. } = self.link_throttle.check(now, from) {
+                self.stat(Stat::KeyAttempt(KeyOutcome::Throttled));
+                return Err(SessionError::Throttled { retry_after });
+            }
+        } else {
+            self.admit_key_attempt(now, from, proof)?;
         }
         let found = match credential {
             JoinCredential::Key(typed) => match wire::normalize_support_key(typed) {
@@ -543,17 +632,28 @@ impl Node {
             Ok(id) => id,
             Err(outcome) => {
                 self.stat(Stat::KeyAttempt(outcome));
-                if let Some(scope) = self.throttle.record_failure(now, from) {
+                let throttle = if is_link {
+                    &mut self.link_throttle
+                } else {
+                    &mut self.throttle
+                };
+                for scope in throttle.record_failure(now, from).scopes() {
                     self.stat(Stat::Lockout(scope));
                 }
+                // A link (128 bits, not guessable) may say what became of it; a key
+                // may not: unknown, expired and used keys get one answer.
                 return Err(match outcome {
-                    KeyOutcome::Expired => SessionError::KeyExpired,
-                    KeyOutcome::Used => SessionError::KeyUsed,
+                    KeyOutcome::Expired if is_link => SessionError::KeyExpired,
+                    KeyOutcome::Used if is_link => SessionError::KeyUsed,
                     _ => SessionError::WrongKey,
                 });
             }
         };
-        self.throttle.record_success(now, from);
+        if is_link {
+            self.link_throttle.record_success(now, from);
+        } else {
+            self.throttle.record_success(now, from);
+        }
         self.stat(Stat::KeyAttempt(KeyOutcome::Ok));
 
         let token = Secret::random(&mut *self.rng);
@@ -1401,6 +1501,8 @@ impl Node {
         }
         if now >= self.next_housekeeping {
             self.throttle.prune(now);
+            self.link_throttle.prune(now);
+            self.challenges.prune(now);
             self.ended.sweep(now);
             self.expired_keys.sweep(now);
             self.expired_links.sweep(now);

@@ -211,6 +211,7 @@ impl Sim {
             from,
             "Carol Customer",
             &JoinCredential::Key(key.into()),
+            Proof::None,
         );
         self.drain();
         r
@@ -299,15 +300,18 @@ fn unused_key_expires_at_four_hours_and_ends_the_session() {
     sim.advance_to(Duration::from_secs(4 * 3600));
     assert_eq!(sim.ended_with(host_conn), Some(EndReason::KeyExpired));
     assert!(sim.closed.contains(&host_conn));
+    // An expired key gets the answer of a key that never was (a guesser learns
+    // nothing); the link, which no one guesses, may say it expired.
     assert_eq!(
         sim.join(late.support_key.reveal()).unwrap_err(),
-        SessionError::KeyExpired
+        SessionError::WrongKey
     );
     let by_link = sim.node.join(
         sim.now,
         addr(2),
         "Carol",
         &JoinCredential::Link(late.link.reveal().into()),
+        Proof::None,
     );
     assert_eq!(by_link.unwrap_err(), SessionError::KeyExpired);
     // The session that was joined in time lives on.
@@ -330,9 +334,10 @@ fn a_key_admits_one_customer_and_the_link_works_like_the_key() {
         &a.support_key.reveal()[6..]
     );
     assert!(sim.join(&spaced).is_ok());
+    // A used key answers like an unknown one.
     assert_eq!(
         sim.join(a.support_key.reveal()).unwrap_err(),
-        SessionError::KeyUsed
+        SessionError::WrongKey
     );
     let b = sim.create(&alice);
     let r = sim.node.join(
@@ -340,13 +345,23 @@ fn a_key_admits_one_customer_and_the_link_works_like_the_key() {
         addr(1),
         "Dan",
         &JoinCredential::Link(b.link.reveal().into()),
+        Proof::None,
     );
     assert_eq!(r.unwrap().session_id, b.host.session_id);
     assert_eq!(
         sim.join(b.support_key.reveal()).unwrap_err(),
-        SessionError::KeyUsed,
+        SessionError::WrongKey,
         "link and key share the one admission"
     );
+    // The link itself may say it was used.
+    let again = sim.node.join(
+        sim.now,
+        addr(1),
+        "Dan",
+        &JoinCredential::Link(b.link.reveal().into()),
+        Proof::None,
+    );
+    assert_eq!(again.unwrap_err(), SessionError::KeyUsed);
 }
 
 #[test]
@@ -360,6 +375,7 @@ fn names_are_validated_before_any_key_is_tried() {
             addr(1),
             bad,
             &JoinCredential::Key(a.support_key.reveal().into()),
+            Proof::None,
         );
         assert!(matches!(r, Err(SessionError::InvalidField(_))), "{bad:?}");
     }
@@ -399,7 +415,7 @@ fn ten_thousand_random_keys_never_find_a_live_session() {
         sim.create(&alice);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
-    let (mut throttled, mut wrong) = (0, 0);
+    let (mut refused, mut wrong) = (0, 0);
     for i in 0..10_000u32 {
         let key = format!(
             "{:09}",
@@ -408,15 +424,17 @@ fn ten_thousand_random_keys_never_find_a_live_session() {
         // Spread over 100 addresses, one attempt every 10 ms.
         sim.now += Duration::from_millis(10);
         match sim.join_from(addr((i % 100) as u8), &key) {
-            Err(SessionError::Throttled { .. }) => throttled += 1,
+            Err(SessionError::Throttled { .. } | SessionError::ChallengeRequired(_)) => {
+                refused += 1
+            }
             Err(SessionError::WrongKey) => wrong += 1,
             other => panic!("attempt {i} got {other:?}"),
         }
     }
-    // 100 s of attempts: the node-wide budget (300/min) holds the whole sweep to a
-    // few hundred lookups.
+    // 100 s of attempts without work: the node-wide budget (300/min) holds the whole
+    // sweep to a few hundred lookups; the rest are asked for a proof.
     assert!(wrong <= 600, "{wrong} keys were looked up");
-    assert!(throttled >= 9_000, "{throttled}");
+    assert!(refused >= 9_000, "{refused}");
     assert!(
         sim.stats
             .contains(&Stat::Lockout(crate::throttle::Scope::Node))
@@ -1927,7 +1945,10 @@ fn cluster_hooks_publish_rekey_and_know_sessions() {
         sim.node.replace_support_key(&sid).is_none(),
         "a used key is never replaced"
     );
-    assert!(sim.node.key_lookup_allowed(sim.now, addr(1)));
+    assert!(matches!(
+        sim.node.key_lookup_allowed(sim.now, addr(1), None),
+        Some(Proof::None)
+    ));
 
     sim.node
         .end_session(sim.now, &alice, &sid)
@@ -1938,4 +1959,167 @@ fn cluster_hooks_publish_rekey_and_know_sessions() {
         sim.node.knows_session(&sid),
         "an ended session is still answered here (session_ended), not routed"
     );
+}
+
+/// Joins with `key` from `from`, solving the challenge the node asks for (if it asks).
+fn join_solving(sim: &mut Sim, from: IpAddr, key: &str) -> Result<Credentials, SessionError> {
+    match sim.join_from(from, key) {
+        Err(SessionError::ChallengeRequired(c)) => {
+            let proof = relay_codec::wire::KeyProof {
+                nonce: relay_codec::challenge::solve(&c.challenge, c.bits),
+                challenge: c.challenge,
+            };
+            let r = sim.node.join(
+                sim.now,
+                from,
+                "Carol Customer",
+                &JoinCredential::Key(key.into()),
+                Proof::Solution(proof),
+            );
+            sim.drain();
+            r
+        }
+        other => other,
+    }
+}
+
+/// The node budget of [`cheap_challenges`].
+const NODE_BUDGET: u32 = 20;
+
+fn spend_the_node_budget(sim: &mut Sim, live: &[&str]) {
+    let budget = NODE_BUDGET;
+    let mut wrong = random_wrong_keys(budget as usize, live).into_iter();
+    // From many addresses, each within its own budget.
+    for i in 0..budget {
+        let key = wrong.next().expect("enough keys");
+        let from = IpAddr::V4(Ipv4Addr::new(198, 51, (i / 200) as u8, (i % 200) as u8));
+        assert_eq!(sim.join_from(from, &key).unwrap_err(), SessionError::WrongKey);
+    }
+}
+
+fn random_wrong_keys(n: usize, live: &[&str]) -> Vec<String> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut keys = Vec::new();
+    while keys.len() < n {
+        let k = format!("{:09}", rand::Rng::random_range(&mut rng, 0..1_000_000_000u32));
+        if !live.contains(&k.as_str()) {
+            keys.push(k);
+        }
+    }
+    keys
+}
+
+fn cheap_challenges() -> Settings {
+    let mut s = settings();
+    s.throttle.challenge_bits = 8;
+    s.throttle.challenge_max_bits = 10;
+    s.throttle.per_address_failures = 3;
+    s.throttle.node_failures = NODE_BUDGET;
+    s
+}
+
+#[test]
+fn a_spent_key_budget_asks_for_work_and_lets_the_right_key_in_with_it() {
+    let mut sim = Sim::new(cheap_challenges());
+    let alice = agent("alice", &["support"]);
+    let live = sim.create(&alice);
+    let key = live.support_key.reveal().to_owned();
+    spend_the_node_budget(&mut sim, &[&key]);
+    assert!(
+        sim.stats
+            .contains(&Stat::Lockout(crate::throttle::Scope::Node)),
+        "spending the node budget is counted as a node lock-out"
+    );
+    // A customer never seen before, with the right key: asked for work, not refused.
+    let fresh = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    let challenge = match sim.join_from(fresh, &key) {
+        Err(SessionError::ChallengeRequired(c)) => c,
+        other => panic!("expected a challenge, got {other:?}"),
+    };
+    assert_eq!(challenge.bits, 8);
+    assert!(sim.stats.contains(&Stat::KeyAttempt(KeyOutcome::Challenged)));
+    // A wrong nonce is no proof: another challenge comes back, the key is not looked up.
+    let wrong_nonce = (0u64..)
+        .map(|n| n.to_string())
+        .find(|n| !relay_codec::challenge::solves(&challenge.challenge, n, challenge.bits))
+        .expect("a failing nonce");
+    let unsolved = sim.node.join(
+        sim.now,
+        fresh,
+        "Carol",
+        &JoinCredential::Key(key.clone()),
+        Proof::Solution(relay_codec::wire::KeyProof {
+            challenge: challenge.challenge.clone(),
+            nonce: wrong_nonce,
+        }),
+    );
+    assert!(matches!(unsolved, Err(SessionError::ChallengeRequired(_))));
+    // Solved, it gets in.
+    let proof = relay_codec::wire::KeyProof {
+        nonce: relay_codec::challenge::solve(&challenge.challenge, challenge.bits),
+        challenge: challenge.challenge,
+    };
+    let joined = sim.node.join(
+        sim.now,
+        fresh,
+        "Carol",
+        &JoinCredential::Key(key.clone()),
+        Proof::Solution(proof.clone()),
+    );
+    assert!(joined.is_ok(), "{joined:?}");
+    // The same proof does not buy a second attempt.
+    let other = sim.create(&alice);
+    let replay = sim.node.join(
+        sim.now,
+        fresh,
+        "Mallory",
+        &JoinCredential::Key(other.support_key.reveal().into()),
+        Proof::Solution(proof),
+    );
+    assert!(matches!(replay, Err(SessionError::ChallengeRequired(_))));
+    assert!(join_solving(&mut sim, fresh, other.support_key.reveal()).is_ok());
+    // The window passes: no work needed any more.
+    sim.now += Duration::from_secs(61);
+    let third = sim.create(&alice);
+    assert!(sim.join_from(fresh, third.support_key.reveal()).is_ok());
+}
+
+#[test]
+fn support_links_are_never_held_by_the_key_budgets() {
+    let mut sim = Sim::new(cheap_challenges());
+    let alice = agent("alice", &["support"]);
+    let live = sim.create(&alice);
+    spend_the_node_budget(&mut sim, &[live.support_key.reveal()]);
+    let fresh = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
+    let r = sim.node.join(
+        sim.now,
+        fresh,
+        "Carol",
+        &JoinCredential::Link(live.link.reveal().into()),
+        Proof::None,
+    );
+    assert!(r.is_ok(), "a correct link while the key budget is spent: {r:?}");
+    // Unknown links have their own per-address budget (3 in these settings), which
+    // does not touch the key budget of that address.
+    let prober = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 11));
+    for _ in 0..3 {
+        let r = sim.node.join(
+            sim.now,
+            prober,
+            "X",
+            &JoinCredential::Link("nope".into()),
+            Proof::None,
+        );
+        assert_eq!(r.unwrap_err(), SessionError::WrongKey);
+    }
+    let r = sim.node.join(
+        sim.now,
+        prober,
+        "X",
+        &JoinCredential::Link("nope".into()),
+        Proof::None,
+    );
+    assert_eq!(r.unwrap_err().code(), ErrorCode::Throttled);
+    let other = sim.create(&alice);
+    assert!(join_solving(&mut sim, prober, other.support_key.reveal()).is_ok());
 }

@@ -22,7 +22,7 @@ use super::actor::ActorGone;
 use crate::auth::AuthError;
 use crate::identity::AgentIdentity;
 use crate::session::{
-    Credentials, InvitationId, JoinCredential, ParticipantId, SessionError, SessionId,
+    Credentials, InvitationId, JoinCredential, ParticipantId, Proof, SessionError, SessionId,
 };
 
 /// The routes of the node.
@@ -77,6 +77,8 @@ pub struct ApiError {
     pub message: String,
     /// For `throttled`: seconds until a retry may succeed.
     pub retry_after_s: Option<u64>,
+    /// For `challenge_required`: the puzzle.
+    pub challenge: Option<relay_codec::wire::KeyChallenge>,
 }
 
 impl ApiError {
@@ -86,6 +88,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_s: None,
+            challenge: None,
         }
     }
 }
@@ -106,7 +109,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::SessionEnded
         | ErrorCode::SessionLost => StatusCode::GONE,
         ErrorCode::Redirect => StatusCode::TEMPORARY_REDIRECT,
-        ErrorCode::Throttled => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Throttled | ErrorCode::ChallengeRequired => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::SessionFull
         | ErrorCode::AgentSessionLimit
         | ErrorCode::MonitorLimit
@@ -127,6 +130,7 @@ impl IntoResponse for ApiError {
                 message: self.message,
                 retry_after_s: self.retry_after_s,
                 location: None,
+                challenge: self.challenge,
             },
         };
         let mut resp = (status, axum::Json(body)).into_response();
@@ -140,12 +144,17 @@ impl IntoResponse for ApiError {
 
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
+        let challenge = match &e {
+            SessionError::ChallengeRequired(c) => Some(c.clone()),
+            _ => None,
+        };
         ApiError {
             code: e.code(),
             message: e.to_string(),
             retry_after_s: e
                 .retry_after()
                 .map(|d| d.as_secs_f64().ceil().max(1.0) as u64),
+            challenge,
         }
     }
 }
@@ -333,9 +342,14 @@ async fn end_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Set by the cluster router on a join whose proof it redeemed before routing it here.
+#[derive(Debug, Clone, Copy)]
+pub struct ProofRedeemed;
+
 async fn join(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    redeemed: Option<axum::Extension<ProofRedeemed>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
@@ -352,9 +366,14 @@ async fn join(
     };
     let from = client_ip(&state, peer, &headers);
     let name = req.name;
+    let proof = match (redeemed, req.proof) {
+        (Some(_), _) => Proof::Redeemed,
+        (None, Some(p)) => Proof::Solution(p),
+        (None, None) => Proof::None,
+    };
     let creds = state
         .actor
-        .call(move |node, now| node.join(now, from, &name, &credential))
+        .call(move |node, now| node.join(now, from, &name, &credential, proof))
         .await??;
     Ok(axum::Json(credentials(&state, &creds)).into_response())
 }

@@ -79,6 +79,8 @@ pub fn settings_from(config: &Config) -> Settings {
             lockout_max: l.key_lockout_max,
             node_failures: l.key_failures_node,
             max_tracked_addresses: 100_000,
+            challenge_bits: l.key_challenge_bits,
+            challenge_max_bits: l.key_challenge_max_bits,
         },
     }
 }

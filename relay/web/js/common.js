@@ -62,11 +62,13 @@ export function chatLine(log, who, text, note = false) {
 /** A refused API call or session socket: the relay's stable `code` and its message.
  * A `redirect` (a cluster node that does not hold what was asked) has `location`. */
 export class RelayError extends Error {
-  constructor(code, message, status = 0, location = undefined) {
+  constructor(code, message, status = 0, location = undefined, challenge = undefined) {
     super(message);
     this.code = code;
     this.status = status;
     this.location = location;
+    // For `challenge_required`: `{challenge, bits}`, the proof of work to do.
+    this.challenge = challenge;
   }
 }
 
@@ -77,6 +79,7 @@ export function describeError(code, fallback) {
     key_expired: 'This support key has expired. Ask your agent for a new one.',
     key_used: 'This support key has already been used. Ask your agent for a new one.',
     throttled: 'Too many wrong keys were tried from here. Please wait a moment and try again.',
+    challenge_required: 'Many wrong keys were tried on this server recently; checking your key takes a moment.',
     session_full: 'This session is full.',
     session_ended: 'This session has ended.',
     unauthorized: 'Your sign-in was not accepted (the token is invalid or has expired).',
@@ -115,7 +118,8 @@ export async function api(path, { method = 'GET', token, body } = {}) {
   const json = text ? JSON.parse(text) : null;
   if (!resp.ok) {
     const err = json && json.error ? json.error : { code: 'internal', message: resp.statusText };
-    throw new RelayError(err.code, describeError(err.code, err.message), resp.status, err.location);
+    throw new RelayError(err.code, describeError(err.code, err.message), resp.status, err.location,
+      err.challenge);
   }
   return json;
 }

@@ -8,6 +8,7 @@ import {
   decodeInput, keyName, retryResume, withToken, pageOn, pageParams, homeOrigin, resumeThrough,
   INPUT_LABEL, CHAT_LABEL, FILES_LABEL, MOD, MAX_REDIRECTS,
 } from './common.js';
+import { solveChallenge } from './work.js';
 
 // `?key=` fills the key in; after a cluster redirect moved the page here (see `join`),
 // the fragment carries `key` or the link's path, `name`, `join` (the number of moves so
@@ -70,7 +71,7 @@ $('#join-form').addEventListener('submit', async (ev) => {
   $('#join-button').disabled = true;
   try {
     const body = supportLink ? { name, support_link: supportLink } : { name, support_key: key };
-    const creds = await api('/v1/join', { method: 'POST', body });
+    const creds = await joinWithWork(body, status);
     await enter(creds, name);
   } catch (e) {
     if (e.code === 'redirect' && e.location && moves < MAX_REDIRECTS) {
@@ -88,6 +89,26 @@ $('#join-form').addEventListener('submit', async (ev) => {
     $('#join-button').disabled = false;
   }
 });
+
+/**
+ * POST /v1/join; answered `challenge_required` (the server's key budget is spent by
+ * someone guessing keys), does the proof of work it asks for and repeats the join with
+ * the proof, a few times at most (a challenge may expire, or the difficulty rise).
+ */
+async function joinWithWork(body, status) {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api('/v1/join', { method: 'POST', body });
+    } catch (e) {
+      if (e.code !== 'challenge_required' || !e.challenge || attempt >= 3) throw e;
+      say(status, describeError('challenge_required'));
+      document.body.dataset.state = 'working';
+      const nonce = await solveChallenge(e.challenge.challenge, e.challenge.bits);
+      body = { ...body, proof: { challenge: e.challenge.challenge, nonce } };
+      say(status, 'Joining…');
+    }
+  }
+}
 
 /** Opens the session WebSocket at `url`; a drop afterwards starts a resume. */
 async function connect(url) {

@@ -7,13 +7,24 @@
 //!   one starts a lock-out of `lockout_base`, doubling with each further lock-out of that
 //!   address up to `lockout_max`. IPv6 addresses are grouped by their /64, since one
 //!   host usually owns a whole /64.
-//! - **node-wide**: at most `node_failures` failures within `window`, across all
-//!   addresses, so that many addresses together cannot sweep the key space.
+//! - **node-wide**: `node_failures` failures within `window`, across all addresses, are
+//!   free; once they are spent, an attempt is looked up only with a solved proof-of-work
+//!   [`challenge`] ([`Verdict::NeedsProof`]), so that many addresses together cannot
+//!   sweep the key space cheaply, and a customer with the right key still gets in after
+//!   a moment of work instead of being refused. The difficulty starts at
+//!   `challenge_bits` and grows by one bit each time the failures past the budget
+//!   double (up to `challenge_max_bits`), so the faster someone guesses, the more each
+//!   guess costs.
 //!
-//! While throttled, an attempt is refused **without being looked up**, so a correct key
-//! does not get through either. The tracked addresses are bounded
+//! While throttled (an address locked out), an attempt is refused **without being
+//! looked up**, so a correct key does not get through either. Support links (128-bit
+//! tokens, not guessable) are never held by these budgets: they have a throttle of
+//! their own, per address only ([`KeyThrottle::per_address_only`]), for unknown links.
+//! The tracked addresses are bounded
 //! (`max_tracked_addresses`); beyond it the least recently seen entry that is not locked
 //! out is forgotten. Like the rest of the core it reads no clock: every call takes `now`.
+
+pub mod challenge;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -30,10 +41,14 @@ pub struct ThrottleSettings {
     pub lockout_base: Duration,
     /// The longest lock-out (lock-outs double up to this).
     pub lockout_max: Duration,
-    /// Failures the whole node may see within `window`.
+    /// Failures the whole node may see within `window` before attempts need a proof.
     pub node_failures: u32,
     /// Most addresses tracked at once (memory bound).
     pub max_tracked_addresses: usize,
+    /// Difficulty (leading zero bits) of the first challenge once the node budget is spent.
+    pub challenge_bits: u8,
+    /// The most the difficulty grows to under a sustained sweep.
+    pub challenge_max_bits: u8,
 }
 
 impl Default for ThrottleSettings {
@@ -45,6 +60,8 @@ impl Default for ThrottleSettings {
             lockout_max: Duration::from_secs(3600),
             node_failures: 300,
             max_tracked_addresses: 100_000,
+            challenge_bits: 18,
+            challenge_max_bits: 22,
         }
     }
 }
@@ -73,6 +90,12 @@ impl Scope {
 pub enum Verdict {
     /// Go ahead.
     Allow,
+    /// The node-wide budget is spent: look the attempt up only if it comes with a
+    /// solved challenge of this many bits; otherwise hand it one.
+    NeedsProof {
+        /// The difficulty a new challenge gets now.
+        bits: u8,
+    },
     /// Refuse without looking the key up.
     Throttled {
         /// When the caller may try again.
@@ -107,13 +130,40 @@ struct AddressRecord {
     last_seen: Instant,
 }
 
+/// The lock-outs one failure started (it can start both: the failure that spends the
+/// node budget may also spend its address's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Started {
+    /// The address's lock-out started.
+    pub address: bool,
+    /// The node budget is spent from now on (attempts need a proof).
+    pub node: bool,
+}
+
+impl Started {
+    /// The scopes started, address first.
+    pub fn scopes(self) -> impl Iterator<Item = Scope> {
+        [
+            self.address.then_some(Scope::Address),
+            self.node.then_some(Scope::Node),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 /// The guard itself; one per node.
 #[derive(Debug)]
 pub struct KeyThrottle {
     settings: ThrottleSettings,
     addresses: HashMap<AddressKey, AddressRecord>,
+    /// Whether the node-wide budget applies (not for support links).
+    node_wide: bool,
     /// Node-wide failures, one entry per failure, oldest first (bounded by `node_failures`).
     node_failures: VecDeque<Instant>,
+    /// Failures past the node budget within the window (with proofs), oldest first;
+    /// bounded by the count that reaches `challenge_max_bits`.
+    over_budget: VecDeque<Instant>,
 }
 
 impl KeyThrottle {
@@ -122,8 +172,37 @@ impl KeyThrottle {
         KeyThrottle {
             settings,
             addresses: HashMap::new(),
+            node_wide: true,
             node_failures: VecDeque::new(),
+            over_budget: VecDeque::new(),
         }
+    }
+
+    /// A guard of the per-address budget alone (for unknown support links, which no
+    /// sweep can find, so that no node-wide budget is needed to protect them).
+    pub fn per_address_only(settings: ThrottleSettings) -> Self {
+        KeyThrottle {
+            node_wide: false,
+            ..KeyThrottle::new(settings)
+        }
+    }
+
+    /// The difficulty of a challenge handed out now: `challenge_bits`, plus one for
+    /// each doubling of the failures past the node budget, up to `challenge_max_bits`.
+    pub fn challenge_bits(&self) -> u8 {
+        let s = &self.settings;
+        let over = self.over_budget.len() as u64;
+        let budget = u64::from(s.node_failures.max(1));
+        // floor(log2(1 + over / budget))
+        let extra = (1 + over / budget).ilog2();
+        let bits = u32::from(s.challenge_bits) + extra;
+        bits.min(u32::from(s.challenge_max_bits.max(s.challenge_bits))) as u8
+    }
+
+    /// Whether the node budget is spent now (attempts need proofs).
+    pub fn needs_proof(&mut self, now: Instant) -> bool {
+        self.expire_node(now);
+        self.node_wide && self.node_failures.len() >= self.settings.node_failures as usize
     }
 
     /// Whether an attempt from `addr` may be looked up now.
@@ -136,33 +215,36 @@ impl KeyThrottle {
                 retry = Some((until - now, Scope::Address));
             }
         }
-        if retry.is_none() && self.node_failures.len() >= self.settings.node_failures as usize {
-            let oldest = self.node_failures.front().copied().unwrap_or(now);
-            retry = Some((
-                (oldest + self.settings.window).saturating_duration_since(now),
-                Scope::Node,
-            ));
-        }
         match retry {
             Some((retry_after, scope)) => Verdict::Throttled {
                 retry_after: retry_after.max(Duration::from_secs(1)),
                 scope,
             },
+            None if self.needs_proof(now) => Verdict::NeedsProof {
+                bits: self.challenge_bits(),
+            },
             None => Verdict::Allow,
         }
     }
 
-    /// Counts a failed attempt from `addr`. Returns the scope whose lock-out this
-    /// failure started, if any.
-    pub fn record_failure(&mut self, now: Instant, addr: IpAddr) -> Option<Scope> {
+    /// Counts a failed attempt from `addr`. Returns the lock-outs this failure started.
+    pub fn record_failure(&mut self, now: Instant, addr: IpAddr) -> Started {
         self.expire_node(now);
-        let mut started = None;
+        let mut started = Started::default();
         let node_limit = self.settings.node_failures as usize;
-        if self.node_failures.len() < node_limit {
+        if self.node_wide && self.node_failures.len() < node_limit {
             self.node_failures.push_back(now);
-            if self.node_failures.len() == node_limit {
-                started = Some(Scope::Node);
+            started.node = self.node_failures.len() == node_limit;
+        } else if self.node_wide {
+            let s = &self.settings;
+            let cap = node_limit.max(1)
+                << s.challenge_max_bits
+                    .saturating_sub(s.challenge_bits)
+                    .min(20);
+            if self.over_budget.len() >= cap {
+                self.over_budget.pop_front();
             }
+            self.over_budget.push_back(now);
         }
 
         let key = AddressKey::of(addr);
@@ -194,7 +276,7 @@ impl KeyThrottle {
             rec.locked_until = Some(now + lockout);
             rec.lockouts = rec.lockouts.saturating_add(1);
             rec.failures.clear();
-            started = Some(Scope::Address);
+            started.address = true;
         }
         started
     }
@@ -231,12 +313,14 @@ impl KeyThrottle {
     }
 
     fn expire_node(&mut self, now: Instant) {
-        while self
-            .node_failures
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= self.settings.window)
-        {
-            self.node_failures.pop_front();
+        let window = self.settings.window;
+        for queue in [&mut self.node_failures, &mut self.over_budget] {
+            while queue
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+            {
+                queue.pop_front();
+            }
         }
     }
 
@@ -281,6 +365,8 @@ mod tests {
             lockout_max: Duration::from_secs(300),
             node_failures: 10,
             max_tracked_addresses: 100,
+            challenge_bits: 8,
+            challenge_max_bits: 10,
         }
     }
 
@@ -293,7 +379,7 @@ mod tests {
             for i in 0..3 {
                 assert_eq!(t.check(now, v4(1)), Verdict::Allow);
                 let started = t.record_failure(now, v4(1));
-                assert_eq!(started.is_some(), i == 2);
+                assert_eq!(started.address, i == 2);
             }
             match t.check(now, v4(1)) {
                 Verdict::Throttled { retry_after, scope } => {
@@ -301,7 +387,7 @@ mod tests {
                     lockouts.push(retry_after.as_secs());
                     now += retry_after;
                 }
-                Verdict::Allow => panic!("not locked out"),
+                other => panic!("not locked out: {other:?}"),
             }
             // Other addresses are unaffected.
             assert_eq!(t.check(now, v4(2)), Verdict::Allow);
@@ -324,25 +410,77 @@ mod tests {
     }
 
     #[test]
-    fn node_budget_stops_many_addresses_together() {
+    fn a_spent_node_budget_asks_every_address_for_a_proof_until_the_window_passes() {
         let mut t = KeyThrottle::new(settings());
         let now = Instant::now();
         let mut started = Vec::new();
         for i in 0..10 {
             started.push(t.record_failure(now, v4(i)));
         }
-        assert_eq!(started.last(), Some(&Some(Scope::Node)));
-        match t.check(now + Duration::from_secs(10), v4(200)) {
-            Verdict::Throttled { retry_after, scope } => {
-                assert_eq!(scope, Scope::Node);
-                assert_eq!(retry_after, Duration::from_secs(50));
-            }
-            Verdict::Allow => panic!("node budget not enforced"),
-        }
+        assert!(started[..9].iter().all(|s| !s.node));
+        assert_eq!(started.last().map(|s| s.node), Some(true));
+        // A never-seen address is not refused: it is asked for work.
+        assert_eq!(
+            t.check(now + Duration::from_secs(10), v4(200)),
+            Verdict::NeedsProof { bits: 8 }
+        );
         assert_eq!(
             t.check(now + Duration::from_secs(60), v4(200)),
             Verdict::Allow
         );
+    }
+
+    #[test]
+    fn the_failure_that_spends_both_budgets_starts_both_lock_outs() {
+        let mut s = settings();
+        s.node_failures = 3;
+        let mut t = KeyThrottle::new(s);
+        let now = Instant::now();
+        t.record_failure(now, v4(1));
+        t.record_failure(now, v4(1));
+        let started = t.record_failure(now, v4(1));
+        assert_eq!(
+            started.scopes().collect::<Vec<_>>(),
+            vec![Scope::Address, Scope::Node]
+        );
+    }
+
+    #[test]
+    fn the_difficulty_grows_a_bit_per_doubling_past_the_budget_up_to_the_max() {
+        let mut t = KeyThrottle::new(settings());
+        let now = Instant::now();
+        let mut bits = Vec::new();
+        for i in 0..10 + 80 {
+            // Each from its own address, as a sweep from many addresses would be.
+            t.record_failure(now, IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)));
+            bits.push(t.challenge_bits());
+        }
+        // 10 free; past them: <10 over → 8 bits, 10..29 over → 9, 30.. → 10 (the max).
+        assert_eq!(bits[9], 8);
+        assert_eq!(bits[10 + 9], 9);
+        assert_eq!(bits[10 + 29], 10);
+        assert_eq!(*bits.last().expect("bits"), 10);
+        // The window passes: back to free attempts.
+        assert_eq!(
+            t.check(now + Duration::from_secs(60), v4(1)),
+            Verdict::Allow
+        );
+        assert_eq!(t.challenge_bits(), 8);
+    }
+
+    #[test]
+    fn a_link_throttle_has_no_node_budget() {
+        let mut t = KeyThrottle::per_address_only(settings());
+        let now = Instant::now();
+        for i in 0..50 {
+            assert!(!t.record_failure(now, v4(i)).node);
+        }
+        assert_eq!(t.check(now, v4(200)), Verdict::Allow);
+        // Its per-address budget still holds.
+        for _ in 0..3 {
+            t.record_failure(now, v4(201));
+        }
+        assert!(matches!(t.check(now, v4(201)), Verdict::Throttled { .. }));
     }
 
     #[test]
@@ -368,7 +506,7 @@ mod tests {
         t.record_failure(now, v4(1));
         t.record_failure(now, v4(1));
         t.record_success(now, v4(1));
-        assert_eq!(t.record_failure(now, v4(1)), None);
+        assert_eq!(t.record_failure(now, v4(1)), Started::default());
         assert_eq!(t.check(now, v4(1)), Verdict::Allow);
     }
 
