@@ -33,6 +33,10 @@ mod interop;
 #[path = "browser/cluster.rs"]
 mod cluster;
 
+/// The portal while the node's support-key budget is spent: it does the proof of work.
+#[path = "browser/key_budget.rs"]
+mod key_budget;
+
 use driver::Chromium;
 
 /// The portal the tests' agents work in.

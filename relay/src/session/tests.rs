@@ -1993,7 +1993,10 @@ fn spend_the_node_budget(sim: &mut Sim, live: &[&str]) {
     for i in 0..budget {
         let key = wrong.next().expect("enough keys");
         let from = IpAddr::V4(Ipv4Addr::new(198, 51, (i / 200) as u8, (i % 200) as u8));
-        assert_eq!(sim.join_from(from, &key).unwrap_err(), SessionError::WrongKey);
+        assert_eq!(
+            sim.join_from(from, &key).unwrap_err(),
+            SessionError::WrongKey
+        );
     }
 }
 
@@ -2001,7 +2004,10 @@ fn random_wrong_keys(n: usize, live: &[&str]) -> Vec<String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut keys = Vec::new();
     while keys.len() < n {
-        let k = format!("{:09}", rand::Rng::random_range(&mut rng, 0..1_000_000_000u32));
+        let k = format!(
+            "{:09}",
+            rand::Rng::random_range(&mut rng, 0..1_000_000_000u32)
+        );
         if !live.contains(&k.as_str()) {
             keys.push(k);
         }
@@ -2037,7 +2043,10 @@ fn a_spent_key_budget_asks_for_work_and_lets_the_right_key_in_with_it() {
         other => panic!("expected a challenge, got {other:?}"),
     };
     assert_eq!(challenge.bits, 8);
-    assert!(sim.stats.contains(&Stat::KeyAttempt(KeyOutcome::Challenged)));
+    assert!(
+        sim.stats
+            .contains(&Stat::KeyAttempt(KeyOutcome::Challenged))
+    );
     // A wrong nonce is no proof: another challenge comes back, the key is not looked up.
     let wrong_nonce = (0u64..)
         .map(|n| n.to_string())
@@ -2098,7 +2107,10 @@ fn support_links_are_never_held_by_the_key_budgets() {
         &JoinCredential::Link(live.link.reveal().into()),
         Proof::None,
     );
-    assert!(r.is_ok(), "a correct link while the key budget is spent: {r:?}");
+    assert!(
+        r.is_ok(),
+        "a correct link while the key budget is spent: {r:?}"
+    );
     // Unknown links have their own per-address budget (3 in these settings), which
     // does not touch the key budget of that address.
     let prober = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 11));
