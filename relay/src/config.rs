@@ -32,6 +32,8 @@ pub const MIN_PUBLISH_BITRATE: u64 = 100_000;
 pub const MAX_PUBLISH_BITRATE: u64 = 1_000_000_000;
 /// The longest accepted `limits.handshake_timeout`.
 pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The largest accepted `per_second` and `burst` of a `[rate_limits]` budget.
+pub const MAX_RATE_PER_SECOND: u32 = 1_000_000;
 
 /// The whole configuration of a relay node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +55,8 @@ pub struct Config {
     pub session: SessionConfig,
     /// Abuse and resource limits (`[limits]`).
     pub limits: LimitsConfig,
+    /// Per-participant message budgets (`[rate_limits]`).
+    pub rate_limits: crate::rate_limit::RateLimits,
     /// Graceful shutdown (`[drain]`).
     pub drain: DrainConfig,
     /// Logging (`[log]`).
@@ -75,6 +79,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             session: SessionConfig::default(),
             limits: LimitsConfig::default(),
+            rate_limits: crate::rate_limit::RateLimits::default(),
             drain: DrainConfig::default(),
             log: LogConfig::default(),
             media: MediaConfig::default(),
@@ -579,6 +584,22 @@ impl Config {
                 humantime::format_duration(l.key_lockout_max),
                 humantime::format_duration(l.key_lockout_base)
             ));
+        }
+
+        for (class, limit) in self.rate_limits.all() {
+            let key = format!("rate_limits.{}", class.as_str());
+            if !(1..=MAX_RATE_PER_SECOND).contains(&limit.per_second) {
+                return invalid(format!(
+                    "{key}.per_second must be between 1 and {MAX_RATE_PER_SECOND} (got {})",
+                    limit.per_second
+                ));
+            }
+            if !(1..=MAX_RATE_PER_SECOND).contains(&limit.burst) {
+                return invalid(format!(
+                    "{key}.burst must be between 1 and {MAX_RATE_PER_SECOND} (got {})",
+                    limit.burst
+                ));
+            }
         }
 
         match self.tls.mode {

@@ -107,7 +107,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::SessionEnded
         | ErrorCode::SessionLost => StatusCode::GONE,
         ErrorCode::Redirect => StatusCode::TEMPORARY_REDIRECT,
-        ErrorCode::Throttled => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Throttled | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::SessionFull
         | ErrorCode::AgentSessionLimit
         | ErrorCode::MonitorLimit

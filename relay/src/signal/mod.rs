@@ -78,6 +78,7 @@ pub fn settings_from(config: &Config) -> Settings {
             node_failures: l.key_failures_node,
             max_tracked_addresses: 100_000,
         },
+        rate_limits: config.rate_limits,
     }
 }
 
