@@ -1322,7 +1322,12 @@ async fn relay_token_command_mints_working_tokens() -> Result<()> {
 /// memory; the session, the customer and the agent's place in it are unaffected.
 #[tokio::test]
 async fn participant_that_stops_reading_is_cut_off_not_buffered() -> Result<()> {
-    let relay = RelayBuilder::new().start().await?;
+    // The customer's chat must outrun the host's reading: its budget is lifted here
+    // (with the default one the flood is refused instead; see resilience/floods.rs).
+    let relay = RelayBuilder::new()
+        .extra_toml("[rate_limits]\nchat = { per_second = 1000000, burst = 1000000 }\n")
+        .start()
+        .await?;
     let (s, mut host) = open_session(&relay).await?;
     let (_, mut customer) = customer_joins(&relay, &s).await?;
     // The host stops reading from here on; the customer chats a lot (~24 MB in all,

@@ -32,6 +32,13 @@ mod tcp;
 #[path = "resilience/bad_input.rs"]
 mod bad_input;
 
+/// Floods: a customer's 1,000 chat messages of 4 KB as fast as it can, an agent's
+/// 20,000 candidates during a downgrade. The flooder is held to its budget and told
+/// `rate_limited`; nobody else is disconnected, frames and input keep flowing, and the
+/// downgrade holds at once: none of the agent's later input reaches the customer.
+#[path = "resilience/floods.rs"]
+mod floods;
+
 /// Soak: two minutes of the bench's load with churn; nothing lost, memory flat.
 #[path = "resilience/soak.rs"]
 mod soak;

@@ -67,6 +67,9 @@ pub enum ErrorCode {
     Replaced,
     /// Another agent is already sharing its screen with the customer (one at a time).
     ShareBusy,
+    /// This participant sent more messages of this kind than its budget allows (chat,
+    /// signalling, share, ping, file offers, input); the message was dropped. Slow down.
+    RateLimited,
     /// The session (or key, link, invitation) lives on another node of the cluster:
     /// repeat the request at the URL given (`location` over HTTP, `redirect` on a
     /// WebSocket).
@@ -103,6 +106,7 @@ impl ErrorCode {
             ErrorCode::Draining => "draining",
             ErrorCode::Replaced => "replaced",
             ErrorCode::ShareBusy => "share_busy",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Redirect => "redirect",
             ErrorCode::SessionLost => "session_lost",
             ErrorCode::Internal => "internal",
@@ -953,6 +957,7 @@ mod tests {
             ErrorCode::Redirect,
             ErrorCode::SessionLost,
             ErrorCode::ShareBusy,
+            ErrorCode::RateLimited,
             ErrorCode::BadRequest,
             ErrorCode::WrongKey,
             ErrorCode::AgentSessionLimit,

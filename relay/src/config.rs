@@ -37,6 +37,8 @@ pub const MIN_CHALLENGE_BITS: u8 = 8;
 pub const MAX_CHALLENGE_BITS: u8 = 26;
 /// The longest accepted `limits.handshake_timeout`.
 pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The largest accepted `per_second` and `burst` of a `[rate_limits]` budget.
+pub const MAX_RATE_PER_SECOND: u32 = 1_000_000;
 
 /// The whole configuration of a relay node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +60,8 @@ pub struct Config {
     pub session: SessionConfig,
     /// Abuse and resource limits (`[limits]`).
     pub limits: LimitsConfig,
+    /// Per-participant message budgets (`[rate_limits]`).
+    pub rate_limits: crate::rate_limit::RateLimits,
     /// Graceful shutdown (`[drain]`).
     pub drain: DrainConfig,
     /// Logging (`[log]`).
@@ -82,6 +86,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             session: SessionConfig::default(),
             limits: LimitsConfig::default(),
+            rate_limits: crate::rate_limit::RateLimits::default(),
             drain: DrainConfig::default(),
             log: LogConfig::default(),
             media: MediaConfig::default(),
@@ -657,6 +662,22 @@ impl Config {
                 humantime::format_duration(l.key_lockout_max),
                 humantime::format_duration(l.key_lockout_base)
             ));
+        }
+
+        for (class, limit) in self.rate_limits.all() {
+            let key = format!("rate_limits.{}", class.as_str());
+            if !(1..=MAX_RATE_PER_SECOND).contains(&limit.per_second) {
+                return invalid(format!(
+                    "{key}.per_second must be between 1 and {MAX_RATE_PER_SECOND} (got {})",
+                    limit.per_second
+                ));
+            }
+            if !(1..=MAX_RATE_PER_SECOND).contains(&limit.burst) {
+                return invalid(format!(
+                    "{key}.burst must be between 1 and {MAX_RATE_PER_SECOND} (got {})",
+                    limit.burst
+                ));
+            }
         }
 
         match self.tls.mode {

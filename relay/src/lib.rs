@@ -11,6 +11,7 @@
 //! - [`transfer`]: the sans-IO file-transfer core of one session: who may send a file
 //!   to whom, receivers' answers, credit-based flow control and the size limit.
 //! - [`throttle`]: the sans-IO support-key brute-force guard (per address and node-wide).
+//! - [`rate_limit`]: per-participant message budgets (token buckets, sans-IO).
 //! - [`signal`]: the IO shell: HTTPS/WSS signalling with axum and rustls, driving the core
 //!   from one task and routing its outputs to WebSockets.
 //! - [`transport`]: the media plane's IO shell: WebRTC peer connections (the `webrtc`
@@ -28,6 +29,7 @@ pub mod config;
 pub mod fanout;
 pub mod identity;
 pub mod metrics;
+pub mod rate_limit;
 pub mod record;
 pub mod session;
 pub mod signal;

@@ -11,6 +11,7 @@ use prometheus::{
 };
 use relay_codec::wire::{EndReason, ErrorCode};
 
+use crate::rate_limit::MessageClass;
 use crate::session::ShareOutcome;
 
 /// Participant roles (`role` label).
@@ -35,12 +36,13 @@ pub const DROP_REASONS: [&str; 2] = ["queue_full", "awaiting_keyframe"];
 /// Outcomes of keyframe requests (`outcome` label of `relay_keyframe_requests_total`).
 pub const KEYFRAME_OUTCOMES: [&str; 3] = ["sent", "coalesced", "no_publisher"];
 /// Outcomes of agents' input events (`outcome` label of `relay_input_events_total`).
-pub const INPUT_OUTCOMES: [&str; 5] = [
+pub const INPUT_OUTCOMES: [&str; 6] = [
     "delivered",
     "refused_view_only",
     "malformed",
     "no_customer",
     "customer_away",
+    "rate_limited",
 ];
 /// Outcomes of peer-connection negotiations (`outcome` label of
 /// `relay_negotiations_total`).
@@ -48,7 +50,7 @@ pub const NEGOTIATION_OUTCOMES: [&str; 5] =
     ["ok", "bad_offer", "no_port", "replaced", "ice_restart"];
 /// Outcomes of file transfers (`outcome` label of `relay_file_transfers_total`): the
 /// labels of [`crate::transfer::Outcome`].
-pub const FILE_TRANSFER_OUTCOMES: [&str; 7] = [
+pub const FILE_TRANSFER_OUTCOMES: [&str; 8] = [
     "completed",
     "declined",
     "cancelled",
@@ -56,6 +58,7 @@ pub const FILE_TRANSFER_OUTCOMES: [&str; 7] = [
     "refused_too_large",
     "no_receivers",
     "protocol_error",
+    "rate_limited",
 ];
 /// What became of chat on `chat` data channels (`outcome` label of
 /// `relay_chat_data_channel_total`).
@@ -75,11 +78,12 @@ pub const HANDSHAKE_FAILURES: [&str; 4] = ["timeout", "tls_error", "closed", "he
 /// Data channels tracked in `relay_data_channels_open{label}`.
 pub const DATA_CHANNEL_LABELS: [&str; 2] = ["chat", "files"];
 /// The codes of malformed client messages, pre-created in `relay_messages_rejected_total`.
-const MESSAGE_ERRORS: [ErrorCode; 4] = [
+const MESSAGE_ERRORS: [ErrorCode; 5] = [
     ErrorCode::BadRequest,
     ErrorCode::InvalidField,
     ErrorCode::MessageTooLarge,
     ErrorCode::UnknownMessageType,
+    ErrorCode::RateLimited,
 ];
 
 /// All metrics of a node and the registry that exports them.
@@ -140,6 +144,9 @@ pub struct Metrics {
     pub data_channels_open: IntGaugeVec,
     /// Agents' screen shares to the customer: started, refused or ended, by outcome.
     pub agent_shares_total: IntCounterVec,
+    /// `relay_messages_rate_limited_total{class}`: participants' messages over their
+    /// class's budget (`[rate_limits]`), dropped.
+    pub messages_rate_limited_total: IntCounterVec,
     /// `relay_recordings_active`: recordings being written.
     pub recordings_active: IntGauge,
     /// `relay_recording_bytes_total{stage}`: bytes recorded, raw (records before
@@ -301,7 +308,7 @@ impl Metrics {
                 "relay_input_events_total",
                 "Input events from agents, by outcome (delivered, refused_view_only, \
                  malformed, no_customer, customer_away: dropped while the customer is \
-                 away, until it publishes again).",
+                 away, until it publishes again; rate_limited: over [rate_limits] input).",
                 &["outcome"],
             ),
             forward_latency_seconds: {
@@ -367,6 +374,12 @@ impl Metrics {
                  refused_busy; ended: stopped, left, lost_control, connection_lost, \
                  session_ended).",
                 &["outcome"],
+            ),
+            messages_rate_limited_total: counter_vec(
+                "relay_messages_rate_limited_total",
+                "Participants' messages over their budget ([rate_limits]) and dropped, by \
+                 class (chat, candidate, offer, share, ping, file_offer, input).",
+                &["class"],
             ),
             recordings_active: gauge(
                 "relay_recordings_active",
@@ -496,6 +509,10 @@ impl Metrics {
         for outcome in ShareOutcome::ALL {
             m.agent_shares_total.with_label_values(&[outcome.as_str()]);
         }
+        for class in MessageClass::ALL {
+            m.messages_rate_limited_total
+                .with_label_values(&[class.as_str()]);
+        }
         for stage in ["raw", "compressed"] {
             m.recording_bytes_total.with_label_values(&[stage]);
         }
@@ -516,6 +533,18 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         m
+    }
+
+    /// Counts a message of `class` dropped over its budget, in
+    /// `relay_messages_rate_limited_total{class}` and
+    /// `relay_messages_rejected_total{code="rate_limited"}`.
+    pub fn rate_limited(&self, class: MessageClass) {
+        self.messages_rate_limited_total
+            .with_label_values(&[class.as_str()])
+            .inc();
+        self.messages_rejected_total
+            .with_label_values(&[ErrorCode::RateLimited.as_str()])
+            .inc();
     }
 
     /// All metrics in the Prometheus text exposition format.
@@ -551,6 +580,7 @@ mod tests {
             "relay_chat_data_channel_total",
             "relay_data_channels_open",
             "relay_agent_shares_total",
+            "relay_messages_rate_limited_total",
             "relay_recordings_active",
             "relay_recording_bytes_total",
             "relay_recording_write_errors_total",
@@ -585,6 +615,9 @@ mod tests {
             "relay_file_transfers_total{outcome=\"refused_too_large\"} 0",
             "relay_chat_data_channel_total{outcome=\"fallback_websocket\"} 0",
             "relay_agent_shares_total{outcome=\"refused_busy\"} 0",
+            "relay_messages_rate_limited_total{class=\"chat\"} 0",
+            "relay_messages_rejected_total{code=\"rate_limited\"} 0",
+            "relay_input_events_total{outcome=\"rate_limited\"} 0",
             "relay_recording_bytes_total{stage=\"compressed\"} 0",
             "relay_recording_frames_dropped_total{reason=\"queue_full\"} 0",
             "relay_recordings_skipped_total{reason=\"no_review_key\"} 0",

@@ -50,6 +50,12 @@
 //! - A disconnected participant keeps its place for its grace period, then is removed;
 //!   a customer who does not return ends the session, and so does the last agent leaving.
 //!   Meanwhile the others see it `reconnecting` (if they may see it at all).
+//! - Every message a participant sends on its WebSocket or `chat` data channel spends
+//!   one token of its class's budget ([`rate_limit`](crate::rate_limit): chat,
+//!   candidates, offers, share start/stop, pings; `leave` is free). Over budget it is
+//!   dropped, counted ([`Stat::RateLimited`]) and answered `rate_limited` at most once a
+//!   second; the budgets are per participant (and per agent console), kept across its
+//!   reconnections, so one participant's flood never spends another's.
 //! - A participant comes back with a single-use token: the participant token of its join
 //!   admits its first connection, and every `welcome` carries the resume token for the
 //!   next one; the token used stops working. When the customer's connection drops, the
@@ -75,6 +81,7 @@ pub use node::{
     SessionCreated, WallClock,
 };
 
+use crate::rate_limit::{MessageClass, RateLimits};
 use crate::throttle::{Scope, ThrottleSettings};
 
 /// Most agents (host and invited, supervisors not counted) one session may hold.
@@ -104,6 +111,8 @@ pub struct Settings {
     pub chat_history: usize,
     /// Support-key brute-force guard.
     pub throttle: ThrottleSettings,
+    /// Per-participant message budgets (`[rate_limits]`).
+    pub rate_limits: RateLimits,
 }
 
 /// Something the shell must do after an input.
@@ -256,6 +265,8 @@ pub enum Stat {
     Invitation(InvitationOutcome),
     /// An agent's screen share started, was refused or ended.
     Share(ShareOutcome),
+    /// A participant's (or console's) message was over its class's budget and dropped.
+    RateLimited(MessageClass),
 }
 
 /// What happened to a request to share an agent's screen, or how a share ended

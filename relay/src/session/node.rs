@@ -32,6 +32,7 @@ use super::{
     SessionError, Settings, ShareOutcome, Signal, Stat,
 };
 use crate::identity::AgentIdentity;
+use crate::rate_limit::{Admission, Budgets, MessageClass};
 use crate::throttle::challenge::Challenges;
 use crate::throttle::{KeyThrottle, Verdict};
 
@@ -237,6 +238,11 @@ pub struct Node {
     /// Participant and resume tokens already used, so that a second use is told so.
     used_tokens: Tombstones<SecretDigest, ()>,
     closed_invitations: Tombstones<InvitationId, ()>,
+    /// Each participant's message budgets: made at its first message, kept across its
+    /// reconnections, dropped when it leaves.
+    budgets: HashMap<(SessionId, ParticipantId), Budgets>,
+    /// Each open agent console's message budgets.
+    console_budgets: HashMap<ConnId, Budgets>,
     drain_deadline: Option<Instant>,
     next_housekeeping: Instant,
     outputs: VecDeque<Output>,
@@ -308,6 +314,8 @@ impl Node {
             expired_links: Tombstones::default(),
             used_tokens: Tombstones::default(),
             closed_invitations: Tombstones::default(),
+            budgets: HashMap::new(),
+            console_budgets: HashMap::new(),
             drain_deadline: None,
             outputs: VecDeque::new(),
         }
@@ -1219,6 +1227,20 @@ impl Node {
         };
         let (sid, pid) = match target {
             ConnTarget::Console(_) => {
+                // Every console message is answered, so each one spends the ping budget.
+                let limits = self.settings.rate_limits;
+                let admission = self
+                    .console_budgets
+                    .entry(conn)
+                    .or_insert_with(|| Budgets::new(&limits))
+                    .check(MessageClass::Ping, now);
+                if !self.admitted(admission, MessageClass::Ping) {
+                    if admission == Admission::RefuseAndTell {
+                        let msg = self.rate_limited_msg(MessageClass::Ping, reference);
+                        self.outputs.push_back(Output::Send { conn, msg });
+                    }
+                    return;
+                }
                 let msg = match envelope.msg {
                     ClientMsg::Ping {} => ServerMsg::Pong { reference },
                     _ => error_msg(
@@ -1232,6 +1254,20 @@ impl Node {
             }
             ConnTarget::Participant(sid, pid) => (sid, pid),
         };
+        let class = match &envelope.msg {
+            ClientMsg::Ping {} => Some(MessageClass::Ping),
+            // Leaving ends the participant's part: there is nothing to flood with.
+            ClientMsg::Leave {} => None,
+            ClientMsg::Offer { .. } => Some(MessageClass::Offer),
+            ClientMsg::Candidate(_) => Some(MessageClass::Candidate),
+            ClientMsg::Chat { .. } => Some(MessageClass::Chat),
+            ClientMsg::ShareStart {} | ClientMsg::ShareStop {} => Some(MessageClass::Share),
+        };
+        if let Some(class) = class {
+            if !self.admit(now, &sid, &pid, class, reference) {
+                return;
+            }
+        }
         match envelope.msg {
             ClientMsg::Ping {} => self.outputs.push_back(Output::Send {
                 conn,
@@ -1278,6 +1314,11 @@ impl Node {
         envelope: ClientEnvelope,
     ) {
         let reference = envelope.id;
+        // Whatever comes on the chat channel costs a chat token (the WebSocket's chat
+        // and the channel's share one budget).
+        if !self.admit(now, sid, pid, MessageClass::Chat, reference) {
+            return;
+        }
         let refusal = match envelope.msg {
             ClientMsg::Chat { text, audience } => self
                 .chat(now, sid, pid, text, audience)
@@ -1458,6 +1499,7 @@ impl Node {
         if matches!(self.conns.get(&conn), Some(ConnTarget::Console(_))) {
             self.conns.remove(&conn);
         }
+        self.console_budgets.remove(&conn);
     }
 
     /// Starts a graceful drain: no new sessions from now on; live sessions may finish
@@ -1519,6 +1561,55 @@ impl Node {
     }
 
     // ----- internals -----------------------------------------------------------------
+
+    /// Spends one token of `class` from participant `pid`'s budget at `now`. Over
+    /// budget, the message must be dropped (`false`): it is counted, and the participant
+    /// is told `rate_limited` (on its WebSocket, naming `reference`) at most once a second.
+    fn admit(
+        &mut self,
+        now: Instant,
+        sid: &SessionId,
+        pid: &ParticipantId,
+        class: MessageClass,
+        reference: Option<u64>,
+    ) -> bool {
+        let limits = self.settings.rate_limits;
+        let admission = self
+            .budgets
+            .entry((sid.clone(), pid.clone()))
+            .or_insert_with(|| Budgets::new(&limits))
+            .check(class, now);
+        if self.admitted(admission, class) {
+            return true;
+        }
+        if admission == Admission::RefuseAndTell {
+            let msg = self.rate_limited_msg(class, reference);
+            self.deliver(sid, pid, msg);
+        }
+        false
+    }
+
+    /// Whether `admission` lets a message of `class` pass; counts it if not.
+    fn admitted(&mut self, admission: Admission, class: MessageClass) -> bool {
+        if admission == Admission::Pass {
+            return true;
+        }
+        self.stat(Stat::RateLimited(class));
+        false
+    }
+
+    /// The `rate_limited` error for a message of `class`.
+    fn rate_limited_msg(&self, class: MessageClass, reference: Option<u64>) -> ServerMsg {
+        let limit = self.settings.rate_limits.of(class);
+        let message = format!(
+            "too many {} messages: at most {} at once and {} per second; this one was \
+             dropped (and further ones are, silently, until the budget refills)",
+            class.as_str(),
+            limit.burst,
+            limit.per_second
+        );
+        error_msg(ErrorCode::RateLimited, &message, reference)
+    }
 
     fn stat(&mut self, stat: Stat) {
         self.outputs.push_back(Output::Stat(stat));
@@ -1718,6 +1809,7 @@ impl Node {
         };
         let gone = s.participants.remove(pos);
         self.tokens.remove(&gone.token);
+        self.budgets.remove(&(sid.clone(), gone.id.clone()));
         s.announce(Some(&gone), None, reason, &mut self.outputs);
         if let Some(conn) = gone.conn {
             self.conns.remove(&conn);
@@ -1779,6 +1871,7 @@ impl Node {
         }
         for p in &s.participants {
             self.tokens.remove(&p.token);
+            self.budgets.remove(&(sid.clone(), p.id.clone()));
             if let Some(conn) = p.conn {
                 self.outputs.push_back(Output::Send {
                     conn,

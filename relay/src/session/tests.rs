@@ -30,6 +30,7 @@ fn settings() -> Settings {
         max_monitored_sessions: 32,
         chat_history: 200,
         throttle: ThrottleSettings::default(),
+        rate_limits: crate::rate_limit::RateLimits::default(),
     }
 }
 
@@ -2134,4 +2135,233 @@ fn support_links_are_never_held_by_the_key_budgets() {
     assert_eq!(r.unwrap_err().code(), ErrorCode::Throttled);
     let other = sim.create(&alice);
     assert!(join_solving(&mut sim, prober, other.support_key.reveal()).is_ok());
+}
+
+// ----- message budgets -----------------------------------------------------------------
+
+fn chat_msg(text: &str) -> ClientMsg {
+    ClientMsg::Chat {
+        text: text.into(),
+        audience: Audience::All,
+    }
+}
+
+fn candidate_msg(n: usize) -> ClientMsg {
+    ClientMsg::Candidate(relay_codec::wire::IceCandidate {
+        candidate: format!("candidate:{n} 1 udp 1 127.0.0.1 {n} typ host"),
+        sdp_mid: Some("0".into()),
+        sdp_mline_index: Some(0),
+    })
+}
+
+fn chats(msgs: &[ServerMsg]) -> usize {
+    msgs.iter()
+        .filter(|m| matches!(m, ServerMsg::Chat { .. }))
+        .count()
+}
+
+fn rate_limited(sim: &Sim, class: crate::rate_limit::MessageClass) -> usize {
+    sim.stats
+        .iter()
+        .filter(|s| **s == Stat::RateLimited(class))
+        .count()
+}
+
+fn signals(sim: &mut Sim) -> usize {
+    std::mem::take(&mut sim.media)
+        .iter()
+        .filter(|m| matches!(m, MediaEvent::Signal { .. }))
+        .count()
+}
+
+#[test]
+fn a_chat_flood_is_cut_at_its_budget_and_answered_once_a_second() {
+    use crate::rate_limit::{MessageClass, RateLimit};
+    let mut s = settings();
+    s.rate_limits.chat = RateLimit::new(5, 20);
+    let mut sim = Sim::new(s);
+    let alice = agent("alice", &["support"]);
+    let (_, host_conn, _, customer_conn) = session_with_customer(&mut sim, &alice);
+    sim.take(host_conn);
+    sim.take(customer_conn);
+
+    // 1,000 messages at once: the burst reaches the host, the rest is dropped.
+    for i in 0..1000 {
+        sim.send(customer_conn, chat_msg(&format!("flood {i}")));
+    }
+    assert_eq!(chats(&sim.take(host_conn)), 20);
+    let answers = sim.take(customer_conn);
+    assert_eq!(chats(&answers), 20, "the customer sees its own 20 echoed");
+    assert_eq!(
+        error_codes(&answers),
+        [ErrorCode::RateLimited],
+        "one answer, not 980"
+    );
+    assert_eq!(rate_limited(&sim, MessageClass::Chat), 980);
+    // The history holds the 20, not the flood.
+    assert_eq!(
+        sim.records
+            .iter()
+            .filter(|r| matches!(r, RecordEntry::Chat(_)))
+            .count(),
+        20
+    );
+
+    // Half a second later: 2 tokens are back, and the refusals stay silent until a
+    // second has passed since the last answer.
+    sim.advance_to(sim.now - sim.start + Duration::from_millis(400));
+    for _ in 0..10 {
+        sim.send(customer_conn, chat_msg("again"));
+    }
+    assert_eq!(chats(&sim.take(host_conn)), 2);
+    assert!(error_codes(&sim.take(customer_conn)).is_empty());
+    sim.advance_to(sim.now - sim.start + Duration::from_millis(600));
+    for _ in 0..10 {
+        sim.send(customer_conn, chat_msg("and again"));
+    }
+    assert_eq!(chats(&sim.take(host_conn)), 3);
+    assert_eq!(
+        error_codes(&sim.take(customer_conn)),
+        [ErrorCode::RateLimited]
+    );
+}
+
+#[test]
+fn budgets_are_per_class_and_per_participant_and_chat_channels_share_the_chat_one() {
+    use crate::rate_limit::{MessageClass, RateLimit};
+    let mut s = settings();
+    s.rate_limits.chat = RateLimit::new(1, 3);
+    s.rate_limits.candidate = RateLimit::new(1, 5);
+    s.rate_limits.ping = RateLimit::new(1, 2);
+    s.rate_limits.share = RateLimit::new(1, 2);
+    s.rate_limits.offer = RateLimit::new(1, 2);
+    let mut sim = Sim::new(s);
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["support"]);
+    let (created, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    let b = sim
+        .invite_and_accept(&alice, &sid, &bob, Visibility::Visible, Permission::Control)
+        .unwrap();
+    let bob_conn = sim.connect(&b);
+    for c in [host_conn, customer_conn, bob_conn] {
+        sim.take(c);
+    }
+    sim.media.clear();
+
+    // The customer spends its chat budget: two on its WebSocket, one on its channel,
+    // and the fourth (on the channel) is refused.
+    sim.send(customer_conn, chat_msg("one"));
+    sim.send(customer_conn, chat_msg("two"));
+    let on_channel = |text: &str| ClientEnvelope {
+        id: Some(9),
+        msg: chat_msg(text),
+    };
+    sim.node
+        .channel_message(sim.now, &sid, &customer.participant_id, on_channel("three"));
+    sim.node
+        .channel_message(sim.now, &sid, &customer.participant_id, on_channel("four"));
+    sim.drain();
+    assert_eq!(chats(&sim.take(host_conn)), 3);
+    let refusals: Vec<_> = sim
+        .take(customer_conn)
+        .into_iter()
+        .filter_map(|m| match m {
+            ServerMsg::Error {
+                code, reference, ..
+            } => Some((code, reference)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refusals, [(ErrorCode::RateLimited, Some(9))]);
+
+    // Its other classes are untouched: candidates still pass…
+    for n in 0..5 {
+        sim.send(customer_conn, candidate_msg(n));
+    }
+    assert_eq!(signals(&mut sim), 5);
+    sim.send(customer_conn, candidate_msg(5));
+    assert_eq!(signals(&mut sim), 0, "the sixth candidate is over budget");
+    // …and so do pings, until their own budget is spent.
+    sim.send(customer_conn, ClientMsg::Ping {});
+    sim.send(customer_conn, ClientMsg::Ping {});
+    sim.send(customer_conn, ClientMsg::Ping {});
+    let pongs = sim
+        .take(customer_conn)
+        .iter()
+        .filter(|m| matches!(m, ServerMsg::Pong { .. }))
+        .count();
+    assert_eq!(pongs, 2);
+
+    // The host's and Bob's budgets are their own: both still chat, signal and share.
+    sim.send(host_conn, chat_msg("host here"));
+    sim.send(bob_conn, chat_msg("bob here"));
+    assert_eq!(chats(&sim.take(customer_conn)), 2);
+    for n in 0..5 {
+        sim.send(bob_conn, candidate_msg(n));
+    }
+    assert_eq!(signals(&mut sim), 5);
+    sim.send(bob_conn, ClientMsg::ShareStart {});
+    sim.send(bob_conn, ClientMsg::ShareStop {});
+    sim.send(bob_conn, ClientMsg::ShareStart {});
+    let bob_saw = sim.take(bob_conn);
+    assert_eq!(error_codes(&bob_saw), [ErrorCode::RateLimited]);
+    assert_eq!(
+        shares(&bob_saw).iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        [true, false],
+        "the third share message is over budget"
+    );
+    assert_eq!(
+        share_media(&mut sim),
+        [Some(b.participant_id.clone()), None]
+    );
+    assert_eq!(rate_limited(&sim, MessageClass::Share), 1);
+    // Offers of Bob pass while the customer's are counted apart.
+    sim.send(bob_conn, ClientMsg::Offer { sdp: "v=0".into() });
+    assert_eq!(signals(&mut sim), 1);
+
+    // `leave` is never refused, whatever was spent.
+    sim.send(customer_conn, ClientMsg::Leave {});
+    assert_eq!(sim.ended_with(host_conn), Some(EndReason::CustomerLeft));
+    assert_eq!(rate_limited(&sim, MessageClass::Chat), 1);
+    assert_eq!(rate_limited(&sim, MessageClass::Candidate), 1);
+    assert_eq!(rate_limited(&sim, MessageClass::Ping), 1);
+}
+
+#[test]
+fn a_consoles_pings_have_a_budget_and_a_reconnection_does_not_refill_a_participants() {
+    use crate::rate_limit::{MessageClass, RateLimit};
+    let mut s = settings();
+    s.rate_limits.ping = RateLimit::new(1, 3);
+    s.rate_limits.chat = RateLimit::new(1, 3);
+    let mut sim = Sim::new(s);
+    let alice = agent("alice", &["support"]);
+    let console = sim.console(&alice);
+    sim.take(console);
+    for _ in 0..10 {
+        sim.send(console, ClientMsg::Ping {});
+    }
+    let got = sim.take(console);
+    assert_eq!(
+        got.iter()
+            .filter(|m| matches!(m, ServerMsg::Pong { .. }))
+            .count(),
+        3
+    );
+    assert_eq!(error_codes(&got), [ErrorCode::RateLimited]);
+    assert_eq!(rate_limited(&sim, MessageClass::Ping), 7);
+
+    let (_, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    for _ in 0..3 {
+        sim.send(customer_conn, chat_msg("hello"));
+    }
+    // The customer reconnects (with its resume token) and floods again: still spent.
+    let again = sim.connect(&customer);
+    sim.take(host_conn);
+    sim.send(again, chat_msg("after a reconnect"));
+    assert_eq!(chats(&sim.take(host_conn)), 0);
+    assert_eq!(error_codes(&sim.take(again)), [ErrorCode::RateLimited]);
+    sim.advance_to(sim.now - sim.start + Duration::from_secs(1));
+    sim.send(again, chat_msg("a second later"));
+    assert_eq!(chats(&sim.take(host_conn)), 1);
 }

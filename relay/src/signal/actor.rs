@@ -196,7 +196,8 @@ fn flush(core: &mut Core, metrics: &Metrics) {
             }
             Output::Media(event) => core.media.handle(event),
             Output::Stat(stat) => {
-                census_changed = true;
+                // A refused flood changes no census: not recounted per message.
+                census_changed |= !matches!(stat, Stat::RateLimited(_));
                 count(metrics, stat);
             }
         }
@@ -260,5 +261,6 @@ fn count(metrics: &Metrics, stat: Stat) {
             .agent_shares_total
             .with_label_values(&[outcome.as_str()])
             .inc(),
+        Stat::RateLimited(class) => metrics.rate_limited(class),
     }
 }

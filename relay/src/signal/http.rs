@@ -109,7 +109,9 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::SessionEnded
         | ErrorCode::SessionLost => StatusCode::GONE,
         ErrorCode::Redirect => StatusCode::TEMPORARY_REDIRECT,
-        ErrorCode::Throttled | ErrorCode::ChallengeRequired => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Throttled | ErrorCode::ChallengeRequired | ErrorCode::RateLimited => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         ErrorCode::SessionFull
         | ErrorCode::AgentSessionLimit
         | ErrorCode::MonitorLimit

@@ -82,6 +82,7 @@ pub fn settings_from(config: &Config) -> Settings {
             challenge_bits: l.key_challenge_bits,
             challenge_max_bits: l.key_challenge_max_bits,
         },
+        rate_limits: config.rate_limits,
     }
 }
 

@@ -35,6 +35,10 @@
 //!   (relay-chosen, [`TransferId::RELAY_BIT`] set, counted per receiver), so nothing
 //!   tells the customer which agent (masked or not) sends, or how many agents received
 //!   its own files.
+//! - **Offer rate.** Each participant may offer files at most as fast as
+//!   [`TransferSettings::offer_rate`] allows (a token bucket); an offer over it is
+//!   refused with `Cancel{rate_limited}` and reaches nobody, so a flood of offers
+//!   cannot fill the receivers' queues.
 //! - **Size.** An offer above [`TransferSettings::max_file_bytes`] is refused with
 //!   `Cancel{too_large}`. Completion checks that exactly the offered bytes were sent.
 //! - **Answers.** Every receiver accepts or declines on its own. The sender hears
@@ -66,6 +70,7 @@ use bytes::Bytes;
 use relay_codec::files::{CancelReason, FileMsg, TransferId};
 use relay_codec::wire::{Permission, Role};
 
+use crate::rate_limit::{RateLimit, RateLimits, TokenBucket};
 use crate::session::ParticipantId;
 
 /// Bytes a sender may send beyond its slowest receiver's credit, by default.
@@ -85,6 +90,9 @@ pub struct TransferSettings {
     pub answer_timeout: Duration,
     /// Transfers one participant may be sending at once.
     pub max_open_per_sender: usize,
+    /// How fast one participant may offer files (`rate_limits.file_offer`): each offer
+    /// reaches every receiver, so a flood of offers would fill their queues.
+    pub offer_rate: RateLimit,
 }
 
 impl Default for TransferSettings {
@@ -97,6 +105,7 @@ impl Default for TransferSettings {
             max_chunks_in_flight: 64,
             answer_timeout: Duration::from_secs(60),
             max_open_per_sender: 4,
+            offer_rate: RateLimits::default().file_offer,
         }
     }
 }
@@ -169,11 +178,13 @@ pub enum Outcome {
     NoReceivers,
     /// The sender broke the protocol (window, order, size, ids).
     ProtocolError,
+    /// The sender offered faster than `rate_limits.file_offer` allows.
+    RateLimited,
 }
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Completed,
         Outcome::Declined,
         Outcome::Cancelled,
@@ -181,6 +192,7 @@ impl Outcome {
         Outcome::RefusedTooLarge,
         Outcome::NoReceivers,
         Outcome::ProtocolError,
+        Outcome::RateLimited,
     ];
 
     /// Metric label.
@@ -193,6 +205,7 @@ impl Outcome {
             Outcome::RefusedTooLarge => "refused_too_large",
             Outcome::NoReceivers => "no_receivers",
             Outcome::ProtocolError => "protocol_error",
+            Outcome::RateLimited => "rate_limited",
         }
     }
 }
@@ -206,6 +219,8 @@ struct Member {
     open: bool,
     /// The next relay-chosen id for a transfer it receives (without the relay bit).
     next_id: u32,
+    /// Its budget of offers.
+    offers: TokenBucket,
 }
 
 impl Member {
@@ -308,11 +323,13 @@ impl Transfers {
         role: Role,
         permission: Permission,
     ) {
-        let member = self.members.entry(pid.clone()).or_insert(Member {
+        let offer_rate = self.settings.offer_rate;
+        let member = self.members.entry(pid.clone()).or_insert_with(|| Member {
             role,
             permission,
             open: false,
             next_id: 1,
+            offers: TokenBucket::new(offer_rate),
         });
         member.role = role;
         member.permission = permission;
@@ -474,9 +491,14 @@ impl Transfers {
             self.abort(&key, CancelReason::ProtocolError, Outcome::ProtocolError);
             return;
         }
-        let Some(sender) = self.members.get(from) else {
+        let Some(sender) = self.members.get_mut(from) else {
             return;
         };
+        if !sender.offers.try_take(now) {
+            // Refused before anything happened: counted, not logged (a flood of offers
+            // must not flood the recording either).
+            return self.refuse(from, id, CancelReason::RateLimited, Outcome::RateLimited);
+        }
         let (may_send, to_agents) = (sender.may_send(), sender.role == Role::Customer);
         let file = FileInfo {
             name,

@@ -779,3 +779,66 @@ proptest! {
         prop_assert_eq!(sim.forwarded, 3 * sent);
     }
 }
+
+#[test]
+fn an_offer_flood_is_refused_at_its_budget_and_reaches_no_receiver() {
+    let mut sim = Sim::with(TransferSettings {
+        offer_rate: RateLimit::new(1, 3),
+        ..TransferSettings::default()
+    });
+    // The customer offers and cancels as fast as it can: three offers reach the
+    // agents, the rest are refused with `rate_limited` and reach nobody.
+    for id in 1..=100 {
+        sim.offer(C, id, 10);
+        sim.from(
+            C,
+            FileMsg::Cancel {
+                id: TransferId(id),
+                reason: CancelReason::Cancelled,
+            },
+        );
+    }
+    let host_offers = sim
+        .take(H)
+        .iter()
+        .filter(|m| matches!(m, FileMsg::Offer { .. }))
+        .count();
+    assert_eq!(host_offers, 3);
+    let refused: Vec<FileMsg> = sim
+        .take(C)
+        .into_iter()
+        .filter(|m| {
+            matches!(
+                m,
+                FileMsg::Cancel {
+                    reason: CancelReason::RateLimited,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(refused.len(), 97);
+    assert_eq!(
+        refused[0],
+        cancel_msg(TransferId(4), CancelReason::RateLimited)
+    );
+    assert_eq!(
+        sim.outcomes
+            .iter()
+            .filter(|o| **o == Outcome::RateLimited)
+            .count(),
+        97
+    );
+    // Nothing of the refused offers is in the recording.
+    assert_eq!(
+        sim.events.iter().filter(|e| e.outcome.is_none()).count(),
+        3 * 3,
+        "3 offers to 3 agents (host, masked, viewer)"
+    );
+    // The host's budget is its own; the customer's comes back with time.
+    sim.offer(H, 500, 10);
+    assert!(matches!(sim.take(C).last(), Some(FileMsg::Offer { .. })));
+    sim.advance(Duration::from_secs(1));
+    sim.offer(C, 200, 10);
+    assert!(matches!(sim.take(H).last(), Some(FileMsg::Offer { .. })));
+}

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 
 use super::session::{Shared, lock};
+use crate::rate_limit::MessageClass;
 use crate::session::ParticipantId;
 use crate::transfer::{Outcome, TransferEvent, TransferOutput, TransferStat, Transfers};
 
@@ -80,10 +81,14 @@ pub(super) fn with_files<R>(shared: &Shared, f: impl FnOnce(&mut Transfers) -> R
             TransferOutput::Stat(TransferStat::Forwarded(n)) => {
                 m.file_bytes_forwarded_total.inc_by(n)
             }
-            TransferOutput::Stat(TransferStat::Outcome(o)) => m
-                .file_transfers_total
-                .with_label_values(&[o.as_str()])
-                .inc(),
+            TransferOutput::Stat(TransferStat::Outcome(o)) => {
+                m.file_transfers_total
+                    .with_label_values(&[o.as_str()])
+                    .inc();
+                if o == Outcome::RateLimited {
+                    m.rate_limited(MessageClass::FileOffer);
+                }
+            }
             TransferOutput::Event(e) => {
                 shared.record(Instant::now(), Record::FileTransfer(file_record(e)))
             }
@@ -110,7 +115,8 @@ fn file_record(e: TransferEvent) -> FileTransferRecord {
             | Outcome::RefusedForbidden
             | Outcome::RefusedTooLarge
             | Outcome::NoReceivers
-            | Outcome::ProtocolError,
+            | Outcome::ProtocolError
+            | Outcome::RateLimited,
         ) => FileOutcome::Cancelled,
     };
     FileTransferRecord {

@@ -28,6 +28,7 @@
 //!   fan-out's [`bitrate_cap`](crate::fanout::bitrate_cap) in their track readers.
 
 mod chat;
+mod events;
 pub mod feedback;
 mod files;
 pub mod mux;
@@ -44,7 +45,7 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use relay_codec::wire::ServerMsg;
+use relay_codec::wire::{Permission, Role, ServerMsg};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -53,12 +54,28 @@ use crate::session::{MediaEvent, ParticipantId, SessionId};
 use crate::signal::Actor;
 use crate::transfer::TransferSettings;
 
+use events::{EventSender, Refused};
 use ports::PortPool;
 use session::{Event, SessionMedia};
 
-/// Events queued per session before further signalling from its clients is dropped
-/// (and counted): a client flooding candidates must not grow the node's memory.
-const SESSION_EVENT_QUEUE: usize = 1024;
+/// Signals (offers, candidates) queued per session before further ones from its
+/// clients are dropped and counted (`relay_messages_rejected_total{code="media_queue_full"}`):
+/// a client flooding candidates must not grow the node's memory. Every other event
+/// (members, departures, shares, recording entries) is always queued (see [`events`]).
+const SESSION_SIGNAL_QUEUE: usize = 1024;
+
+/// Every participant's rights in one session, mirrored from the session core.
+pub(crate) type Grants =
+    Arc<std::sync::Mutex<std::collections::HashMap<ParticipantId, (Role, Permission)>>>;
+
+/// How the plane reaches one session's task.
+struct SessionHandle {
+    events: EventSender,
+    /// Updated here, in the core's order, the moment the core decides: the input path
+    /// checks an agent's permission against it, so a downgrade holds from the instant
+    /// the core answered, whatever the task still has queued.
+    grants: Grants,
+}
 
 /// Tunables of the media plane, from `[media]`.
 #[derive(Debug, Clone)]
@@ -76,6 +93,8 @@ pub struct MediaSettings {
     pub max_publish_bitrate: u64,
     /// Largest chat message on a `chat` channel (`limits.max_message_bytes`).
     pub max_message_bytes: usize,
+    /// Each agent's budget of input events (`rate_limits.input`).
+    pub input_rate: crate::rate_limit::RateLimit,
     /// File transfer on `files` channels (`limits.max_file_bytes` and the window).
     pub transfers: TransferSettings,
     /// The shared media socket, when `media.udp_mux_port` is set (bound by
@@ -97,8 +116,10 @@ impl MediaSettings {
             keyframe_window: c.keyframe_window,
             max_publish_bitrate: config.limits.max_publish_bitrate,
             max_message_bytes: config.limits.max_message_bytes,
+            input_rate: config.rate_limits.input,
             transfers: TransferSettings {
                 max_file_bytes: config.limits.max_file_bytes,
+                offer_rate: config.rate_limits.file_offer,
                 ..TransferSettings::default()
             },
             udp_mux: None,
@@ -135,7 +156,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     ports: PortPool,
     actor: OnceLock<Actor>,
-    sessions: DashMap<SessionId, mpsc::Sender<Event>>,
+    sessions: DashMap<SessionId, SessionHandle>,
     /// The writers of open `chat` channels, for the actor to hand chat to at once.
     chat: DashMap<(SessionId, ParticipantId), mpsc::Sender<ServerMsg>>,
     /// Starts each session's recording.
@@ -224,7 +245,10 @@ impl MediaPlane {
     }
 
     /// Takes one event from the session core. Never blocks: the actor calls it while
-    /// flushing outputs.
+    /// flushing outputs. Events reach the session's task in this order; only signalling
+    /// over the session's bound is dropped (and counted), never a member or permission
+    /// change, a departure, a share change, the customer's absence, the session's end
+    /// or a recording entry.
     pub fn handle(&self, event: MediaEvent) {
         let session = match &event {
             MediaEvent::Member { session, .. }
@@ -236,32 +260,53 @@ impl MediaPlane {
             | MediaEvent::SessionEnded { session } => session.clone(),
         };
         if let MediaEvent::SessionEnded { .. } = event {
-            if let Some((_, tx)) = self.inner.sessions.remove(&session) {
-                // The task closes every peer connection and ends; if its queue is full
-                // it still ends once its sender is dropped here.
-                let _ = tx.try_send(Event::Control(event));
+            if let Some((_, handle)) = self.inner.sessions.remove(&session) {
+                // The task closes every peer connection and ends (also once its sender
+                // is dropped here).
+                let _ = handle.events.send(Event::Control(event));
             }
             return;
         }
-        let tx = self
+        let handle = self
             .inner
             .sessions
             .entry(session.clone())
-            .or_insert_with(|| self.spawn_session(session.clone()))
-            .clone();
+            .or_insert_with(|| self.spawn_session(session.clone()));
+        match &event {
+            MediaEvent::Member {
+                participant,
+                role,
+                permission,
+                ..
+            } => {
+                session::lock(&handle.grants).insert(participant.clone(), (*role, *permission));
+            }
+            MediaEvent::Left { participant, .. } => {
+                session::lock(&handle.grants).remove(participant);
+            }
+            _ => {}
+        }
+        let tx = handle.events.clone();
+        drop(handle);
         let event = match event {
             // Stamped here: the core keeps no clock, and the actor hands its outputs
             // over as soon as it produced them.
             MediaEvent::Record { entry, .. } => Event::Record(Instant::now(), entry),
             event => Event::Control(event),
         };
-        if tx.try_send(event).is_err() {
-            tracing::warn!(session = %session.as_str(), "media event queue full; event dropped");
-            self.inner
-                .metrics
-                .messages_rejected_total
-                .with_label_values(&["media_queue_full"])
-                .inc();
+        match tx.send(event) {
+            Ok(()) => {}
+            Err(Refused::SignalsFull) => {
+                tracing::debug!(session = %session.as_str(), "media signal queue full; signal dropped");
+                self.inner
+                    .metrics
+                    .messages_rejected_total
+                    .with_label_values(&["media_queue_full"])
+                    .inc();
+            }
+            Err(Refused::Closed) => {
+                tracing::warn!(session = %session.as_str(), "media task gone; event dropped");
+            }
         }
     }
 
@@ -270,12 +315,13 @@ impl MediaPlane {
         self.inner.ports.available()
     }
 
-    fn spawn_session(&self, id: SessionId) -> mpsc::Sender<Event> {
-        let (tx, rx) = mpsc::channel(SESSION_EVENT_QUEUE);
+    fn spawn_session(&self, id: SessionId) -> SessionHandle {
+        let (tx, rx) = events::channel(SESSION_SIGNAL_QUEUE);
+        let grants = Grants::default();
         let id_for_span = id.as_str().to_owned();
-        let media = SessionMedia::new(id, self.inner.clone(), tx.downgrade());
+        let media = SessionMedia::new(id, self.inner.clone(), tx.downgrade(), grants.clone());
         let span = tracing::info_span!("media", session = %id_for_span);
         tokio::spawn(media.run(rx).instrument(span));
-        tx
+        SessionHandle { events: tx, grants }
     }
 }

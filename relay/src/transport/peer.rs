@@ -27,7 +27,7 @@ use super::session::{Event, PeerRef};
 #[derive(Clone)]
 pub(super) struct PeerEvents {
     pub peer: PeerRef,
-    pub events: mpsc::WeakSender<Event>,
+    pub events: mpsc::WeakUnboundedSender<Event>,
     /// Notified once ICE gathering completes (a stored permit if nobody waits yet).
     pub gathered: Arc<Notify>,
 }
@@ -35,7 +35,7 @@ pub(super) struct PeerEvents {
 impl PeerEvents {
     async fn send(&self, event: Event) {
         if let Some(tx) = self.events.upgrade() {
-            let _ = tx.send(event).await;
+            let _ = tx.send(event);
         }
     }
 }

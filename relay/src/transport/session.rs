@@ -30,12 +30,14 @@ use forward::{
     Direction, MediaPath, Plane, read_feedback, read_publisher, request_keyframes, write_subscriber,
 };
 
-use super::Inner;
 use super::chat::{self, CHAT_LABEL};
+use super::events::EventReceiver;
 use super::files::{self, FILES_LABEL, FilePlane, with_files};
 use super::peer::{self, PeerEvents};
 use super::ports::Lease;
+use super::{Grants, Inner};
 use crate::fanout::{FanoutSettings, MediaKind, SubscriberId};
+use crate::rate_limit::{MessageClass, RefusalNotice, TokenBucket};
 use crate::record::live::RecordingHandle;
 use crate::session::{MediaEvent, ParticipantId, RecordEntry, SessionId, Signal};
 use crate::transfer::Transfers;
@@ -96,8 +98,9 @@ pub(super) struct Shared {
     pub(super) files: Mutex<FilePlane>,
     /// The customer's `input` channel, once open.
     customer_input: Mutex<Option<Arc<dyn DataChannel>>>,
-    /// Every participant's rights, mirrored from the session core.
-    grants: Mutex<HashMap<ParticipantId, (Role, Permission)>>,
+    /// Every participant's rights, mirrored from the session core by
+    /// [`MediaPlane::handle`](super::MediaPlane::handle) as the core decides them.
+    grants: Grants,
     /// Sequence numbers of the input events the customer receives: the relay numbers
     /// them itself, so two agents' own counters cannot tell the customer that two
     /// (possibly masked) agents are sending.
@@ -187,7 +190,7 @@ struct LocalTrack {
 /// The session task's state.
 pub(crate) struct SessionMedia {
     shared: Arc<Shared>,
-    events: mpsc::WeakSender<Event>,
+    events: mpsc::WeakUnboundedSender<Event>,
     peers: HashMap<ParticipantId, Peer>,
     published: Vec<Published>,
     next_subscriber: u64,
@@ -207,7 +210,8 @@ impl SessionMedia {
     pub(super) fn new(
         id: SessionId,
         inner: Arc<Inner>,
-        events: mpsc::WeakSender<Event>,
+        events: mpsc::WeakUnboundedSender<Event>,
+        grants: Grants,
     ) -> SessionMedia {
         let window = inner.settings.keyframe_window;
         let transfers = inner.settings.transfers.clone();
@@ -223,7 +227,7 @@ impl SessionMedia {
                 share: MediaPath::new(settings),
                 files: Mutex::new(FilePlane::new(Transfers::new(transfers))),
                 customer_input: Mutex::new(None),
-                grants: Mutex::new(HashMap::new()),
+                grants,
                 input_seq: AtomicU32::new(1),
                 input_gap: AtomicBool::new(false),
                 recording: OnceLock::new(),
@@ -241,7 +245,7 @@ impl SessionMedia {
     }
 
     /// Processes the session's events until it ends.
-    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+    pub(super) async fn run(mut self, mut rx: EventReceiver) {
         let requesters = [Direction::Screen, Direction::Share]
             .map(|d| tokio::spawn(request_keyframes(self.shared.clone(), d)));
         loop {
@@ -296,13 +300,12 @@ impl SessionMedia {
                 if role == Role::Customer {
                     self.customer = Some(participant.clone());
                 }
+                // `grants` was updated when the core decided (see `MediaPlane::handle`).
                 with_files(&self.shared, |core| {
                     core.set_member(Instant::now(), &participant, role, permission)
                 });
-                lock(&self.shared.grants).insert(participant, (role, permission));
             }
             Event::Control(MediaEvent::Left { participant, .. }) => {
-                lock(&self.shared.grants).remove(&participant);
                 self.close_peer(&participant).await;
                 with_files(&self.shared, |core| {
                     core.remove_member(Instant::now(), &participant)
@@ -846,10 +849,15 @@ fn relay_track(
     (track, ssrc)
 }
 
-/// An agent's input events: checked against its permission, one by one, and forwarded
-/// unchanged to the customer.
+/// An agent's input events: checked against its budget (`rate_limits.input`) and its
+/// permission, one by one, and forwarded unchanged to the customer. An event over the
+/// budget is dropped before anything else is done with it (not recorded, not
+/// forwarded), so a flooding agent cannot crowd the customer's `input` channel, which
+/// every agent shares, nor the recording; the agent is told at most once a second.
 async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn DataChannel>) {
     let metrics = shared.inner.metrics.clone();
+    let mut budget = TokenBucket::new(shared.inner.settings.input_rate);
+    let mut over_budget = RefusalNotice::default();
     let count = |outcome: &str| {
         metrics
             .input_events_total
@@ -862,6 +870,29 @@ async fn read_input(shared: Arc<Shared>, pid: ParticipantId, channel: Arc<dyn Da
             continue;
         };
         let at = Instant::now();
+        if !budget.try_take(at) {
+            count("rate_limited");
+            metrics.rate_limited(MessageClass::Input);
+            if over_budget.due(at) {
+                let limit = shared.inner.settings.input_rate;
+                let message = format!(
+                    "too many input events: at most {} at once and {} per second; \
+                     the rest are dropped",
+                    limit.burst, limit.per_second
+                );
+                shared
+                    .tell(
+                        &pid,
+                        ServerMsg::Error {
+                            code: ErrorCode::RateLimited,
+                            message,
+                            reference: None,
+                        },
+                    )
+                    .await;
+            }
+            continue;
+        }
         let record = |outcome, event: Bytes| {
             shared.record(
                 at,
