@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod record;
 pub mod session;
 pub mod signal;
+pub mod text;
 pub mod throttle;
 pub mod tls;
 pub mod transfer;

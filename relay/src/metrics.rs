@@ -140,6 +140,9 @@ pub struct Metrics {
     pub data_channels_open: IntGaugeVec,
     /// Agents' screen shares to the customer: started, refused or ended, by outcome.
     pub agent_shares_total: IntCounterVec,
+    /// `relay_text_refused_total{field, rule}`: names, chat messages and comments
+    /// refused by a text rule (see `relay::text`).
+    pub text_refused_total: IntCounterVec,
     /// `relay_recordings_active`: recordings being written.
     pub recordings_active: IntGauge,
     /// `relay_recording_bytes_total{stage}`: bytes recorded, raw (records before
@@ -366,6 +369,12 @@ impl Metrics {
                  session_ended).",
                 &["outcome"],
             ),
+            text_refused_total: counter_vec(
+                "relay_text_refused_total",
+                "Names, chat messages and invitation comments refused by a text rule \
+                 (control, bidi, tag, invisible, nothing_visible, …), by field and rule.",
+                &["field", "rule"],
+            ),
             recordings_active: gauge(
                 "relay_recordings_active",
                 "Session recordings being written.",
@@ -494,6 +503,12 @@ impl Metrics {
         for outcome in ShareOutcome::ALL {
             m.agent_shares_total.with_label_values(&[outcome.as_str()]);
         }
+        for field in crate::text::Field::ALL {
+            for rule in crate::text::TextRule::ALL {
+                m.text_refused_total
+                    .with_label_values(&[field.as_str(), rule.as_str()]);
+            }
+        }
         for stage in ["raw", "compressed"] {
             m.recording_bytes_total.with_label_values(&[stage]);
         }
@@ -549,6 +564,7 @@ mod tests {
             "relay_chat_data_channel_total",
             "relay_data_channels_open",
             "relay_agent_shares_total",
+            "relay_text_refused_total",
             "relay_recordings_active",
             "relay_recording_bytes_total",
             "relay_recording_write_errors_total",
@@ -583,6 +599,7 @@ mod tests {
             "relay_file_transfers_total{outcome=\"refused_too_large\"} 0",
             "relay_chat_data_channel_total{outcome=\"fallback_websocket\"} 0",
             "relay_agent_shares_total{outcome=\"refused_busy\"} 0",
+            "relay_text_refused_total{field=\"chat\",rule=\"control\"} 0",
             "relay_recording_bytes_total{stage=\"compressed\"} 0",
             "relay_recording_frames_dropped_total{reason=\"queue_full\"} 0",
             "relay_recordings_skipped_total{reason=\"no_review_key\"} 0",

@@ -161,7 +161,7 @@ pub fn list(dir: &Path, identity: &x25519::Identity) -> Result<String, ReviewErr
                 for r in &records {
                     if let Record::Roster(roster) = &r.record {
                         if roster.role != Role::Customer && !agents.contains(&roster.name) {
-                            agents.push(roster.name.clone());
+                            agents.push(crate::text::escape_line(&roster.name));
                         }
                     }
                 }
@@ -181,8 +181,8 @@ pub fn list(dir: &Path, identity: &x25519::Identity) -> Result<String, ReviewErr
                 };
                 format!(
                     "{:<24} {:<12} {:<24} {:>10} {:<24} {:>10} {:>6}  {}{damaged}",
-                    header.session_id,
-                    header.portal,
+                    crate::text::escape_line(&header.session_id),
+                    crate::text::escape_line(&header.portal),
                     absolute_time(header.start_unix_ms, 0),
                     format_duration(recording.duration_ms()),
                     if agents.is_empty() {
@@ -316,7 +316,14 @@ pub fn transcript(
                     Audience::Agents => "note (agents only)",
                     _ => "chat",
                 };
-                let _ = writeln!(text, "{rel}  {abs}  {kind:<18}  {who}: {}", chat.text);
+                // One message is one entry, however it was written: continuation
+                // lines are marked, controls shown as escapes (old recordings may
+                // hold text the relay refuses today).
+                let _ = writeln!(
+                    text,
+                    "{rel}  {abs}  {kind:<18}  {who}: {}",
+                    crate::text::transcript_text(&chat.text)
+                );
                 json.push(serde_json::json!({
                     "at_ms": r.at_ms, "time": abs, "kind": if chat.audience == Audience::Agents { "note" } else { "chat" },
                     "participant_id": chat.participant_id, "name": chat.name,
@@ -403,10 +410,12 @@ pub fn events(path: &Path, identity: &x25519::Identity) -> Result<String, Review
         let Record::Input(event) = &r.record else {
             continue;
         };
-        let who = names
-            .get(event.participant_id.as_str())
-            .copied()
-            .unwrap_or(&event.participant_id);
+        let who = crate::text::escape_line(
+            names
+                .get(event.participant_id.as_str())
+                .copied()
+                .unwrap_or(&event.participant_id),
+        );
         let outcome = match event.outcome {
             InputOutcome::Delivered => "delivered",
             InputOutcome::RefusedViewOnly => "refused (view only)",
@@ -501,9 +510,12 @@ fn describe_input(bytes: &[u8]) -> String {
     }
 }
 
+/// A participant for the text outputs: the name with every control, bidi or
+/// invisible character escaped (see [`crate::text::escape_line`]).
 fn person(name: &str, role: Role, masked: bool) -> String {
     format!(
-        "{name} ({}{})",
+        "{} ({}{})",
+        crate::text::escape_line(name),
         role_name(role),
         if masked { ", masked" } else { "" }
     )

@@ -256,6 +256,14 @@ pub enum Stat {
     Invitation(InvitationOutcome),
     /// An agent's screen share started, was refused or ended.
     Share(ShareOutcome),
+    /// A name, chat message or comment was refused by a text rule
+    /// ([`crate::text`]).
+    TextRefused {
+        /// Which kind of text.
+        field: crate::text::Field,
+        /// The rule it broke.
+        rule: crate::text::TextRule,
+    },
 }
 
 /// What happened to a request to share an agent's screen, or how a share ended

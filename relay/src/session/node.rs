@@ -32,6 +32,7 @@ use super::{
     SessionError, Settings, ShareOutcome, Signal, Stat,
 };
 use crate::identity::AgentIdentity;
+use crate::text::{self, Field, TextRule};
 use crate::throttle::{KeyThrottle, Verdict};
 
 /// How often stale tombstones and throttle entries are swept.
@@ -234,24 +235,18 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// Trims and checks a display name: 1–64 characters, no control characters.
-fn clean_name(name: &str) -> Result<String, SessionError> {
-    let name = name.trim();
-    let chars = name.chars().count();
-    if chars == 0 {
-        return Err(SessionError::InvalidField("name must not be empty"));
-    }
-    if chars > wire::MAX_NAME_CHARS {
-        return Err(SessionError::InvalidField(
-            "name must be at most 64 characters",
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(SessionError::InvalidField(
-            "name must not contain control characters",
-        ));
-    }
-    Ok(name.to_owned())
+/// Trims, normalizes (NFC) and checks a display name: 1–64 characters, none of them
+/// a control, bidi control, tag or other invisible character (see [`crate::text`]).
+/// A refusal is counted in `outputs`.
+fn clean_name(name: &str, outputs: &mut VecDeque<Output>) -> Result<String, SessionError> {
+    text::clean_name(name, wire::MAX_NAME_CHARS)
+        .map_err(|rule| refuse_text(Field::Name, rule, outputs))
+}
+
+/// Counts a refused piece of text and says why, for the sender.
+fn refuse_text(field: Field, rule: TextRule, outputs: &mut VecDeque<Output>) -> SessionError {
+    outputs.push_back(Output::Stat(Stat::TextRefused { field, rule }));
+    SessionError::InvalidField(rule.message(field))
 }
 
 /// The slot of `role` in [`Census::participants`].
@@ -405,7 +400,7 @@ impl Node {
                 "you are not a member of this portal",
             ));
         }
-        let name = clean_name(&agent.name)?;
+        let name = clean_name(&agent.name, &mut self.outputs)?;
         let held = self.sessions_of(&agent.agent_id, false);
         if held >= self.settings.max_sessions_per_agent {
             return Err(SessionError::AgentSessionLimit(held));
@@ -510,7 +505,7 @@ impl Node {
         name: &str,
         credential: &JoinCredential,
     ) -> Result<Credentials, SessionError> {
-        let name = clean_name(name)?;
+        let name = clean_name(name, &mut self.outputs)?;
         if let Verdict::Throttled { retry_after, .. } = self.throttle.check(now, from) {
             self.stat(Stat::KeyAttempt(KeyOutcome::Throttled));
             return Err(SessionError::Throttled { retry_after });
@@ -591,19 +586,16 @@ impl Node {
         session: &SessionId,
         req: &InviteRequest,
     ) -> Result<InvitationCreated, SessionError> {
+        self.session_as_host(session, host)?;
+        // A blank comment is no comment; any other is held to the message rules.
+        let comment = match req.comment.as_deref().filter(|c| !c.trim().is_empty()) {
+            Some(c) => Some(
+                text::clean_message(c, wire::MAX_COMMENT_CHARS)
+                    .map_err(|rule| refuse_text(Field::Comment, rule, &mut self.outputs))?,
+            ),
+            None => None,
+        };
         let s = self.session_as_host(session, host)?;
-        if let Some(comment) = &req.comment {
-            if comment.chars().count() > wire::MAX_COMMENT_CHARS {
-                return Err(SessionError::InvalidField(
-                    "comment must be at most 500 characters",
-                ));
-            }
-            if comment.chars().any(|c| c.is_control() && c != '\n') {
-                return Err(SessionError::InvalidField(
-                    "comment must not contain control characters",
-                ));
-            }
-        }
         match &req.target {
             InviteTarget::Agent(id) if id.is_empty() => {
                 return Err(SessionError::InvalidField("target agent must not be empty"));
@@ -626,7 +618,7 @@ impl Node {
             target: req.target.clone(),
             visibility: req.visibility,
             permission: req.permission,
-            comment: req.comment.clone().filter(|c| !c.trim().is_empty()),
+            comment,
             expires_at: now + self.settings.invitation_ttl,
             delivered: Default::default(),
             declined: Default::default(),
@@ -755,7 +747,7 @@ impl Node {
         if held >= self.settings.max_sessions_per_agent {
             return Err(SessionError::AgentSessionLimit(held));
         }
-        let name = clean_name(&agent.name)?;
+        let name = clean_name(&agent.name, &mut self.outputs)?;
 
         let token = Secret::random(&mut *self.rng);
         let participant = Participant {
@@ -804,7 +796,8 @@ impl Node {
         invitation: &InvitationId,
     ) -> Result<(), SessionError> {
         let (session, inv) = self.open_invitation_for(now, agent, invitation)?;
-        let name = clean_name(&agent.name).unwrap_or_else(|_| agent.agent_id.clone());
+        let name = text::clean_name(&agent.name, wire::MAX_NAME_CHARS)
+            .unwrap_or_else(|_| agent.agent_id.clone());
         if inv.portal_wide() {
             if let Some(i) = self
                 .sessions
@@ -986,7 +979,7 @@ impl Node {
         let participant = Participant {
             id: ParticipantId::random(&mut *self.rng),
             role: Role::Supervisor,
-            name: clean_name(&supervisor.name)?,
+            name: clean_name(&supervisor.name, &mut self.outputs)?,
             agent_id: Some(supervisor.agent_id.clone()),
             visibility: Visibility::Masked,
             permission: Permission::View,
@@ -1795,14 +1788,8 @@ impl Node {
             }
             _ => {}
         }
-        if text.trim().is_empty() {
-            return Err(SessionError::InvalidField("chat text must not be empty"));
-        }
-        if text.chars().count() > wire::MAX_CHAT_CHARS {
-            return Err(SessionError::InvalidField(
-                "chat text must be at most 4000 characters",
-            ));
-        }
+        let text = text::clean_message(&text, wire::MAX_CHAT_CHARS)
+            .map_err(|rule| refuse_text(Field::Chat, rule, &mut self.outputs))?;
         let record = ChatRecord {
             seq: s.next_chat_seq,
             from: sender.id.clone(),

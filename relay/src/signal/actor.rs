@@ -260,5 +260,9 @@ fn count(metrics: &Metrics, stat: Stat) {
             .agent_shares_total
             .with_label_values(&[outcome.as_str()])
             .inc(),
+        Stat::TextRefused { field, rule } => metrics
+            .text_refused_total
+            .with_label_values(&[field.as_str(), rule.as_str()])
+            .inc(),
     }
 }
