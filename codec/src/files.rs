@@ -111,13 +111,16 @@ pub enum CancelReason {
     /// \[13\] A message that breaks the protocol otherwise (a chunk before the offer was
     /// accepted, an id in the wrong range, an id already in use, too many transfers).
     ProtocolError,
+    /// \[14\] The offered file name could spoof or hide text: control, bidi-control,
+    /// tag or other invisible format characters, or nothing visible.
+    BadName,
     /// A reason this version does not define (kept, so that newer peers can add some).
     Other(u8),
 }
 
 impl CancelReason {
     /// Every defined reason, in wire order (from 1).
-    pub const DEFINED: [CancelReason; 13] = [
+    pub const DEFINED: [CancelReason; 14] = [
         CancelReason::Cancelled,
         CancelReason::Forbidden,
         CancelReason::TooLarge,
@@ -131,6 +134,7 @@ impl CancelReason {
         CancelReason::NoReceivers,
         CancelReason::Timeout,
         CancelReason::ProtocolError,
+        CancelReason::BadName,
     ];
 
     /// The reason with this wire byte (undefined bytes become [`CancelReason::Other`]).
@@ -168,6 +172,7 @@ impl CancelReason {
             CancelReason::NoReceivers => "no_receivers",
             CancelReason::Timeout => "timeout",
             CancelReason::ProtocolError => "protocol_error",
+            CancelReason::BadName => "bad_name",
             CancelReason::Other(_) => "other",
         }
     }
@@ -564,7 +569,7 @@ mod tests {
     #[test]
     fn cancel_reasons_have_stable_bytes() {
         let bytes: Vec<u8> = CancelReason::DEFINED.iter().map(|r| r.to_u8()).collect();
-        assert_eq!(bytes, (1..=13).collect::<Vec<u8>>());
+        assert_eq!(bytes, (1..=14).collect::<Vec<u8>>());
         assert_eq!(CancelReason::Forbidden.as_str(), "forbidden");
         assert_eq!(CancelReason::TooLarge.as_str(), "too_large");
         for byte in 0..=255u8 {

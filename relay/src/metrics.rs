@@ -48,12 +48,13 @@ pub const NEGOTIATION_OUTCOMES: [&str; 5] =
     ["ok", "bad_offer", "no_port", "replaced", "ice_restart"];
 /// Outcomes of file transfers (`outcome` label of `relay_file_transfers_total`): the
 /// labels of [`crate::transfer::Outcome`].
-pub const FILE_TRANSFER_OUTCOMES: [&str; 7] = [
+pub const FILE_TRANSFER_OUTCOMES: [&str; 8] = [
     "completed",
     "declined",
     "cancelled",
     "refused_forbidden",
     "refused_too_large",
+    "refused_bad_name",
     "no_receivers",
     "protocol_error",
 ];

@@ -35,6 +35,9 @@
 //!   (relay-chosen, [`TransferId::RELAY_BIT`] set, counted per receiver), so nothing
 //!   tells the customer which agent (masked or not) sends, or how many agents received
 //!   its own files.
+//! - **Names.** An offer whose name could spoof or hide text (control, bidi-control,
+//!   tag or other invisible format characters, or nothing visible: see
+//!   [`crate::text`]) is refused with `Cancel{bad_name}`: receivers see names as sent.
 //! - **Size.** An offer above [`TransferSettings::max_file_bytes`] is refused with
 //!   `Cancel{too_large}`. Completion checks that exactly the offered bytes were sent.
 //! - **Answers.** Every receiver accepts or declines on its own. The sender hears
@@ -165,6 +168,8 @@ pub enum Outcome {
     RefusedForbidden,
     /// The offer was above `limits.max_file_bytes`.
     RefusedTooLarge,
+    /// The offered name could spoof or hide text ([`crate::text::check_file_name`]).
+    RefusedBadName,
     /// Nobody had an open `files` channel to receive it.
     NoReceivers,
     /// The sender broke the protocol (window, order, size, ids).
@@ -173,12 +178,13 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Completed,
         Outcome::Declined,
         Outcome::Cancelled,
         Outcome::RefusedForbidden,
         Outcome::RefusedTooLarge,
+        Outcome::RefusedBadName,
         Outcome::NoReceivers,
         Outcome::ProtocolError,
     ];
@@ -191,6 +197,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::RefusedForbidden => "refused_forbidden",
             Outcome::RefusedTooLarge => "refused_too_large",
+            Outcome::RefusedBadName => "refused_bad_name",
             Outcome::NoReceivers => "no_receivers",
             Outcome::ProtocolError => "protocol_error",
         }
@@ -490,6 +497,10 @@ impl Transfers {
         if size > self.settings.max_file_bytes {
             let o = Outcome::RefusedTooLarge;
             return self.refuse_offer(from, id, file, CancelReason::TooLarge, o);
+        }
+        if crate::text::check_file_name(&file.name).is_err() {
+            let o = Outcome::RefusedBadName;
+            return self.refuse_offer(from, id, file, CancelReason::BadName, o);
         }
         if self.sent_by(from).len() >= self.settings.max_open_per_sender {
             let o = Outcome::ProtocolError;

@@ -109,6 +109,7 @@ fn file_record(e: TransferEvent) -> FileTransferRecord {
             Outcome::Cancelled
             | Outcome::RefusedForbidden
             | Outcome::RefusedTooLarge
+            | Outcome::RefusedBadName
             | Outcome::NoReceivers
             | Outcome::ProtocolError,
         ) => FileOutcome::Cancelled,

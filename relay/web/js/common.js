@@ -617,6 +617,7 @@ export const CANCEL_REASONS = {
   1: 'cancelled', 2: 'not allowed', 3: 'too large', 4: 'window exceeded', 5: 'out of order',
   6: 'past size', 7: 'unknown transfer', 8: 'incomplete', 9: 'the sender left',
   10: 'the receiver left', 11: 'nobody can receive it', 12: 'no answer in time', 13: 'protocol error',
+  14: 'the file name could hide or spoof text',
 };
 
 function fileHeader(kind, id, extra) {
