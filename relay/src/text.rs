@@ -227,6 +227,19 @@ pub fn check_file_name(name: &str) -> Result<(), TextRule> {
     check_name_chars(name)
 }
 
+/// Whether a portal name may name a session: 1..=`max_chars` characters and the name
+/// rules (it is shown to agents and names the recordings' folder). Not normalized: it
+/// must match the agent's token as it is.
+pub fn check_portal(portal: &str, max_chars: usize) -> Result<(), TextRule> {
+    if portal.trim().is_empty() {
+        return Err(TextRule::Empty);
+    }
+    if portal.chars().count() > max_chars {
+        return Err(TextRule::TooLong);
+    }
+    check_name_chars(portal)
+}
+
 /// A chat message or comment as people will see it: NFC, 1..=`max_chars` characters,
 /// not only whitespace; newline and tab are the only control characters; no bidi
 /// embeddings, overrides or isolates, tag characters or line separators.

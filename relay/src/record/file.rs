@@ -64,9 +64,25 @@ fn safe_component(s: &str) -> String {
         .collect();
     match cleaned.as_str() {
         "" | "." | ".." => "_".to_owned(),
+        // Sessions only start in portals of at most 64 characters; anything longer (a
+        // session id from elsewhere) is cut and made unique with a hash, so that the
+        // name always fits a file system's 255 bytes.
+        _ if cleaned.len() > MAX_COMPONENT_BYTES => {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(s.as_bytes());
+            format!(
+                "{}~{}",
+                &cleaned[..MAX_COMPONENT_BYTES - 17],
+                hex::encode(&digest[..8])
+            )
+        }
         _ => cleaned,
     }
 }
+
+/// Longest folder or file name part [`recording_path`] makes from a portal or session
+/// id (ASCII after cleaning, so bytes are characters).
+const MAX_COMPONENT_BYTES: usize = 100;
 
 /// The (year, month, day) of a day number counted from 1970-01-01 (proleptic
 /// Gregorian; Howard Hinnant's `civil_from_days`).
@@ -528,6 +544,15 @@ mod tests {
         assert_eq!(
             recording_path(dir, "..", 0, ""),
             Path::new("/rec/_/1970-01-01/_.rec")
+        );
+        let long = recording_path(dir, &"p".repeat(300), 0, "s");
+        let folder = long.iter().nth(2).unwrap().to_str().unwrap().to_owned();
+        assert!(folder.len() <= 100, "{folder}");
+        assert!(folder.starts_with("ppp"), "{folder}");
+        assert_ne!(
+            recording_path(dir, &"p".repeat(301), 0, "s"),
+            long,
+            "cut names stay apart"
         );
         assert_eq!(civil_date(19_723), (2024, 1, 1));
         assert_eq!(civil_date(19_782), (2024, 2, 29));

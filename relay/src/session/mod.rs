@@ -102,6 +102,9 @@ pub struct Settings {
     pub max_monitored_sessions: usize,
     /// Chat messages kept per session for participants who connect later.
     pub chat_history: usize,
+    /// Whether a host may invite an agent directly who shares no portal with the
+    /// session (`session.cross_portal_invitations`, default off).
+    pub cross_portal_invitations: bool,
     /// Support-key brute-force guard.
     pub throttle: ThrottleSettings,
 }

@@ -400,6 +400,21 @@ impl Node {
                 "you are not a member of this portal",
             ));
         }
+        // The portal names the recordings' folder and is shown to agents: a name that
+        // cannot be a file name would leave the session silently unrecorded.
+        match text::check_portal(&req.portal, wire::MAX_PORTAL_CHARS) {
+            Ok(()) => {}
+            Err(TextRule::TooLong) => {
+                return Err(SessionError::InvalidField(
+                    "portal must be at most 64 characters",
+                ));
+            }
+            Err(_) => {
+                return Err(SessionError::InvalidField(
+                    "portal must not contain control, bidirectional or invisible characters",
+                ));
+            }
+        }
         let name = clean_name(&agent.name, &mut self.outputs)?;
         let held = self.sessions_of(&agent.agent_id, false);
         if held >= self.settings.max_sessions_per_agent {
@@ -702,8 +717,12 @@ impl Node {
                 continue;
             }
             let from = s.host_name().to_owned();
+            let cross_portal = self.settings.cross_portal_invitations || agent.in_portal(&s.portal);
             for inv in &mut s.invitations {
-                if inv.expires_at > now && inv.addressed_to(agent) {
+                if inv.expires_at > now
+                    && inv.addressed_to(agent)
+                    && (cross_portal || inv.portal_wide())
+                {
                     inv.delivered.insert(agent.agent_id.clone());
                     found.push(invitation_info(&self.clock, &s.id, &s.portal, &from, inv));
                 }
@@ -1486,7 +1505,25 @@ impl Node {
         if inv.expires_at <= now {
             return Err(SessionError::InvitationClosed);
         }
+        if self.across_portals(sid, &inv, agent) {
+            return Err(SessionError::Forbidden(
+                "this session belongs to a portal you are not a member of",
+            ));
+        }
         Ok((sid.clone(), inv.clone()))
+    }
+
+    /// Whether `inv` is a direct invitation to an agent outside the session's portal
+    /// while `session.cross_portal_invitations` is off: such an agent is not shown it
+    /// and may not accept it. (The core learns an agent's portals from its token only
+    /// when the agent itself calls, so this is checked on delivery and on accept.)
+    fn across_portals(&self, sid: &SessionId, inv: &Invitation, agent: &AgentIdentity) -> bool {
+        !self.settings.cross_portal_invitations
+            && !inv.portal_wide()
+            && self
+                .sessions
+                .get(sid)
+                .is_some_and(|s| !agent.in_portal(&s.portal))
     }
 
     /// Sends invitation `iid` to console `conn` if it is for that agent, and notes it
@@ -1505,10 +1542,11 @@ impl Node {
             return;
         }
         let from = s.host_name().to_owned();
+        let cross_portal = self.settings.cross_portal_invitations || agent.in_portal(&s.portal);
         let Some(inv) = s.invitations.iter_mut().find(|i| i.id == *iid) else {
             return;
         };
-        if !inv.addressed_to(agent) {
+        if !inv.addressed_to(agent) || !(cross_portal || inv.portal_wide()) {
             return;
         }
         inv.delivered.insert(agent.agent_id.clone());

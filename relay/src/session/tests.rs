@@ -30,6 +30,7 @@ fn settings() -> Settings {
         max_sessions_per_agent: 8,
         max_monitored_sessions: 32,
         chat_history: 200,
+        cross_portal_invitations: false,
         throttle: ThrottleSettings::default(),
     }
 }
@@ -808,6 +809,103 @@ fn ninth_agent_and_ninth_session_are_refused() {
         role: Role::Host,
         refused: Some(ErrorCode::AgentSessionLimit)
     }));
+}
+
+#[test]
+fn direct_invitations_stay_inside_the_session_s_portal_unless_configured() {
+    for cross_portal in [false, true] {
+        let mut sim = Sim::new(Settings {
+            cross_portal_invitations: cross_portal,
+            ..settings()
+        });
+        let alice = agent("alice", &["support"]);
+        let eve = agent("eve", &["billing"]);
+        let created = sim.create(&alice);
+        let sid = created.host.session_id.clone();
+        let console = sim.console(&eve);
+        sim.take(console);
+        let inv = sim
+            .node
+            .invite(
+                sim.now,
+                &alice,
+                &sid,
+                &invite_agent("eve", Visibility::Visible, Permission::Control),
+            )
+            .unwrap();
+        sim.drain();
+        let shown = sim
+            .take(console)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Invitation(_)));
+        assert_eq!(shown, cross_portal, "shown on eve's console");
+        assert_eq!(inv.delivered_to, usize::from(cross_portal));
+        assert_eq!(
+            sim.node.pending_invitations(sim.now, &eve).len(),
+            usize::from(cross_portal)
+        );
+        let r = sim
+            .node
+            .accept_invitation(sim.now, &eve, &inv.invitation_id);
+        sim.drain();
+        if cross_portal {
+            assert!(r.is_ok(), "{r:?}");
+        } else {
+            assert!(
+                matches!(r, Err(SessionError::Forbidden(m)) if m.contains("portal")),
+                "{r:?}"
+            );
+        }
+    }
+    // An agent who shares the portal is invited as before.
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["billing", "support"]);
+    let created = sim.create(&alice);
+    let r = sim.invite_and_accept(
+        &alice,
+        &created.host.session_id,
+        &bob,
+        Visibility::Visible,
+        Permission::View,
+    );
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[test]
+fn a_portal_name_that_cannot_name_a_folder_is_refused_at_creation() {
+    let mut sim = Sim::new(settings());
+    for (portal, says) in [
+        ("p".repeat(300), "at most 64"),
+        ("support\u{202E}".to_owned(), "control"),
+        ("\u{200B}".to_owned(), "control"),
+    ] {
+        let host = agent("alice", &[portal.as_str()]);
+        let r = sim.node.create_session(
+            sim.now,
+            &host,
+            &CreateSessionRequest {
+                portal: portal.clone(),
+                visibility: Visibility::Visible,
+            },
+        );
+        sim.drain();
+        assert!(
+            matches!(r, Err(SessionError::InvalidField(m)) if m.contains(says)),
+            "{portal:?}: {r:?}"
+        );
+        assert!(sim.records.is_empty(), "no recording starts");
+    }
+    let host = agent("alice", &[&"p".repeat(64)]);
+    let r = sim.node.create_session(
+        sim.now,
+        &host,
+        &CreateSessionRequest {
+            portal: "p".repeat(64),
+            visibility: Visibility::Visible,
+        },
+    );
+    assert!(r.is_ok(), "{r:?}");
 }
 
 #[test]
