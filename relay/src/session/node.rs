@@ -1505,7 +1505,7 @@ impl Node {
         if inv.expires_at <= now {
             return Err(SessionError::InvitationClosed);
         }
-        if self.across_portals(sid, &inv, agent) {
+        if self.across_portals(sid, inv, agent) {
             return Err(SessionError::Forbidden(
                 "this session belongs to a portal you are not a member of",
             ));
