@@ -173,6 +173,55 @@ pub enum RecordingFileError {
     /// age refused to encrypt (an unusable recipient).
     #[error("cannot encrypt to the review key: {0}")]
     Encrypt(String),
+    /// Not a regular file: a directory, FIFO, socket or device where a recording was
+    /// expected.
+    #[error("{path} is not a regular file (it is {kind}); give the path of a recording")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead ("a directory", "a FIFO", …).
+        kind: &'static str,
+    },
+}
+
+/// What a file type is, in words, for errors.
+pub fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        "a device"
+    } else if file_type.is_file() {
+        "a regular file"
+    } else {
+        "not a file"
+    }
+}
+
+/// Opens `path` for reading if it is a regular file (following symlinks), without
+/// blocking on a FIFO or a device: it is opened non-blocking and checked with `fstat`,
+/// so nothing can swap it between the check and the read.
+pub fn open_regular(path: &Path) -> Result<File, RecordingFileError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_error(path))?;
+    let file_type = file.metadata().map_err(io_error(path))?.file_type();
+    if !file_type.is_file() {
+        return Err(RecordingFileError::NotAFile {
+            path: path.to_owned(),
+            kind: file_kind(file_type),
+        });
+    }
+    Ok(file)
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> RecordingFileError + '_ {
@@ -384,7 +433,7 @@ pub fn open_recording(
     path: &Path,
     identity: &x25519::Identity,
 ) -> Result<DecryptedRecording, RecordingFileError> {
-    let file = File::open(path).map_err(io_error(path))?;
+    let file = open_regular(path)?;
     let file_bytes = file.metadata().map_err(io_error(path))?.len();
     if file_bytes > MAX_RECORDING_BYTES {
         return Err(RecordingFileError::TooLarge {
@@ -397,7 +446,7 @@ pub fn open_recording(
         .take(4096)
         .read_to_end(&mut header_probe)
         .map_err(io_error(path))?;
-    let file = File::open(path).map_err(io_error(path))?;
+    let file = open_regular(path)?;
     let decryptor =
         age::Decryptor::new_buffered(io::BufReader::new(file)).map_err(|e| match e {
             age::DecryptError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
