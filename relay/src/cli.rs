@@ -368,7 +368,9 @@ pub enum RecordingsCommand {
     /// One line per .rec file found (recursively): session id, portal, start (UTC),
     /// duration, agents (from the roster), size on disk and compression ratio (raw
     /// over stored chunk bytes). Recordings of other portals are listed as "not for
-    /// this identity".
+    /// this identity". Symbolic links (to files or folders) are never followed and
+    /// `*.rec` entries that are not regular files (FIFOs, devices) are not opened: both
+    /// are listed at the end as skipped.
     List {
         /// The folder (the relay writes <dir>/<portal>/<yyyy-mm-dd>/<session>.rec).
         #[arg(default_value = ".")]
