@@ -1225,6 +1225,46 @@ async fn bad_input_leaves_session_intact() -> Result<()> {
     Ok(())
 }
 
+/// Names that reorder or hide text are refused at join (a right-to-left override
+/// makes `Carol\u{202e}TNEGA` read "CarolAGENT"), and chat that could forge lines of
+/// a transcript or reach a reviewer's terminal (newline + ESC sequences) is refused
+/// with `invalid_field`; both are counted, and the session goes on.
+#[tokio::test]
+async fn spoofing_names_and_forging_chat_are_refused() -> Result<()> {
+    let relay = RelayBuilder::new().start().await?;
+    let (s, mut host) = open_session(&relay).await?;
+    for name in ["Carol\u{202e}TNEGA", "\u{200b}\u{200b}", "\u{feff}"] {
+        relay
+            .join(name, &s.support_key)
+            .await
+            .refused(400, ErrorCode::InvalidField)?;
+    }
+    ensure!(
+        relay
+            .metric("relay_text_refused_total{field=\"name\",rule=\"bidi\"}")
+            .await?
+            == Some(1.0),
+        "the bidi refusal is counted"
+    );
+    let (_, mut customer) = customer_joins(&relay, &s).await?;
+    let forged = "ok\n+00:00:09.000  2025-11-23T12:00:09.000Z  chat                Alice (host): \
+                  please read me your card number\u{1b}[1A\u{7}";
+    customer
+        .send_json(&json!({"type": "chat", "text": forged, "id": 4}))
+        .await?;
+    let e = customer.recv_type("error").await?;
+    ensure!(e["code"] == "invalid_field" && e["ref"] == 4, "{e}");
+    customer.chat("two lines\nare fine", "all").await?;
+    let chat = host.recv_type("chat").await?;
+    ensure!(chat["text"] == "two lines\nare fine", "{chat}");
+    eventually_metric(
+        &relay,
+        "relay_text_refused_total{field=\"chat\",rule=\"control\"}",
+        1.0,
+    )
+    .await
+}
+
 // ---------------------------------------------------------------------------------
 // 9. Ending sessions
 // ---------------------------------------------------------------------------------

@@ -492,6 +492,225 @@ fn a_wrong_passphrase_or_another_identity_cannot_read_a_recording() {
     assert!(!bytes.windows(5).any(|w| w == b"Carol"));
 }
 
+/// A recording with no video whose chat holds what an older relay let through: a
+/// message with a newline that imitates a transcript line, ESC and BEL sequences and a
+/// lone CR, sent by a participant whose name has a right-to-left override.
+fn build_forged_chat_recording(dir: &Path, to: &Reviewer) -> PathBuf {
+    let header = RecordingHeader {
+        session_id: "forged".into(),
+        portal: "support".into(),
+        start_unix_ms: 1_763_900_000_000,
+        video_codecs: vec!["video/VP8".into()],
+        audio_codecs: vec![],
+    };
+    let (mut writer, header_bytes) =
+        RecordingWriter::new(&header, ChunkSettings::default()).expect("writer");
+    let path = recording_path(dir, &header.portal, header.start_unix_ms, "forged");
+    let mut file =
+        RecordingFileWriter::create(&path, &to.recipient, &header_bytes, SyncPolicy::default())
+            .expect("file writer");
+    let records = [
+        Record::Roster(RosterRecord {
+            change: RosterChange::Joined,
+            participant_id: "c1".into(),
+            role: Role::Customer,
+            name: "Carol\u{202e}TNEGA".into(),
+            visibility: Visibility::Visible,
+            permission: Permission::View,
+        }),
+        Record::Chat(ChatRecord {
+            participant_id: "c1".into(),
+            name: "Carol\u{202e}TNEGA".into(),
+            role: Role::Customer,
+            masked: false,
+            audience: Audience::All,
+            text: "hello\n+00:00:09.000  2025-11-23T12:00:09.000Z  chat                \
+                   Alice (host): please read me your card number\u{1b}[2K\u{7}\rX\0"
+                .into(),
+        }),
+        Record::Chat(ChatRecord {
+            participant_id: "c1".into(),
+            name: "Carol\u{202e}TNEGA".into(),
+            role: Role::Customer,
+            masked: false,
+            audience: Audience::All,
+            text: "second message".into(),
+        }),
+    ];
+    for (i, record) in records.iter().enumerate() {
+        if let Some(chunk) = writer.push(i as u64 * 100, record).expect("push") {
+            file.append_chunk(&chunk).expect("append");
+        }
+    }
+    file.finish(&writer.finish()).expect("finish");
+    path
+}
+
+#[test]
+fn a_forged_chat_message_stays_one_transcript_entry_and_shows_its_controls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let path = build_forged_chat_recording(dir.path(), &who);
+    let out = expect_status(
+        &recordings(&who, &["transcript", s(&path)]),
+        0,
+        "transcript",
+    );
+    // Every line is an entry of its own (starts with its offset) or a marked
+    // continuation; nothing reaches the terminal raw.
+    let entries: Vec<&str> = out.lines().filter(|l| l.starts_with('+')).collect();
+    for line in out.lines() {
+        assert!(
+            line.starts_with('+') || line.starts_with("    | "),
+            "a line that is neither an entry nor a marked continuation: {line:?}\n{out}"
+        );
+    }
+    assert_eq!(entries.len(), 3, "roster, two messages:\n{out}");
+    assert!(
+        !out.chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "raw control characters in:\n{out:?}"
+    );
+    assert!(
+        !out.contains('\u{202e}'),
+        "raw override in the output: {out:?}"
+    );
+    assert!(out.contains("\\u{1b}[2K\\u{7}\\u{d}X\\u{0}"), "{out}");
+    assert!(out.contains("Carol\\u{202e}TNEGA (customer)"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("    | +00:00:09.000") && l.contains("read me your card")),
+        "{out}"
+    );
+    // JSON keeps the text as it was (escaped by JSON itself).
+    let json = expect_status(
+        &recordings(&who, &["transcript", s(&path), "--format", "json"]),
+        0,
+        "json transcript",
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert!(
+        v[1]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("hello\n+00:00:09.000")),
+        "{json}"
+    );
+}
+
+/// `relay recordings list` on a folder with a symlink back to itself, a symlink to a
+/// file outside, and a FIFO named `*.rec` ends at once: it lists the recording,
+/// reports each of them as skipped, and follows no link.
+#[test]
+fn list_ends_on_symlink_loops_and_fifos_and_odd_paths_are_refused_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let who = reviewer(dir.path(), "support", PASSPHRASE);
+    let recs = dir.path().join("recs");
+    let built = build_forged_chat_recording(&recs, &who);
+    std::os::unix::fs::symlink("..", recs.join("support").join("loop")).expect("symlink loop");
+    std::os::unix::fs::symlink(&recs, recs.join("again")).expect("symlink to the folder");
+    let outside = dir.path().join("outside.rec");
+    std::fs::copy(&built, &outside).expect("copy");
+    std::os::unix::fs::symlink(&outside, recs.join("outside.rec")).expect("symlink out");
+    let fifo = recs.join("x.rec");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+
+    let started = std::time::Instant::now();
+    let out = run_with_deadline(&who, &["list", s(&recs)]);
+    let listed = expect_status(&out, 0, "list");
+    assert_eq!(
+        listed.lines().filter(|l| l.starts_with("forged ")).count(),
+        1,
+        "the recording once, no link followed:\n{listed}"
+    );
+    for skipped in [
+        "skipped (a FIFO): ",
+        "skipped (symbolic link, not followed): ",
+    ] {
+        assert!(listed.contains(skipped), "{skipped:?} missing:\n{listed}");
+    }
+    assert!(listed.contains(&format!("{}", recs.join("support").join("loop").display())));
+    assert!(listed.contains(&format!("{}", recs.join("outside.rec").display())));
+
+    // Commands that read one recording refuse what is not a regular file.
+    for (path, kind) in [
+        (fifo.as_path(), "a FIFO"),
+        (Path::new("/dev/zero"), "a device"),
+        (recs.as_path(), "a directory"),
+    ] {
+        for command in ["verify", "transcript", "events"] {
+            let out = run_with_deadline(&who, &[command, s(path)]);
+            expect_status(&out, 2, command);
+            let err = text(&out).1;
+            assert!(
+                err.contains(&format!("is not a regular file (it is {kind})")),
+                "{command} {}: {err}",
+                path.display()
+            );
+        }
+    }
+
+    // A passphrase or identity "file" that never ends is refused at once, not read.
+    let endless = Reviewer {
+        passphrase_file: PathBuf::from("/dev/zero"),
+        identity: who.identity.clone(),
+        recipient: who.recipient.clone(),
+    };
+    let out = run_with_deadline(&endless, &["verify", s(&built)]);
+    expect_status(&out, 2, "passphrase /dev/zero");
+    assert!(
+        text(&out)
+            .1
+            .contains("first line is longer than 4096 bytes"),
+        "{}",
+        text(&out).1
+    );
+    let endless = Reviewer {
+        identity: PathBuf::from("/dev/zero"),
+        passphrase_file: who.passphrase_file.clone(),
+        recipient: who.recipient.clone(),
+    };
+    let out = run_with_deadline(&endless, &["list", s(&recs)]);
+    expect_status(&out, 2, "identity /dev/zero");
+    assert!(
+        text(&out).1.contains("larger than 64 KiB"),
+        "{}",
+        text(&out).1
+    );
+    // Generous: scrypt runs once per command; an endless read would never end.
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+}
+
+/// [`recordings`] with a deadline: a command still running after 60 s is killed and
+/// the test fails (an endless walk or read must not hang the test run).
+fn run_with_deadline(who: &Reviewer, args: &[&str]) -> Output {
+    let bin = relay_e2e::relay_binary().expect("relay binary");
+    let mut child = Command::new(bin)
+        .arg("recordings")
+        .args(args)
+        .arg("--identity")
+        .arg(&who.identity)
+        .arg("--passphrase-file")
+        .arg(&who.passphrase_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run relay");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "relay recordings {args:?} did not end within 60 s: {}",
+                text(&out).0
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 #[test]
 fn a_cut_off_recording_verifies_to_its_last_complete_chunk_and_repair_makes_it_exportable() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -757,6 +976,21 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
     })
     .await
     .expect("chat on the WebSocket");
+    // Chat that would forge a transcript line is refused on both paths (so the
+    // recording never holds it).
+    let forged = "ok\n+00:00:09.000  2025-11-23T12:00:09.000Z  chat                \
+                  Alice Host (host): please read me your card number\u{1b}[1A";
+    customer
+        .chat()
+        .send(forged, Audience::All)
+        .await
+        .expect("forged chat on the data channel");
+    host.send(&ClientMsg::Chat {
+        text: forged.into(),
+        audience: Audience::All,
+    })
+    .await
+    .expect("forged chat on the WebSocket");
     // A file to the customer: the recording keeps its name, size and outcome.
     host.files()
         .wait_open(LIVE_WAIT)
@@ -866,6 +1100,15 @@ async fn a_live_session_is_recorded_from_the_first_keyframe_with_its_chat_and_in
     }
     assert!(out.contains("Bob Masked (agent, masked)"), "{out}");
     assert!(out.contains("Carol Customer"), "{out}");
+    assert!(
+        !out.contains("read me your card"),
+        "a forged chat was recorded:\n{out}"
+    );
+    assert!(
+        out.lines()
+            .all(|l| l.starts_with('+') || l.starts_with("    | ")),
+        "{out}"
+    );
     let offered = out
         .find("Alice Host (host): \"driver.zip\" (70000 bytes) to the customer: offered")
         .unwrap_or_else(|| panic!("no file offer in:\n{out}"));

@@ -114,13 +114,16 @@ pub enum CancelReason {
     /// \[14\] The sender offered files faster than the relay's budget allows
     /// (`rate_limits.file_offer`); offer again later.
     RateLimited,
+    /// \[14\] The offered file name could spoof or hide text: control, bidi-control,
+    /// tag or other invisible format characters, or nothing visible.
+    BadName,
     /// A reason this version does not define (kept, so that newer peers can add some).
     Other(u8),
 }
 
 impl CancelReason {
     /// Every defined reason, in wire order (from 1).
-    pub const DEFINED: [CancelReason; 14] = [
+    pub const DEFINED: [CancelReason; 15] = [
         CancelReason::Cancelled,
         CancelReason::Forbidden,
         CancelReason::TooLarge,
@@ -135,6 +138,7 @@ impl CancelReason {
         CancelReason::Timeout,
         CancelReason::ProtocolError,
         CancelReason::RateLimited,
+        CancelReason::BadName,
     ];
 
     /// The reason with this wire byte (undefined bytes become [`CancelReason::Other`]).
@@ -173,6 +177,7 @@ impl CancelReason {
             CancelReason::Timeout => "timeout",
             CancelReason::ProtocolError => "protocol_error",
             CancelReason::RateLimited => "rate_limited",
+            CancelReason::BadName => "bad_name",
             CancelReason::Other(_) => "other",
         }
     }
@@ -569,9 +574,10 @@ mod tests {
     #[test]
     fn cancel_reasons_have_stable_bytes() {
         let bytes: Vec<u8> = CancelReason::DEFINED.iter().map(|r| r.to_u8()).collect();
-        assert_eq!(bytes, (1..=14).collect::<Vec<u8>>());
+        assert_eq!(bytes, (1..=15).collect::<Vec<u8>>());
         assert_eq!(CancelReason::Forbidden.as_str(), "forbidden");
         assert_eq!(CancelReason::from_u8(14), CancelReason::RateLimited);
+        assert_eq!(CancelReason::from_u8(15), CancelReason::BadName);
         assert_eq!(CancelReason::TooLarge.as_str(), "too_large");
         for byte in 0..=255u8 {
             assert_eq!(CancelReason::from_u8(byte).to_u8(), byte);

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// Longest display name (customer or agent), in characters.
 pub const MAX_NAME_CHARS: usize = 64;
+/// Longest portal name a session may be created in, in characters (it names the
+/// recordings' folder, so it must fit a file name).
+pub const MAX_PORTAL_CHARS: usize = 64;
 /// Longest chat message, in characters.
 pub const MAX_CHAT_CHARS: usize = 4000;
 /// Longest invitation comment, in characters.

@@ -328,7 +328,7 @@ pub struct IdentityArgs {
 impl IdentityArgs {
     /// Reads the identity file and opens it with the passphrase.
     pub fn open(&self) -> anyhow::Result<age::x25519::Identity> {
-        let bytes = std::fs::read(&self.identity).with_context(|| {
+        let bytes = read_capped(&self.identity, MAX_IDENTITY_FILE_BYTES).with_context(|| {
             format!("cannot read the identity file {}", self.identity.display())
         })?;
         let passphrase = read_passphrase(self.passphrase_file.as_deref(), false)?;
@@ -375,7 +375,9 @@ pub enum RecordingsCommand {
     /// One line per .rec file found (recursively): session id, portal, start (UTC),
     /// duration, agents (from the roster), size on disk and compression ratio (raw
     /// over stored chunk bytes). Recordings of other portals are listed as "not for
-    /// this identity".
+    /// this identity". Symbolic links (to files or folders) are never followed and
+    /// `*.rec` entries that are not regular files (FIFOs, devices) are not opened: both
+    /// are listed at the end as skipped.
     List {
         /// The folder (the relay writes <dir>/<portal>/<yyyy-mm-dd>/<session>.rec).
         #[arg(default_value = ".")]
@@ -480,6 +482,46 @@ pub fn run_recordings(cmd: &RecordingsCommand) -> anyhow::Result<RecordingsOutco
     })
 }
 
+/// Largest identity file the review tools read (one made by `relay review-key new` is
+/// well under 1 KiB).
+pub const MAX_IDENTITY_FILE_BYTES: u64 = 64 * 1024;
+/// Longest first line of a passphrase file, in bytes.
+pub const MAX_PASSPHRASE_FILE_LINE_BYTES: u64 = 4096;
+
+/// The whole of `path` if it has at most `max` bytes; reads at most `max + 1`, so a
+/// device or an endless pipe is refused at once.
+fn read_capped(path: &std::path::Path, max: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        bail!("it is larger than {} KiB", max / 1024);
+    }
+    Ok(bytes)
+}
+
+/// The first line of `path` (without its line ending), which must end within `max`
+/// bytes; reads no further than that, so a device or an endless pipe is refused at
+/// once and a pipe (`<(pass show …)`) still works.
+fn first_line(path: &std::path::Path, max: u64) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    let end = bytes.iter().position(|&b| b == b'\n');
+    if end.is_none() && bytes.len() as u64 > max {
+        bail!("its first line is longer than {max} bytes");
+    }
+    let line = &bytes[..end.unwrap_or(bytes.len())];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = std::str::from_utf8(line).context("its first line is not UTF-8")?;
+    if text.contains('\0') {
+        bail!("its first line contains a NUL byte");
+    }
+    Ok(text.to_owned())
+}
+
 /// Reads a passphrase: the first line of `file`, or from the terminal (twice when
 /// `confirm`, which must match).
 pub fn read_passphrase(
@@ -487,11 +529,8 @@ pub fn read_passphrase(
     confirm: bool,
 ) -> anyhow::Result<age::secrecy::SecretString> {
     let passphrase = match file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the passphrase file {}", path.display()))?;
-            text.lines().next().unwrap_or_default().to_owned()
-        }
+        Some(path) => first_line(path, MAX_PASSPHRASE_FILE_LINE_BYTES)
+            .with_context(|| format!("cannot read the passphrase file {}", path.display()))?,
         None => {
             let first = rpassword::prompt_password("Passphrase: ")
                 .context("cannot read the passphrase from the terminal (use --passphrase-file)")?;

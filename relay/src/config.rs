@@ -252,6 +252,9 @@ pub struct SessionConfig {
     pub max_monitored_sessions: usize,
     /// Chat messages kept per session for late joiners.
     pub chat_history: usize,
+    /// Whether hosts may invite agents directly who are not members of the session's
+    /// portal (off: such an invitation is never shown to them and cannot be accepted).
+    pub cross_portal_invitations: bool,
 }
 
 impl Default for SessionConfig {
@@ -265,6 +268,7 @@ impl Default for SessionConfig {
             max_sessions_per_agent: MAX_SESSIONS_PER_AGENT,
             max_monitored_sessions: 32,
             chat_history: 200,
+            cross_portal_invitations: false,
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod rate_limit;
 pub mod record;
 pub mod session;
 pub mod signal;
+pub mod text;
 pub mod throttle;
 pub mod tls;
 pub mod transfer;

@@ -50,12 +50,13 @@ pub const NEGOTIATION_OUTCOMES: [&str; 5] =
     ["ok", "bad_offer", "no_port", "replaced", "ice_restart"];
 /// Outcomes of file transfers (`outcome` label of `relay_file_transfers_total`): the
 /// labels of [`crate::transfer::Outcome`].
-pub const FILE_TRANSFER_OUTCOMES: [&str; 8] = [
+pub const FILE_TRANSFER_OUTCOMES: [&str; 9] = [
     "completed",
     "declined",
     "cancelled",
     "refused_forbidden",
     "refused_too_large",
+    "refused_bad_name",
     "no_receivers",
     "protocol_error",
     "rate_limited",
@@ -147,6 +148,9 @@ pub struct Metrics {
     /// `relay_messages_rate_limited_total{class}`: participants' messages over their
     /// class's budget (`[rate_limits]`), dropped.
     pub messages_rate_limited_total: IntCounterVec,
+    /// `relay_text_refused_total{field, rule}`: names, chat messages and comments
+    /// refused by a text rule (see `relay::text`).
+    pub text_refused_total: IntCounterVec,
     /// `relay_recordings_active`: recordings being written.
     pub recordings_active: IntGauge,
     /// `relay_recording_bytes_total{stage}`: bytes recorded, raw (records before
@@ -381,6 +385,12 @@ impl Metrics {
                  class (chat, candidate, offer, share, ping, file_offer, input).",
                 &["class"],
             ),
+            text_refused_total: counter_vec(
+                "relay_text_refused_total",
+                "Names, chat messages and invitation comments refused by a text rule \
+                 (control, bidi, tag, invisible, nothing_visible, …), by field and rule.",
+                &["field", "rule"],
+            ),
             recordings_active: gauge(
                 "relay_recordings_active",
                 "Session recordings being written.",
@@ -513,6 +523,12 @@ impl Metrics {
             m.messages_rate_limited_total
                 .with_label_values(&[class.as_str()]);
         }
+        for field in crate::text::Field::ALL {
+            for rule in crate::text::TextRule::ALL {
+                m.text_refused_total
+                    .with_label_values(&[field.as_str(), rule.as_str()]);
+            }
+        }
         for stage in ["raw", "compressed"] {
             m.recording_bytes_total.with_label_values(&[stage]);
         }
@@ -581,6 +597,7 @@ mod tests {
             "relay_data_channels_open",
             "relay_agent_shares_total",
             "relay_messages_rate_limited_total",
+            "relay_text_refused_total",
             "relay_recordings_active",
             "relay_recording_bytes_total",
             "relay_recording_write_errors_total",
@@ -618,6 +635,7 @@ mod tests {
             "relay_messages_rate_limited_total{class=\"chat\"} 0",
             "relay_messages_rejected_total{code=\"rate_limited\"} 0",
             "relay_input_events_total{outcome=\"rate_limited\"} 0",
+            "relay_text_refused_total{field=\"chat\",rule=\"control\"} 0",
             "relay_recording_bytes_total{stage=\"compressed\"} 0",
             "relay_recording_frames_dropped_total{reason=\"queue_full\"} 0",
             "relay_recordings_skipped_total{reason=\"no_review_key\"} 0",

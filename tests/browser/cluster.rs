@@ -39,6 +39,78 @@ async fn metric_reaches(node: &Relay, query: &str, at_least: f64) -> Result<()> 
     }
 }
 
+/// A `home=` is believed only when the node names that origin (its own and its
+/// cluster's, `GET /v1/origins`): never a host that merely shares the parent domain,
+/// another port of the same host, or anything that is not an origin. Resume tokens are
+/// sent to the home node, so a crafted link must not choose it.
+#[tokio::test]
+async fn a_crafted_home_is_not_believed() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((relay, chromium)) = super::setup().await? else {
+        return Ok(());
+    };
+    let page = chromium.page("Carol (crafted link)").await?;
+    for home in [
+        "https://evil.example.com",
+        "https://127.0.0.1:1",
+        "javascript:alert(1)",
+    ] {
+        // In the query, so that each is a new page load (the fragment of `pageOn` is
+        // read the same way).
+        let url = format!("{}?home={}", relay.endpoint("/"), url_escape(home));
+        page.goto(&url).await?;
+        let got = page
+            .wait_for("window.__home && window.__home()", "the portal's home")
+            .await?;
+        ensure!(got == json!(relay.url()), "home={home} was believed: {got}");
+    }
+    // The rule itself: a sibling under the same parent domain is refused, an origin the
+    // node names is believed (with or without its default port).
+    let verdicts = page
+        .js_async(
+            "const done = arguments[arguments.length - 1];
+             import('/web/js/common.js').then(async (m) => {
+               const p = (h) => new URLSearchParams({ home: h });
+               const here = 'https://edge-fra-1.example.com/s/abc';
+               const nodes = ['https://edge-fra-1.example.com', 'https://edge-fra-2.example.com:443/'];
+               done({
+                 trusted: await m.trustedOrigins(),
+                 sibling: m.homeOrigin(p('https://support.example.com'), nodes, here),
+                 node: m.homeOrigin(p('https://edge-fra-2.example.com'), nodes, here),
+                 http: m.homeOrigin(p('http://edge-fra-2.example.com'), nodes, here),
+                 none: m.homeOrigin(p('https://edge-fra-2.example.com'), [], here),
+               });
+             }, (e) => done({ error: String(e) }));",
+            vec![],
+        )
+        .await?;
+    let own = "https://edge-fra-1.example.com";
+    ensure!(
+        verdicts
+            == json!({
+                "trusted": [relay.url()],
+                "sibling": own,
+                "node": "https://edge-fra-2.example.com",
+                "http": own,
+                "none": own,
+            }),
+        "{verdicts}"
+    );
+    page.close().await
+}
+
+/// `s` with the characters a URL fragment's value must not hold raw escaped.
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn pages_move_to_the_node_of_their_session() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -118,6 +190,9 @@ async fn pages_move_to_the_node_of_their_session() -> Result<()> {
         metric(&b, "relay_cluster_redirects_total{kind=\"join\"}").await? >= 1.0,
         "B did not redirect the join"
     );
+    // A names B (they are one cluster): Carol's page believes B is her home.
+    let home = carol.js("return window.__home()", vec![]).await?;
+    ensure!(home == json!(b.url()), "Carol's home on A is {home}, not B");
     let address = carol.js("return location.href", vec![]).await?;
     ensure!(
         !address.as_str().unwrap_or_default().contains(&key),

@@ -217,6 +217,15 @@ impl Cluster {
         &self.url
     }
 
+    /// The URLs of the live nodes as of the last heartbeat (this one's included once
+    /// it has registered), without a trailing `/`.
+    pub fn node_urls(&self) -> Vec<String> {
+        lock(&self.view)
+            .iter()
+            .map(|n| n.url.trim_end_matches('/').to_owned())
+            .collect()
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &ClusterMetrics {
         &self.metrics

@@ -64,9 +64,25 @@ fn safe_component(s: &str) -> String {
         .collect();
     match cleaned.as_str() {
         "" | "." | ".." => "_".to_owned(),
+        // Sessions only start in portals of at most 64 characters; anything longer (a
+        // session id from elsewhere) is cut and made unique with a hash, so that the
+        // name always fits a file system's 255 bytes.
+        _ if cleaned.len() > MAX_COMPONENT_BYTES => {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(s.as_bytes());
+            format!(
+                "{}~{}",
+                &cleaned[..MAX_COMPONENT_BYTES - 17],
+                hex::encode(&digest[..8])
+            )
+        }
         _ => cleaned,
     }
 }
+
+/// Longest folder or file name part [`recording_path`] makes from a portal or session
+/// id (ASCII after cleaning, so bytes are characters).
+const MAX_COMPONENT_BYTES: usize = 100;
 
 /// The (year, month, day) of a day number counted from 1970-01-01 (proleptic
 /// Gregorian; Howard Hinnant's `civil_from_days`).
@@ -157,6 +173,55 @@ pub enum RecordingFileError {
     /// age refused to encrypt (an unusable recipient).
     #[error("cannot encrypt to the review key: {0}")]
     Encrypt(String),
+    /// Not a regular file: a directory, FIFO, socket or device where a recording was
+    /// expected.
+    #[error("{path} is not a regular file (it is {kind}); give the path of a recording")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead ("a directory", "a FIFO", …).
+        kind: &'static str,
+    },
+}
+
+/// What a file type is, in words, for errors.
+pub fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        "a device"
+    } else if file_type.is_file() {
+        "a regular file"
+    } else {
+        "not a file"
+    }
+}
+
+/// Opens `path` for reading if it is a regular file (following symlinks), without
+/// blocking on a FIFO or a device: it is opened non-blocking and checked with `fstat`,
+/// so nothing can swap it between the check and the read.
+pub fn open_regular(path: &Path) -> Result<File, RecordingFileError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_error(path))?;
+    let file_type = file.metadata().map_err(io_error(path))?.file_type();
+    if !file_type.is_file() {
+        return Err(RecordingFileError::NotAFile {
+            path: path.to_owned(),
+            kind: file_kind(file_type),
+        });
+    }
+    Ok(file)
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> RecordingFileError + '_ {
@@ -368,7 +433,7 @@ pub fn open_recording(
     path: &Path,
     identity: &x25519::Identity,
 ) -> Result<DecryptedRecording, RecordingFileError> {
-    let file = File::open(path).map_err(io_error(path))?;
+    let file = open_regular(path)?;
     let file_bytes = file.metadata().map_err(io_error(path))?.len();
     if file_bytes > MAX_RECORDING_BYTES {
         return Err(RecordingFileError::TooLarge {
@@ -381,7 +446,7 @@ pub fn open_recording(
         .take(4096)
         .read_to_end(&mut header_probe)
         .map_err(io_error(path))?;
-    let file = File::open(path).map_err(io_error(path))?;
+    let file = open_regular(path)?;
     let decryptor =
         age::Decryptor::new_buffered(io::BufReader::new(file)).map_err(|e| match e {
             age::DecryptError::Io(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
@@ -528,6 +593,15 @@ mod tests {
         assert_eq!(
             recording_path(dir, "..", 0, ""),
             Path::new("/rec/_/1970-01-01/_.rec")
+        );
+        let long = recording_path(dir, &"p".repeat(300), 0, "s");
+        let folder = long.iter().nth(2).unwrap().to_str().unwrap().to_owned();
+        assert!(folder.len() <= 100, "{folder}");
+        assert!(folder.starts_with("ppp"), "{folder}");
+        assert_ne!(
+            recording_path(dir, &"p".repeat(301), 0, "s"),
+            long,
+            "cut names stay apart"
         );
         assert_eq!(civil_date(19_723), (2024, 1, 1));
         assert_eq!(civil_date(19_782), (2024, 2, 29));

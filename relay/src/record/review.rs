@@ -141,11 +141,18 @@ pub fn repair(path: &Path, out: &Path, identity: &x25519::Identity) -> Result<St
     ))
 }
 
-/// `list`: every `*.rec` under `dir`, one line each.
+/// `list`: every `*.rec` under `dir`, one line each, then the entries left out:
+/// symbolic links (files or folders; never followed) and `*.rec` entries that are not
+/// regular files.
 pub fn list(dir: &Path, identity: &x25519::Identity) -> Result<String, ReviewError> {
-    let mut files = Vec::new();
-    find_recordings(dir, &mut files)?;
+    let mut found = Found::default();
+    find_recordings(dir, &mut found)?;
+    let Found {
+        recordings: mut files,
+        mut skipped,
+    } = found;
     files.sort();
+    skipped.sort();
     let mut out = format!(
         "{:<24} {:<12} {:<24} {:>10} {:<24} {:>10} {:>6}  {}\n",
         "ID", "PORTAL", "START (UTC)", "DURATION", "AGENTS", "SIZE", "RATIO", "FILE"
@@ -161,7 +168,7 @@ pub fn list(dir: &Path, identity: &x25519::Identity) -> Result<String, ReviewErr
                 for r in &records {
                     if let Record::Roster(roster) = &r.record {
                         if roster.role != Role::Customer && !agents.contains(&roster.name) {
-                            agents.push(roster.name.clone());
+                            agents.push(crate::text::escape_line(&roster.name));
                         }
                     }
                 }
@@ -181,8 +188,8 @@ pub fn list(dir: &Path, identity: &x25519::Identity) -> Result<String, ReviewErr
                 };
                 format!(
                     "{:<24} {:<12} {:<24} {:>10} {:<24} {:>10} {:>6}  {}{damaged}",
-                    header.session_id,
-                    header.portal,
+                    crate::text::escape_line(&header.session_id),
+                    crate::text::escape_line(&header.portal),
                     absolute_time(header.start_unix_ms, 0),
                     format_duration(recording.duration_ms()),
                     if agents.is_empty() {
@@ -211,23 +218,66 @@ pub fn list(dir: &Path, identity: &x25519::Identity) -> Result<String, ReviewErr
         out.push_str(&line);
         out.push('\n');
     }
+    for (path, why) in skipped {
+        let shown = crate::text::escape_line(&path.display().to_string());
+        let _ = writeln!(out, "{:<24} skipped ({why}): {shown}", "-");
+    }
     Ok(out)
 }
 
-fn find_recordings(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ReviewError> {
-    let io = |source| ReviewError::Io {
-        path: dir.to_owned(),
-        source,
+/// What `list` found under its folder.
+#[derive(Default)]
+struct Found {
+    /// Regular `*.rec` files.
+    recordings: Vec<PathBuf>,
+    /// Entries left out, and why: symbolic links (never followed, so a link cannot
+    /// lead out of the folder or round in a cycle) and `*.rec` entries that are not
+    /// regular files (FIFOs, sockets, devices, directories).
+    skipped: Vec<(PathBuf, &'static str)>,
+}
+
+/// Walks `dir` without following symbolic links (the folder itself may be one). Each
+/// directory is entered once (by device and inode), so no mount loop can make it
+/// endless either.
+fn find_recordings(dir: &Path, found: &mut Found) -> Result<(), ReviewError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ReviewError::Io { path, source }
     };
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
-        if path.is_dir() {
-            find_recordings(&path, out)?;
-        } else if path
-            .extension()
-            .is_some_and(|e| e == file::RECORDING_EXTENSION)
-        {
-            out.push(path);
+    let mut seen = std::collections::HashSet::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let meta = std::fs::metadata(&dir).map_err(io(&dir))?;
+        if !meta.is_dir() {
+            return Err(ReviewError::Io {
+                path: dir,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    format!("not a folder (it is {})", file::file_kind(meta.file_type())),
+                ),
+            });
+        }
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            let path = entry.path();
+            // `file_type` does not follow symbolic links.
+            let file_type = entry.file_type().map_err(io(&path))?;
+            let is_rec = path
+                .extension()
+                .is_some_and(|e| e == file::RECORDING_EXTENSION);
+            if file_type.is_symlink() {
+                found.skipped.push((path, "symbolic link, not followed"));
+            } else if file_type.is_dir() {
+                pending.push(path);
+            } else if is_rec && file_type.is_file() {
+                found.recordings.push(path);
+            } else if is_rec {
+                found.skipped.push((path, file::file_kind(file_type)));
+            }
         }
     }
     Ok(())
@@ -316,7 +366,14 @@ pub fn transcript(
                     Audience::Agents => "note (agents only)",
                     _ => "chat",
                 };
-                let _ = writeln!(text, "{rel}  {abs}  {kind:<18}  {who}: {}", chat.text);
+                // One message is one entry, however it was written: continuation
+                // lines are marked, controls shown as escapes (old recordings may
+                // hold text the relay refuses today).
+                let _ = writeln!(
+                    text,
+                    "{rel}  {abs}  {kind:<18}  {who}: {}",
+                    crate::text::transcript_text(&chat.text)
+                );
                 json.push(serde_json::json!({
                     "at_ms": r.at_ms, "time": abs, "kind": if chat.audience == Audience::Agents { "note" } else { "chat" },
                     "participant_id": chat.participant_id, "name": chat.name,
@@ -403,10 +460,12 @@ pub fn events(path: &Path, identity: &x25519::Identity) -> Result<String, Review
         let Record::Input(event) = &r.record else {
             continue;
         };
-        let who = names
-            .get(event.participant_id.as_str())
-            .copied()
-            .unwrap_or(&event.participant_id);
+        let who = crate::text::escape_line(
+            names
+                .get(event.participant_id.as_str())
+                .copied()
+                .unwrap_or(&event.participant_id),
+        );
         let outcome = match event.outcome {
             InputOutcome::Delivered => "delivered",
             InputOutcome::RefusedViewOnly => "refused (view only)",
@@ -501,9 +560,12 @@ fn describe_input(bytes: &[u8]) -> String {
     }
 }
 
+/// A participant for the text outputs: the name with every control, bidi or
+/// invisible character escaped (see [`crate::text::escape_line`]).
 fn person(name: &str, role: Role, masked: bool) -> String {
     format!(
-        "{name} ({}{})",
+        "{} ({}{})",
+        crate::text::escape_line(name),
         role_name(role),
         if masked { ", masked" } else { "" }
     )

@@ -109,6 +109,9 @@ pub struct Settings {
     pub max_monitored_sessions: usize,
     /// Chat messages kept per session for participants who connect later.
     pub chat_history: usize,
+    /// Whether a host may invite an agent directly who shares no portal with the
+    /// session (`session.cross_portal_invitations`, default off).
+    pub cross_portal_invitations: bool,
     /// Support-key brute-force guard.
     pub throttle: ThrottleSettings,
     /// Per-participant message budgets (`[rate_limits]`).
@@ -267,6 +270,14 @@ pub enum Stat {
     Share(ShareOutcome),
     /// A participant's (or console's) message was over its class's budget and dropped.
     RateLimited(MessageClass),
+    /// A name, chat message or comment was refused by a text rule
+    /// ([`crate::text`]).
+    TextRefused {
+        /// Which kind of text.
+        field: crate::text::Field,
+        /// The rule it broke.
+        rule: crate::text::TextRule,
+    },
 }
 
 /// What happened to a request to share an agent's screen, or how a share ended

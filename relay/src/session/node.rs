@@ -33,6 +33,7 @@ use super::{
 };
 use crate::identity::AgentIdentity;
 use crate::rate_limit::{Admission, Budgets, MessageClass};
+use crate::text::{self, Field, TextRule};
 use crate::throttle::challenge::Challenges;
 use crate::throttle::{KeyThrottle, Verdict};
 
@@ -258,24 +259,18 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// Trims and checks a display name: 1–64 characters, no control characters.
-fn clean_name(name: &str) -> Result<String, SessionError> {
-    let name = name.trim();
-    let chars = name.chars().count();
-    if chars == 0 {
-        return Err(SessionError::InvalidField("name must not be empty"));
-    }
-    if chars > wire::MAX_NAME_CHARS {
-        return Err(SessionError::InvalidField(
-            "name must be at most 64 characters",
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(SessionError::InvalidField(
-            "name must not contain control characters",
-        ));
-    }
-    Ok(name.to_owned())
+/// Trims, normalizes (NFC) and checks a display name: 1–64 characters, none of them
+/// a control, bidi control, tag or other invisible character (see [`crate::text`]).
+/// A refusal is counted in `outputs`.
+fn clean_name(name: &str, outputs: &mut VecDeque<Output>) -> Result<String, SessionError> {
+    text::clean_name(name, wire::MAX_NAME_CHARS)
+        .map_err(|rule| refuse_text(Field::Name, rule, outputs))
+}
+
+/// Counts a refused piece of text and says why, for the sender.
+fn refuse_text(field: Field, rule: TextRule, outputs: &mut VecDeque<Output>) -> SessionError {
+    outputs.push_back(Output::Stat(Stat::TextRefused { field, rule }));
+    SessionError::InvalidField(rule.message(field))
 }
 
 /// The slot of `role` in [`Census::participants`].
@@ -429,7 +424,22 @@ impl Node {
                 "you are not a member of this portal",
             ));
         }
-        let name = clean_name(&agent.name)?;
+        // The portal names the recordings' folder and is shown to agents: a name that
+        // cannot be a file name would leave the session silently unrecorded.
+        match text::check_portal(&req.portal, wire::MAX_PORTAL_CHARS) {
+            Ok(()) => {}
+            Err(TextRule::TooLong) => {
+                return Err(SessionError::InvalidField(
+                    "portal must be at most 64 characters",
+                ));
+            }
+            Err(_) => {
+                return Err(SessionError::InvalidField(
+                    "portal must not contain control, bidirectional or invisible characters",
+                ));
+            }
+        }
+        let name = clean_name(&agent.name, &mut self.outputs)?;
         let held = self.sessions_of(&agent.agent_id, false);
         if held >= self.settings.max_sessions_per_agent {
             return Err(SessionError::AgentSessionLimit(held));
@@ -602,7 +612,7 @@ impl Node {
         credential: &JoinCredential,
         proof: Proof,
     ) -> Result<Credentials, SessionError> {
-        let name = clean_name(name)?;
+        let name = clean_name(name, &mut self.outputs)?;
         let is_link = matches!(credential, JoinCredential::Link(_));
         if is_link {
             if let Verdict::Throttled { retry_after, .. } = self.link_throttle.check(now, from) {
@@ -699,19 +709,16 @@ impl Node {
         session: &SessionId,
         req: &InviteRequest,
     ) -> Result<InvitationCreated, SessionError> {
+        self.session_as_host(session, host)?;
+        // A blank comment is no comment; any other is held to the message rules.
+        let comment = match req.comment.as_deref().filter(|c| !c.trim().is_empty()) {
+            Some(c) => Some(
+                text::clean_message(c, wire::MAX_COMMENT_CHARS)
+                    .map_err(|rule| refuse_text(Field::Comment, rule, &mut self.outputs))?,
+            ),
+            None => None,
+        };
         let s = self.session_as_host(session, host)?;
-        if let Some(comment) = &req.comment {
-            if comment.chars().count() > wire::MAX_COMMENT_CHARS {
-                return Err(SessionError::InvalidField(
-                    "comment must be at most 500 characters",
-                ));
-            }
-            if comment.chars().any(|c| c.is_control() && c != '\n') {
-                return Err(SessionError::InvalidField(
-                    "comment must not contain control characters",
-                ));
-            }
-        }
         match &req.target {
             InviteTarget::Agent(id) if id.is_empty() => {
                 return Err(SessionError::InvalidField("target agent must not be empty"));
@@ -734,7 +741,7 @@ impl Node {
             target: req.target.clone(),
             visibility: req.visibility,
             permission: req.permission,
-            comment: req.comment.clone().filter(|c| !c.trim().is_empty()),
+            comment,
             expires_at: now + self.settings.invitation_ttl,
             delivered: Default::default(),
             declined: Default::default(),
@@ -818,8 +825,12 @@ impl Node {
                 continue;
             }
             let from = s.host_name().to_owned();
+            let cross_portal = self.settings.cross_portal_invitations || agent.in_portal(&s.portal);
             for inv in &mut s.invitations {
-                if inv.expires_at > now && inv.addressed_to(agent) {
+                if inv.expires_at > now
+                    && inv.addressed_to(agent)
+                    && (cross_portal || inv.portal_wide())
+                {
                     inv.delivered.insert(agent.agent_id.clone());
                     found.push(invitation_info(&self.clock, &s.id, &s.portal, &from, inv));
                 }
@@ -863,7 +874,7 @@ impl Node {
         if held >= self.settings.max_sessions_per_agent {
             return Err(SessionError::AgentSessionLimit(held));
         }
-        let name = clean_name(&agent.name)?;
+        let name = clean_name(&agent.name, &mut self.outputs)?;
 
         let token = Secret::random(&mut *self.rng);
         let participant = Participant {
@@ -912,7 +923,8 @@ impl Node {
         invitation: &InvitationId,
     ) -> Result<(), SessionError> {
         let (session, inv) = self.open_invitation_for(now, agent, invitation)?;
-        let name = clean_name(&agent.name).unwrap_or_else(|_| agent.agent_id.clone());
+        let name = text::clean_name(&agent.name, wire::MAX_NAME_CHARS)
+            .unwrap_or_else(|_| agent.agent_id.clone());
         if inv.portal_wide() {
             if let Some(i) = self
                 .sessions
@@ -1094,7 +1106,7 @@ impl Node {
         let participant = Participant {
             id: ParticipantId::random(&mut *self.rng),
             role: Role::Supervisor,
-            name: clean_name(&supervisor.name)?,
+            name: clean_name(&supervisor.name, &mut self.outputs)?,
             agent_id: Some(supervisor.agent_id.clone()),
             visibility: Visibility::Masked,
             permission: Permission::View,
@@ -1686,7 +1698,25 @@ impl Node {
         if inv.expires_at <= now {
             return Err(SessionError::InvitationClosed);
         }
+        if self.across_portals(sid, inv, agent) {
+            return Err(SessionError::Forbidden(
+                "this session belongs to a portal you are not a member of",
+            ));
+        }
         Ok((sid.clone(), inv.clone()))
+    }
+
+    /// Whether `inv` is a direct invitation to an agent outside the session's portal
+    /// while `session.cross_portal_invitations` is off: such an agent is not shown it
+    /// and may not accept it. (The core learns an agent's portals from its token only
+    /// when the agent itself calls, so this is checked on delivery and on accept.)
+    fn across_portals(&self, sid: &SessionId, inv: &Invitation, agent: &AgentIdentity) -> bool {
+        !self.settings.cross_portal_invitations
+            && !inv.portal_wide()
+            && self
+                .sessions
+                .get(sid)
+                .is_some_and(|s| !agent.in_portal(&s.portal))
     }
 
     /// Sends invitation `iid` to console `conn` if it is for that agent, and notes it
@@ -1705,10 +1735,11 @@ impl Node {
             return;
         }
         let from = s.host_name().to_owned();
+        let cross_portal = self.settings.cross_portal_invitations || agent.in_portal(&s.portal);
         let Some(inv) = s.invitations.iter_mut().find(|i| i.id == *iid) else {
             return;
         };
-        if !inv.addressed_to(agent) {
+        if !inv.addressed_to(agent) || !(cross_portal || inv.portal_wide()) {
             return;
         }
         inv.delivered.insert(agent.agent_id.clone());
@@ -1990,14 +2021,8 @@ impl Node {
             }
             _ => {}
         }
-        if text.trim().is_empty() {
-            return Err(SessionError::InvalidField("chat text must not be empty"));
-        }
-        if text.chars().count() > wire::MAX_CHAT_CHARS {
-            return Err(SessionError::InvalidField(
-                "chat text must be at most 4000 characters",
-            ));
-        }
+        let text = text::clean_message(&text, wire::MAX_CHAT_CHARS)
+            .map_err(|rule| refuse_text(Field::Chat, rule, &mut self.outputs))?;
         let record = ChatRecord {
             seq: s.next_chat_seq,
             from: sender.id.clone(),

@@ -17,6 +17,7 @@ use relay_codec::wire::{
 
 use super::*;
 use crate::identity::AgentIdentity;
+use crate::text::{Field, TextRule};
 use crate::throttle::ThrottleSettings;
 
 fn settings() -> Settings {
@@ -29,6 +30,7 @@ fn settings() -> Settings {
         max_sessions_per_agent: 8,
         max_monitored_sessions: 32,
         chat_history: 200,
+        cross_portal_invitations: false,
         throttle: ThrottleSettings::default(),
         rate_limits: crate::rate_limit::RateLimits::default(),
     }
@@ -384,6 +386,138 @@ fn names_are_validated_before_any_key_is_tried() {
 }
 
 #[test]
+fn names_that_hide_or_spoof_are_refused_and_counted() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let a = sim.create(&alice);
+    let key = JoinCredential::Key(a.support_key.reveal().into());
+    let spoofs = [
+        ("Carol\u{202E}TNEGA", TextRule::Bidi),
+        ("\u{200B}\u{200B}", TextRule::Invisible),
+        ("\u{FEFF}", TextRule::Invisible),
+        ("Carol\u{E0041}\u{E0047}", TextRule::Tag),
+        ("\u{3164}", TextRule::NothingVisible),
+    ];
+    for (bad, rule) in spoofs {
+        let r = sim.node.join(sim.now, addr(1), bad, &key, Proof::None);
+        sim.drain();
+        assert!(matches!(r, Err(SessionError::InvalidField(_))), "{bad:?}");
+        assert!(
+            sim.stats.contains(&Stat::TextRefused {
+                field: Field::Name,
+                rule
+            }),
+            "{bad:?}: {:?}",
+            sim.stats
+        );
+    }
+    // An agent whose token names it with an override cannot open a session either.
+    let mallory = AgentIdentity {
+        name: "Mallory\u{202E}nimda".into(),
+        ..agent("mallory", &["support"])
+    };
+    let r = sim.node.create_session(sim.now, &mallory, &create_req());
+    assert!(matches!(r, Err(SessionError::InvalidField(m)) if m.contains("bidirectional")));
+    // The customer's name is stored in NFC.
+    sim.node
+        .join(sim.now, addr(1), "Jose\u{301}", &key, Proof::None)
+        .unwrap();
+    sim.drain();
+    let named = sim
+        .records
+        .iter()
+        .any(|r| matches!(r, RecordEntry::Roster(p) if p.name == "Jos\u{e9}"));
+    assert!(named, "{:?}", sim.records);
+}
+
+#[test]
+fn chat_and_comments_with_control_characters_are_refused_on_every_path() {
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let (created, host_conn, customer, customer_conn) = session_with_customer(&mut sim, &alice);
+    let sid = created.host.session_id.clone();
+    sim.take(host_conn);
+    sim.take(customer_conn);
+    let chat = |text: &str| ClientMsg::Chat {
+        text: text.into(),
+        audience: Audience::All,
+    };
+    let forged = "ok\n00:00:09 chat Alice (host): read me your card\u{1b}[2K";
+    for bad in [
+        forged,
+        "a\rb",
+        "bell\u{7}",
+        "nul\0",
+        "x\u{202E}y",
+        "x\u{E0041}",
+    ] {
+        sim.send(customer_conn, chat(bad));
+        let got = sim.take(customer_conn);
+        assert!(
+            matches!(
+                &got[..],
+                [ServerMsg::Error {
+                    code: ErrorCode::InvalidField,
+                    ..
+                }]
+            ),
+            "{bad:?}: {got:?}"
+        );
+        assert!(sim.take(host_conn).is_empty(), "{bad:?} reached the host");
+    }
+    // The chat data channel goes through the same rule.
+    sim.node.chat_channel(&sid, &customer.participant_id, true);
+    sim.node.channel_message(
+        sim.now,
+        &sid,
+        &customer.participant_id,
+        ClientEnvelope {
+            id: Some(9),
+            msg: chat(forged),
+        },
+    );
+    sim.drain();
+    assert!(matches!(
+        &sim.take(customer_conn)[..],
+        [ServerMsg::Error {
+            code: ErrorCode::InvalidField,
+            reference: Some(9),
+            ..
+        }]
+    ));
+    assert!(sim.take(host_conn).is_empty() && sim.on_channel.is_empty());
+    assert!(
+        !sim.records
+            .iter()
+            .any(|r| matches!(r, RecordEntry::Chat(_))),
+        "nothing refused is recorded"
+    );
+    assert!(sim.stats.contains(&Stat::TextRefused {
+        field: Field::Chat,
+        rule: TextRule::Control
+    }));
+    // Newlines and tabs are fine.
+    sim.send(customer_conn, chat("line one\n\tline two"));
+    assert!(
+        matches!(&sim.take(host_conn)[..], [ServerMsg::Chat(c)] if c.text == "line one\n\tline two")
+    );
+
+    // Invitation comments follow the message rules.
+    let bob = agent("bob", &["support"]);
+    let mut req = invite_agent("bob", Visibility::Visible, Permission::View);
+    req.comment = Some("printer\u{1b}]0;pwned\u{7}".into());
+    let r = sim.node.invite(sim.now, &alice, &sid, &req);
+    assert!(matches!(r, Err(SessionError::InvalidField(m)) if m.starts_with("comment")));
+    req.comment = Some("see \u{202E}txt.exe".into());
+    assert!(sim.node.invite(sim.now, &alice, &sid, &req).is_err());
+    req.comment = Some("printer\ndriver".into());
+    assert!(sim.node.invite(sim.now, &alice, &sid, &req).is_ok());
+    sim.drain();
+    let listed = sim.node.pending_invitations(sim.now, &bob);
+    assert_eq!(listed[0].comment.as_deref(), Some("printer\ndriver"));
+}
+
+#[test]
 fn wrong_keys_lock_the_address_out_even_for_the_right_key() {
     let mut sim = Sim::new(settings());
     let alice = agent("alice", &["support"]);
@@ -694,6 +828,103 @@ fn ninth_agent_and_ninth_session_are_refused() {
         role: Role::Host,
         refused: Some(ErrorCode::AgentSessionLimit)
     }));
+}
+
+#[test]
+fn direct_invitations_stay_inside_the_session_s_portal_unless_configured() {
+    for cross_portal in [false, true] {
+        let mut sim = Sim::new(Settings {
+            cross_portal_invitations: cross_portal,
+            ..settings()
+        });
+        let alice = agent("alice", &["support"]);
+        let eve = agent("eve", &["billing"]);
+        let created = sim.create(&alice);
+        let sid = created.host.session_id.clone();
+        let console = sim.console(&eve);
+        sim.take(console);
+        let inv = sim
+            .node
+            .invite(
+                sim.now,
+                &alice,
+                &sid,
+                &invite_agent("eve", Visibility::Visible, Permission::Control),
+            )
+            .unwrap();
+        sim.drain();
+        let shown = sim
+            .take(console)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Invitation(_)));
+        assert_eq!(shown, cross_portal, "shown on eve's console");
+        assert_eq!(inv.delivered_to, usize::from(cross_portal));
+        assert_eq!(
+            sim.node.pending_invitations(sim.now, &eve).len(),
+            usize::from(cross_portal)
+        );
+        let r = sim
+            .node
+            .accept_invitation(sim.now, &eve, &inv.invitation_id);
+        sim.drain();
+        if cross_portal {
+            assert!(r.is_ok(), "{r:?}");
+        } else {
+            assert!(
+                matches!(r, Err(SessionError::Forbidden(m)) if m.contains("portal")),
+                "{r:?}"
+            );
+        }
+    }
+    // An agent who shares the portal is invited as before.
+    let mut sim = Sim::new(settings());
+    let alice = agent("alice", &["support"]);
+    let bob = agent("bob", &["billing", "support"]);
+    let created = sim.create(&alice);
+    let r = sim.invite_and_accept(
+        &alice,
+        &created.host.session_id,
+        &bob,
+        Visibility::Visible,
+        Permission::View,
+    );
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[test]
+fn a_portal_name_that_cannot_name_a_folder_is_refused_at_creation() {
+    let mut sim = Sim::new(settings());
+    for (portal, says) in [
+        ("p".repeat(300), "at most 64"),
+        ("support\u{202E}".to_owned(), "control"),
+        ("\u{200B}".to_owned(), "control"),
+    ] {
+        let host = agent("alice", &[portal.as_str()]);
+        let r = sim.node.create_session(
+            sim.now,
+            &host,
+            &CreateSessionRequest {
+                portal: portal.clone(),
+                visibility: Visibility::Visible,
+            },
+        );
+        sim.drain();
+        assert!(
+            matches!(r, Err(SessionError::InvalidField(m)) if m.contains(says)),
+            "{portal:?}: {r:?}"
+        );
+        assert!(sim.records.is_empty(), "no recording starts");
+    }
+    let host = agent("alice", &[&"p".repeat(64)]);
+    let r = sim.node.create_session(
+        sim.now,
+        &host,
+        &CreateSessionRequest {
+            portal: "p".repeat(64),
+            visibility: Visibility::Visible,
+        },
+    );
+    assert!(r.is_ok(), "{r:?}");
 }
 
 #[test]

@@ -262,5 +262,9 @@ fn count(metrics: &Metrics, stat: Stat) {
             .with_label_values(&[outcome.as_str()])
             .inc(),
         Stat::RateLimited(class) => metrics.rate_limited(class),
+        Stat::TextRefused { field, rule } => metrics
+            .text_refused_total
+            .with_label_values(&[field.as_str(), rule.as_str()])
+            .inc(),
     }
 }

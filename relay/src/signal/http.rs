@@ -30,6 +30,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/v1/origins", get(origins))
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{sid}", delete(end_session))
         .route("/v1/join", post(join))
@@ -299,6 +300,21 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
+}
+
+/// `GET /v1/origins`: the origins the browser pages may treat as the node a person
+/// first reached (`home=`): this node's public URL and, in a cluster, every live
+/// node's. Unauthenticated; it says only what redirects say anyway.
+async fn origins(State(state): State<AppState>) -> Response {
+    let mut origins = vec![state.base_url.trim_end_matches('/').to_owned()];
+    if let Some(cluster) = &state.cluster {
+        for url in cluster.node_urls() {
+            if !origins.contains(&url) {
+                origins.push(url);
+            }
+        }
+    }
+    axum::Json(serde_json::json!({ "origins": origins })).into_response()
 }
 
 async fn create_session(

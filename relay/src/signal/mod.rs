@@ -72,6 +72,7 @@ pub fn settings_from(config: &Config) -> Settings {
         max_sessions_per_agent: s.max_sessions_per_agent,
         max_monitored_sessions: s.max_monitored_sessions,
         chat_history: s.chat_history,
+        cross_portal_invitations: s.cross_portal_invitations,
         throttle: ThrottleSettings {
             per_address_failures: l.key_failures_per_address,
             window: l.key_failure_window,

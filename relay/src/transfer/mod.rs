@@ -39,6 +39,9 @@
 //!   [`TransferSettings::offer_rate`] allows (a token bucket); an offer over it is
 //!   refused with `Cancel{rate_limited}` and reaches nobody, so a flood of offers
 //!   cannot fill the receivers' queues.
+//! - **Names.** An offer whose name could spoof or hide text (control, bidi-control,
+//!   tag or other invisible format characters, or nothing visible: see
+//!   [`crate::text`]) is refused with `Cancel{bad_name}`: receivers see names as sent.
 //! - **Size.** An offer above [`TransferSettings::max_file_bytes`] is refused with
 //!   `Cancel{too_large}`. Completion checks that exactly the offered bytes were sent.
 //! - **Answers.** Every receiver accepts or declines on its own. The sender hears
@@ -174,6 +177,8 @@ pub enum Outcome {
     RefusedForbidden,
     /// The offer was above `limits.max_file_bytes`.
     RefusedTooLarge,
+    /// The offered name could spoof or hide text ([`crate::text::check_file_name`]).
+    RefusedBadName,
     /// Nobody had an open `files` channel to receive it.
     NoReceivers,
     /// The sender broke the protocol (window, order, size, ids).
@@ -184,12 +189,13 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Completed,
         Outcome::Declined,
         Outcome::Cancelled,
         Outcome::RefusedForbidden,
         Outcome::RefusedTooLarge,
+        Outcome::RefusedBadName,
         Outcome::NoReceivers,
         Outcome::ProtocolError,
         Outcome::RateLimited,
@@ -203,6 +209,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::RefusedForbidden => "refused_forbidden",
             Outcome::RefusedTooLarge => "refused_too_large",
+            Outcome::RefusedBadName => "refused_bad_name",
             Outcome::NoReceivers => "no_receivers",
             Outcome::ProtocolError => "protocol_error",
             Outcome::RateLimited => "rate_limited",
@@ -512,6 +519,10 @@ impl Transfers {
         if size > self.settings.max_file_bytes {
             let o = Outcome::RefusedTooLarge;
             return self.refuse_offer(from, id, file, CancelReason::TooLarge, o);
+        }
+        if crate::text::check_file_name(&file.name).is_err() {
+            let o = Outcome::RefusedBadName;
+            return self.refuse_offer(from, id, file, CancelReason::BadName, o);
         }
         if self.sent_by(from).len() >= self.settings.max_open_per_sender {
             let o = Outcome::ProtocolError;

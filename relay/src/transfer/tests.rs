@@ -350,6 +350,39 @@ fn losing_control_cancels_the_agents_transfers_to_the_customer() {
 }
 
 #[test]
+fn an_offer_whose_name_spoofs_or_hides_is_refused_before_anyone_sees_it() {
+    let mut sim = Sim::with(TransferSettings::default());
+    let names = [
+        "invoice\u{202E}fdp.exe",
+        "a\nb.txt",
+        "\u{200B}\u{200B}",
+        "x\u{E0041}.txt",
+        "\u{1b}[2J.txt",
+    ];
+    for (i, name) in names.into_iter().enumerate() {
+        let id = i as u32 + 1;
+        sim.from(
+            H,
+            FileMsg::Offer {
+                id: TransferId(id),
+                size: 10,
+                name: name.into(),
+                mime: None,
+            },
+        );
+        assert_eq!(
+            sim.take(H),
+            [cancel_msg(TransferId(id), CancelReason::BadName)],
+            "{name:?}"
+        );
+        assert!(sim.take(C).is_empty(), "{name:?} reached the customer");
+    }
+    assert_eq!(sim.outcomes, [Outcome::RefusedBadName; 5]);
+    sim.offer(H, 9, 10);
+    assert!(matches!(sim.take(C)[..], [FileMsg::Offer { .. }]));
+}
+
+#[test]
 fn an_offer_above_the_size_limit_is_refused_and_one_at_it_is_not() {
     let mut sim = Sim::with(TransferSettings {
         max_file_bytes: 1000,

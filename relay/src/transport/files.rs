@@ -114,6 +114,7 @@ fn file_record(e: TransferEvent) -> FileTransferRecord {
             Outcome::Cancelled
             | Outcome::RefusedForbidden
             | Outcome::RefusedTooLarge
+            | Outcome::RefusedBadName
             | Outcome::NoReceivers
             | Outcome::ProtocolError
             | Outcome::RateLimited,

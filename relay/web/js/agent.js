@@ -6,7 +6,7 @@
 import {
   $, el, say, api, describeError, chatLine, formatKey, SessionConnection, FileTransfers,
   bindTransfers, encodeInput, hidUsage, modifiersOf, framesDecoded, retryResume, withToken,
-  pageOn, pageParams, homeOrigin, resumeThrough, INPUT_LABEL, CHAT_LABEL, FILES_LABEL,
+  pageOn, pageParams, homeOrigin, trustedOrigins, resumeThrough, INPUT_LABEL, CHAT_LABEL, FILES_LABEL,
   MAX_REDIRECTS,
 } from './common.js';
 
@@ -31,7 +31,7 @@ let session = null; // the session on screen, see enterSession
 
 const params = pageParams();
 const HOME_KEY = 'relay-agent-home';
-if (params.get('home')) sessionStorage.setItem(HOME_KEY, homeOrigin(params));
+if (params.get('home')) sessionStorage.setItem(HOME_KEY, homeOrigin(params, await trustedOrigins()));
 /** The origin first reached: resumes go through it when the session's node is gone. */
 agent.home = sessionStorage.getItem(HOME_KEY) || window.location.origin;
 /** What a redirect moved this page here to do: `then` = create, accept or monitor. */

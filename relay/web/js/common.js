@@ -152,21 +152,33 @@ export function pageParams() {
 }
 
 /**
- * The origin this person first reached (`?home=` after a redirect moved the page, else
- * this page's own). A `home` is believed only if it is a sibling of this node (same
- * scheme, and the same host or the same parent domain: `edge-fra-1.example` and
- * `support.example`), since resume tokens may be sent there.
+ * The origins this node names as its own and its cluster's (`GET /v1/origins`): the only
+ * ones a `home=` may name. Empty when the node cannot be asked (then no `home` is
+ * believed).
  */
-export function homeOrigin(params) {
-  const here = new URL(window.location.href);
+export async function trustedOrigins() {
+  try {
+    const r = await api('/v1/origins');
+    return Array.isArray(r && r.origins) ? r.origins : [];
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * The origin this person first reached: `?home=` (set when a redirect moved the page)
+ * if it is exactly one of the `trusted` origins (this node's and its cluster's, from
+ * `trustedOrigins()`), else this page's own (`here`). Never a host merely under the
+ * same parent domain: resume tokens are sent to the home node.
+ */
+export function homeOrigin(params, trusted = [], here = window.location.href) {
+  const own = new URL(here).origin;
   const given = params.get('home');
-  if (!given) return here.origin;
-  let home;
-  try { home = new URL(given); } catch { return here.origin; }
-  const parent = (h) => h.split('.').slice(1).join('.');
-  const sibling = home.hostname === here.hostname
-    || (parent(home.hostname).includes('.') && parent(home.hostname) === parent(here.hostname));
-  return home.protocol === here.protocol && sibling ? home.origin : here.origin;
+  if (!given) return own;
+  const origin = (u) => { try { return new URL(u).origin; } catch { return null; } };
+  const home = origin(given);
+  if (!home || home === 'null') return own;
+  return trusted.some((t) => origin(t) === home) ? home : own;
 }
 
 /** A session WebSocket URL `wsUrl` aimed at the node of the page origin `origin`. */
@@ -621,6 +633,7 @@ export const CANCEL_REASONS = {
   1: 'cancelled', 2: 'not allowed', 3: 'too large', 4: 'window exceeded', 5: 'out of order',
   6: 'past size', 7: 'unknown transfer', 8: 'incomplete', 9: 'the sender left',
   10: 'the receiver left', 11: 'nobody can receive it', 12: 'no answer in time', 13: 'protocol error',
+  14: 'the file name could hide or spoof text',
 };
 
 function fileHeader(kind, id, extra) {

@@ -5,7 +5,7 @@
 
 import {
   $, el, say, api, describeError, chatLine, SessionConnection, FileTransfers, bindTransfers,
-  decodeInput, keyName, retryResume, withToken, pageOn, pageParams, homeOrigin, resumeThrough,
+  decodeInput, keyName, retryResume, withToken, pageOn, pageParams, homeOrigin, trustedOrigins, resumeThrough,
   INPUT_LABEL, CHAT_LABEL, FILES_LABEL, MOD, MAX_REDIRECTS,
 } from './common.js';
 import { solveChallenge } from './work.js';
@@ -40,7 +40,8 @@ const state = {
   resumeUrl: null,
   resuming: false,
   // The origin first reached: resumes go through it when the session's node is gone.
-  home: homeOrigin(params),
+  // Believed only if this node names it as one of its cluster's (GET /v1/origins).
+  home: homeOrigin(params, params.get('home') ? await trustedOrigins() : []),
 };
 
 
@@ -169,6 +170,7 @@ window.__dropConnection = () => {
 window.__restartIce = () => Boolean(state.conn && state.conn.restartIce());
 // For the browser tests: the session's connection (ICE restarts, redirects followed).
 window.__connection = () => state.conn;
+window.__home = () => state.home;
 
 // Moved here by a cluster redirect: join at once, as the person asked on the other node.
 if (moves > 0 && $('#name').value && (supportLink || $('#key').value)) {
