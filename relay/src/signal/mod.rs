@@ -12,14 +12,15 @@
 //! - [`ws`]: the session and agent-console WebSockets.
 //! - [`actor`]: the task that owns the node, its timer and the connection table.
 //! - [`handshake`]: the deadline of a new connection's TLS handshake and first request.
+//! - [`listener`]: the accept loop, connection limits and the deadlines of later requests.
 
 pub mod actor;
 pub mod handshake;
 pub mod http;
+pub mod listener;
 pub mod web;
 pub mod ws;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -146,13 +147,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let app = http::router(state.clone());
 
-    let handle = axum_server::Handle::new();
-    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    let (shutdown, shutdown_requested) = tokio::sync::watch::channel(false);
     let server = {
-        let handle = handle.clone();
         // Every new connection must finish its TLS handshake and send its first request
-        // head within `limits.handshake_timeout` (rustls's own timeout is only a backstop).
+        // head within `limits.handshake_timeout` (rustls's own timeout is only a backstop);
+        // the listener admits it and bounds every later state (`listener`).
         let deadline = config.limits.handshake_timeout;
+        let idle = config.limits.idle_timeout;
+        let gate =
+            listener::ConnectionGate::from_limits(&config.limits, metrics.connections_open.clone());
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let metrics = metrics.clone();
         async move {
             use handshake::HandshakeGuard;
@@ -161,19 +165,31 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                     let rustls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
                     let tls = axum_server::tls_rustls::RustlsAcceptor::new(rustls)
                         .handshake_timeout(deadline + Duration::from_secs(1));
-                    axum_server::from_tcp(listener)
-                        .acceptor(HandshakeGuard::new(tls, deadline, metrics))
-                        .handle(handle)
-                        .serve(make)
-                        .await
+                    let acceptor = HandshakeGuard::new(tls, deadline, metrics.clone());
+                    listener::serve(
+                        listener,
+                        acceptor,
+                        app,
+                        gate,
+                        idle,
+                        metrics,
+                        shutdown_requested,
+                    )
+                    .await
                 }
                 None => {
                     let plain = axum_server::accept::DefaultAcceptor;
-                    axum_server::from_tcp(listener)
-                        .acceptor(HandshakeGuard::new(plain, deadline, metrics))
-                        .handle(handle)
-                        .serve(make)
-                        .await
+                    let acceptor = HandshakeGuard::new(plain, deadline, metrics.clone());
+                    listener::serve(
+                        listener,
+                        acceptor,
+                        app,
+                        gate,
+                        idle,
+                        metrics,
+                        shutdown_requested,
+                    )
+                    .await
                 }
             }
         }
@@ -182,7 +198,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Signals are hooked before the listening line, so a SIGTERM right after it drains.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    handle.listening().await;
     println!("listening on {scheme}://{bound}");
     tracing::info!(%bound, public = %state.base_url, "relay listening");
 
@@ -232,7 +247,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "exiting with recordings unfinished; they read up to their last complete chunk"
         );
     }
-    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    let _ = shutdown.send(true);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, server).await;
     Ok(())
 }
