@@ -39,6 +39,14 @@ mod bad_input;
 #[path = "resilience/floods.rs"]
 mod floods;
 
+/// Connections that hold sockets (issue 16): 300 stalled request bodies and 300 idle
+/// keep-alives are closed by their deadlines while the node keeps serving; bursts over
+/// `limits.max_connections` and `limits.max_connections_per_address` are refused exactly
+/// and counted; heads over 64 KiB are refused; an oversized WebSocket frame closes with
+/// 1009; an idle WebSocket outlives every HTTP deadline.
+#[path = "resilience/connections.rs"]
+mod connections;
+
 /// Soak: two minutes of the bench's load with churn; nothing lost, memory flat.
 #[path = "resilience/soak.rs"]
 mod soak;

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     UnknownMessageType,
     /// The request or message exceeded the size limit.
     MessageTooLarge,
+    /// The request body did not arrive in full within `limits.body_timeout`.
+    RequestTimeout,
     /// A field was present but its value is not acceptable (too long, empty, control characters).
     InvalidField,
     /// No credentials, or credentials that do not verify (bad signature, expired token).
@@ -91,6 +93,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::UnknownMessageType => "unknown_message_type",
             ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::InvalidField => "invalid_field",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",

@@ -299,8 +299,12 @@ pub struct LimitsConfig {
     /// The difficulty the challenges grow to while the guessing goes on (one bit per
     /// doubling of the failures past the budget).
     pub key_challenge_max_bits: u8,
-    /// Most simultaneous WebSockets (session and console).
+    /// Most simultaneous TCP connections to the signalling listener: HTTP requests and
+    /// upgraded WebSockets alike, counted exactly from accept to close.
     pub max_connections: usize,
+    /// Most simultaneous connections from one client address (the TCP peer; not applied
+    /// with `trust_forwarded_for`, where every connection comes from the proxy).
+    pub max_connections_per_address: usize,
     /// Largest file that may be offered on a `files` data channel (1 ..= 16 GiB).
     pub max_file_bytes: u64,
     /// Take the client address from the last `X-Forwarded-For` hop (only behind a
@@ -313,6 +317,13 @@ pub struct LimitsConfig {
     /// its first complete HTTP request head (a WebSocket upgrade included).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// How long a kept-alive connection may wait, from the end of a response, until the
+    /// next request head is complete (idle time and a slow head together).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a request body may take to arrive in full, from its head on.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -327,10 +338,13 @@ impl Default for LimitsConfig {
             key_challenge_bits: 18,
             key_challenge_max_bits: 22,
             max_connections: 10_000,
+            max_connections_per_address: 256,
             max_file_bytes: 100 * 1024 * 1024,
             trust_forwarded_for: false,
             max_publish_bitrate: 20_000_000,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -623,6 +637,9 @@ impl Config {
         if l.max_connections == 0 {
             return invalid("limits.max_connections must be at least 1");
         }
+        if l.max_connections_per_address == 0 {
+            return invalid("limits.max_connections_per_address must be at least 1");
+        }
         if !(1..=MAX_FILE_BYTES).contains(&l.max_file_bytes) {
             return invalid(format!(
                 "limits.max_file_bytes must be between 1 and {MAX_FILE_BYTES} (got {})",
@@ -642,6 +659,17 @@ impl Config {
                 "limits.handshake_timeout must be between 100ms and 5m (got {})",
                 humantime::format_duration(l.handshake_timeout)
             ));
+        }
+        for (key, d) in [
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.body_timeout", l.body_timeout),
+        ] {
+            if d < Duration::from_millis(100) || d > MAX_HANDSHAKE_TIMEOUT {
+                return invalid(format!(
+                    "{key} must be between 100ms and 5m (got {})",
+                    humantime::format_duration(d)
+                ));
+            }
         }
         for (key, d) in [
             ("limits.key_failure_window", l.key_failure_window),
@@ -1019,6 +1047,32 @@ mod tests {
         .expect("parses");
         assert_eq!(cfg.limits.max_publish_bitrate, 5_000_000);
         assert_eq!(cfg.limits.handshake_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn connection_limits_and_deadlines() {
+        let d = Config::default();
+        assert_eq!(d.limits.max_connections_per_address, 256);
+        assert_eq!(d.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(d.limits.body_timeout, Duration::from_secs(10));
+        let m = invalid_message(&with(|c| c.limits.max_connections_per_address = 0));
+        assert!(m.contains("limits.max_connections_per_address"), "{m}");
+        for t in [
+            Duration::from_millis(99),
+            MAX_HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+        ] {
+            let m = invalid_message(&with(|c| c.limits.idle_timeout = t));
+            assert!(m.contains("limits.idle_timeout"), "{m}");
+            let m = invalid_message(&with(|c| c.limits.body_timeout = t));
+            assert!(m.contains("limits.body_timeout"), "{m}");
+        }
+        let cfg = Config::from_toml_str(
+            "[limits]\nmax_connections_per_address = 8\nidle_timeout = \"1s\"\nbody_timeout = \"2s\"\n",
+        )
+        .expect("parses");
+        assert_eq!(cfg.limits.max_connections_per_address, 8);
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(1));
+        assert_eq!(cfg.limits.body_timeout, Duration::from_secs(2));
     }
 
     #[test]

@@ -76,6 +76,17 @@ pub const PUBLISH_DROP_REASONS: [&str; 1] = ["over_bitrate_cap"];
 /// `relay_handshake_failures_total`): the labels of
 /// [`crate::signal::handshake::Failure`].
 pub const HANDSHAKE_FAILURES: [&str; 4] = ["timeout", "tls_error", "closed", "head_too_large"];
+/// Why the relay closed or refused a connection outside its first request (`reason`
+/// label of `relay_connections_closed_total`): the labels of
+/// [`crate::signal::listener::CloseReason`].
+pub const CONNECTION_CLOSE_REASONS: [&str; 6] = [
+    "node_limit",
+    "address_limit",
+    "idle_timeout",
+    "head_timeout",
+    "head_too_large",
+    "body_timeout",
+];
 /// Data channels tracked in `relay_data_channels_open{label}`.
 pub const DATA_CHANNEL_LABELS: [&str; 2] = ["chat", "files"];
 /// The codes of malformed client messages, pre-created in `relay_messages_rejected_total`.
@@ -184,6 +195,12 @@ pub struct Metrics {
     pub handshake_failures_total: IntCounterVec,
     /// `relay_handshakes_pending`: connections in their TLS handshake or first request.
     pub handshakes_pending: IntGauge,
+    /// `relay_connections_open`: TCP connections to the signalling listener, HTTP and
+    /// upgraded WebSockets alike (what `limits.max_connections` counts).
+    pub connections_open: IntGauge,
+    /// `relay_connections_closed_total{reason}`: connections the relay refused at accept
+    /// or closed after their first request, by reason.
+    pub connections_closed_total: IntCounterVec,
     /// `relay_media_datagrams_rejected_total{reason}`: datagrams the WebRTC stack
     /// refused on a live connection's socket (see [`crate::transport::rejects`]).
     pub media_datagrams_rejected_total: IntCounterVec,
@@ -461,6 +478,20 @@ impl Metrics {
                 "relay_handshakes_pending",
                 "Connections in their TLS handshake or before their first complete request.",
             ),
+            connections_open: gauge(
+                "relay_connections_open",
+                "Open TCP connections to the signalling listener (HTTP and upgraded \
+                 WebSockets), as counted against limits.max_connections.",
+            ),
+            connections_closed_total: counter_vec(
+                "relay_connections_closed_total",
+                "Connections refused at accept or closed by the relay after their first \
+                 request, by reason (node_limit: limits.max_connections; address_limit: \
+                 limits.max_connections_per_address; idle_timeout, head_timeout: no complete \
+                 next request within limits.idle_timeout; head_too_large: a later head over \
+                 64 KiB; body_timeout: limits.body_timeout).",
+                &["reason"],
+            ),
             media_datagrams_rejected_total: {
                 let c = crate::transport::rejects::counter();
                 registry
@@ -545,6 +576,9 @@ impl Metrics {
         for reason in HANDSHAKE_FAILURES {
             m.handshake_failures_total.with_label_values(&[reason]);
         }
+        for reason in CONNECTION_CLOSE_REASONS {
+            m.connections_closed_total.with_label_values(&[reason]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -611,6 +645,8 @@ mod tests {
             "relay_publish_cap_exceeded_total",
             "relay_handshake_failures_total",
             "relay_handshakes_pending",
+            "relay_connections_open",
+            "relay_connections_closed_total",
             "relay_media_datagrams_rejected_total",
         ] {
             assert!(
@@ -641,6 +677,8 @@ mod tests {
             "relay_recordings_skipped_total{reason=\"no_review_key\"} 0",
             "relay_publish_packets_dropped_total{reason=\"over_bitrate_cap\"} 0",
             "relay_handshake_failures_total{reason=\"timeout\"} 0",
+            "relay_connections_open 0",
+            "relay_connections_closed_total{reason=\"body_timeout\"} 0",
             "relay_media_datagrams_rejected_total{reason=\"auth_tag\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");

@@ -11,8 +11,8 @@
 //! not make it is closed and counted in `relay_handshake_failures_total{reason}`
 //! ([`Failure`]); `relay_handshakes_pending` shows how many are in that phase now.
 //!
-//! Only the first request of a connection is guarded; later requests on a kept-alive
-//! connection are hyper's.
+//! Only the first request of a connection is guarded here; later requests on a
+//! kept-alive connection are under `limits.idle_timeout` (see [`super::listener`]).
 
 use std::future::Future;
 use std::io;
@@ -27,7 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
 
-/// The largest first request head read before it is refused (`head_too_large`).
+/// The largest request head accepted, blank line included; a larger one is refused
+/// (`head_too_large`), whether complete or not.
 pub const MAX_HEAD: usize = 64 * 1024;
 
 /// Why a connection was closed before its first request (`reason` label of
@@ -162,11 +163,13 @@ async fn read_head<T: AsyncRead + Unpin>(io: &mut T) -> Result<Bytes, Failure> {
             Ok(0) | Err(_) => return Err(Failure::Closed),
             Ok(_) => {}
         }
-        if head_end(&buf, searched).is_some() {
-            return Ok(buf.freeze());
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(Failure::HeadTooLarge);
+        match head_end(&buf, searched) {
+            // A complete head is refused too if it is over the limit (it may have
+            // arrived in one read).
+            Some(end) if end > MAX_HEAD => return Err(Failure::HeadTooLarge),
+            Some(_) => return Ok(buf.freeze()),
+            None if buf.len() > MAX_HEAD => return Err(Failure::HeadTooLarge),
+            None => {}
         }
     }
 }
@@ -340,6 +343,28 @@ mod tests {
         }
         assert!(task.await.unwrap().is_err());
         assert_eq!(failures(&metrics, Failure::HeadTooLarge), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_head_over_the_limit_is_refused_too() {
+        let metrics = Arc::new(Metrics::new());
+        let (mut client, server) = duplex(MAX_HEAD * 2);
+        let head = format!(
+            "GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(70_000 - 32)
+        );
+        // All of it (blank line included) is there at the first read.
+        client.write_all(head.as_bytes()).await.unwrap();
+        assert!(accept(&metrics, server).await.is_err());
+        assert_eq!(failures(&metrics, Failure::HeadTooLarge), 1);
+
+        // Just under the limit passes.
+        let (mut client, server) = duplex(MAX_HEAD * 2);
+        let fill = MAX_HEAD - "GET / HTTP/1.1\r\nX-Pad: \r\n\r\n".len();
+        let head = format!("GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(fill));
+        assert_eq!(head.len(), MAX_HEAD);
+        client.write_all(head.as_bytes()).await.unwrap();
+        assert!(accept(&metrics, server).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -101,6 +101,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::NotFound | ErrorCode::WrongKey => StatusCode::NOT_FOUND,
@@ -136,7 +137,13 @@ impl IntoResponse for ApiError {
                 challenge: self.challenge,
             },
         };
+        let closes = self.code == ErrorCode::RequestTimeout;
         let mut resp = (status, axum::Json(body)).into_response();
+        if closes {
+            // The rest of the body is not read: the connection cannot carry on.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(s) = self.retry_after_s {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
@@ -208,16 +215,43 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Reads and parses a JSON body of at most `limits.max_message_bytes`. The content type
 /// is not checked, so `curl -d` works as documented. A refusal is counted in
 /// `relay_messages_rejected_total{code}`, like a bad WebSocket message.
+///
+/// The whole body must arrive within `limits.body_timeout` of the handler's start (just
+/// after the head); otherwise the answer is `408 request_timeout` with
+/// `Connection: close`, the unread rest is not waited for, and the closure is counted in
+/// `relay_connections_closed_total{reason="body_timeout"}`.
 async fn json<T: DeserializeOwned>(state: &AppState, body: Body) -> ApiResult<T> {
-    let parsed = parse_json(body, state.config.limits.max_message_bytes).await;
+    let limits = &state.config.limits;
+    let parsed = parse_json_within(body, limits.max_message_bytes, limits.body_timeout).await;
     if let Err(e) = &parsed {
         state
             .metrics
             .messages_rejected_total
             .with_label_values(&[e.code.as_str()])
             .inc();
+        if e.code == ErrorCode::RequestTimeout {
+            super::listener::CloseReason::BodyTimeout.count(&state.metrics);
+        }
     }
     parsed
+}
+
+/// [`parse_json`] with a deadline for the whole body.
+pub(crate) async fn parse_json_within<T: DeserializeOwned>(
+    body: Body,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> ApiResult<T> {
+    match tokio::time::timeout(deadline, parse_json(body, limit)).await {
+        Ok(parsed) => parsed,
+        Err(_) => Err(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!(
+                "the request body did not arrive within {} (limits.body_timeout)",
+                humantime::format_duration(deadline)
+            ),
+        )),
+    }
 }
 
 async fn parse_json<T: DeserializeOwned>(body: Body, limit: usize) -> ApiResult<T> {

@@ -13,15 +13,16 @@
 //! - [`actor`]: the task that owns the node, its timer and the connection table.
 //! - [`handshake`]: the deadline of a new connection's TLS handshake and first request.
 //! - [`ops`]: the operations listener (`/metrics`, health), apart from the public port.
+//! - [`listener`]: the accept loop, connection limits and the deadlines of later requests.
 
 pub mod actor;
 pub mod handshake;
 pub mod http;
+pub mod listener;
 pub mod ops;
 pub mod web;
 pub mod ws;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -161,13 +162,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let app = http::router(state.clone());
 
-    let handle = axum_server::Handle::new();
-    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    let (shutdown, shutdown_requested) = tokio::sync::watch::channel(false);
     let server = {
-        let handle = handle.clone();
         // Every new connection must finish its TLS handshake and send its first request
-        // head within `limits.handshake_timeout` (rustls's own timeout is only a backstop).
+        // head within `limits.handshake_timeout` (rustls's own timeout is only a backstop);
+        // the listener admits it and bounds every later state (`listener`).
         let deadline = config.limits.handshake_timeout;
+        let idle = config.limits.idle_timeout;
+        let gate =
+            listener::ConnectionGate::from_limits(&config.limits, metrics.connections_open.clone());
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let metrics = metrics.clone();
         async move {
             use handshake::HandshakeGuard;
@@ -176,19 +180,31 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                     let rustls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
                     let tls = axum_server::tls_rustls::RustlsAcceptor::new(rustls)
                         .handshake_timeout(deadline + Duration::from_secs(1));
-                    axum_server::from_tcp(listener)
-                        .acceptor(HandshakeGuard::new(tls, deadline, metrics))
-                        .handle(handle)
-                        .serve(make)
-                        .await
+                    let acceptor = HandshakeGuard::new(tls, deadline, metrics.clone());
+                    listener::serve(
+                        listener,
+                        acceptor,
+                        app,
+                        gate,
+                        idle,
+                        metrics,
+                        shutdown_requested,
+                    )
+                    .await
                 }
                 None => {
                     let plain = axum_server::accept::DefaultAcceptor;
-                    axum_server::from_tcp(listener)
-                        .acceptor(HandshakeGuard::new(plain, deadline, metrics))
-                        .handle(handle)
-                        .serve(make)
-                        .await
+                    let acceptor = HandshakeGuard::new(plain, deadline, metrics.clone());
+                    listener::serve(
+                        listener,
+                        acceptor,
+                        app,
+                        gate,
+                        idle,
+                        metrics,
+                        shutdown_requested,
+                    )
+                    .await
                 }
             }
         }
@@ -207,7 +223,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Signals are hooked before the listening line, so a SIGTERM right after it drains.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    handle.listening().await;
     ops_handle.listening().await;
     // The first line says where clients connect, the second where operators scrape.
     println!("listening on {scheme}://{bound}");
@@ -260,7 +275,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "exiting with recordings unfinished; they read up to their last complete chunk"
         );
     }
-    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    let _ = shutdown.send(true);
     ops_handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, server).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, ops_server).await;

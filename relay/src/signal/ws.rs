@@ -7,7 +7,7 @@
 //! socket and the session stay up.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -33,6 +33,21 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
+/// The close code of a connection whose frame was over [`frame_ceiling`] (RFC 6455
+/// "Message Too Big").
+const MESSAGE_TOO_BIG: u16 = 1009;
+
+/// The close code of every other close by the relay.
+const NORMAL_CLOSURE: u16 = 1000;
+
+/// Whether a WebSocket read failed because the frame or message was over the size limit.
+fn is_too_big(error: axum::Error) -> bool {
+    matches!(
+        error.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
+
 /// How long a closing handshake may wait on a client that does not read.
 const WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -52,30 +67,11 @@ impl Kind {
 }
 
 /// Frames above this are cut off by the WebSocket layer itself (the connection closes
-/// with 1009); frames between the configured limit and this get a polite
-/// `message_too_large` error and the socket stays up.
+/// with [`MESSAGE_TOO_BIG`] and the frame is counted as `message_too_large`); frames
+/// between the configured limit and this get a polite `message_too_large` error and the
+/// socket stays up.
 fn frame_ceiling(limit: usize) -> usize {
     (limit * 4).max(64 * 1024)
-}
-
-fn over_capacity(state: &AppState) -> Option<Response> {
-    let open: i64 = ["session", "console"]
-        .iter()
-        .map(|k| {
-            state
-                .metrics
-                .ws_connections_active
-                .with_label_values(&[k])
-                .get()
-        })
-        .sum();
-    (open >= state.config.limits.max_connections as i64).then(|| {
-        ApiError::new(
-            ErrorCode::Draining,
-            "this node has reached its connection limit; try again shortly",
-        )
-        .into_response()
-    })
 }
 
 /// `GET /v1/sessions/{id}/ws?token=…`: a participant's session WebSocket.
@@ -85,9 +81,6 @@ pub async fn session(
     Query(q): Query<TokenQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Some(resp) = over_capacity(&state) {
-        return resp;
-    }
     let Some(token) = q.token.filter(|t| !t.is_empty()) else {
         return ApiError::new(
             ErrorCode::Unauthorized,
@@ -118,9 +111,6 @@ pub async fn console(
     Query(q): Query<TokenQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Some(resp) = over_capacity(&state) {
-        return resp;
-    }
     let token = bearer(&headers).map(str::to_owned).or(q.token);
     let agent: AgentIdentity = match token
         .ok_or(AuthError::Missing)
@@ -230,6 +220,9 @@ async fn pump_in(state: AppState, kind: Kind, socket: WebSocket, channel: Channe
         .with_label_values(&[kind.label()]);
     gauge.inc();
     let (mut sink, mut stream) = socket.split();
+    // The code the writer closes with: normal, unless the reader saw an oversized frame.
+    let close_code = Arc::new(AtomicU16::new(NORMAL_CLOSURE));
+    let writer_close_code = close_code.clone();
     let mut writer = tokio::spawn(async move {
         let write = async {
             while let Some(Outbound::Text(text)) = rx.recv().await {
@@ -239,9 +232,15 @@ async fn pump_in(state: AppState, kind: Kind, socket: WebSocket, channel: Channe
             }
             // `Close` from the core, or every sender gone: close politely, but do not
             // wait long on a client that does not read.
+            let code = writer_close_code.load(Ordering::SeqCst);
+            let reason = if code == MESSAGE_TOO_BIG {
+                "message too big"
+            } else {
+                ""
+            };
             let close = sink.send(Message::Close(Some(CloseFrame {
-                code: 1000,
-                reason: "".into(),
+                code,
+                reason: reason.into(),
             })));
             let _ = tokio::time::timeout(WRITE_GRACE, close).await;
         };
@@ -276,7 +275,18 @@ async fn pump_in(state: AppState, kind: Kind, socket: WebSocket, channel: Channe
                 continue;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Err(e)) => {
+                if is_too_big(e) {
+                    state
+                        .metrics
+                        .messages_rejected_total
+                        .with_label_values(&[ErrorCode::MessageTooLarge.as_str()])
+                        .inc();
+                    close_code.store(MESSAGE_TOO_BIG, Ordering::SeqCst);
+                }
+                break;
+            }
+            Some(Ok(Message::Close(_))) | None => break,
         };
         match wire::parse_client_msg(bytes.as_bytes(), limit) {
             Ok(envelope) => {
