@@ -169,7 +169,9 @@ impl std::fmt::Debug for LocalRelay {
 }
 
 impl LocalRelay {
-    /// Starts `binary serve` with `config` (if any) on a free loopback port, its data
+    /// Starts `binary serve` with `config` (if none: one that raises
+    /// `limits.max_connections_per_address` to 10,000, as every client of the bench
+    /// shares 127.0.0.1; a given one should do the same) on a free loopback port, its data
     /// in a temporary directory, its logs at `warn` into `<dir>/relay.stderr`. Blocks
     /// until the relay prints where it listens (at most [`STARTUP_TIMEOUT`]).
     pub fn spawn(binary: &Path, config: Option<&Path>) -> Result<Self, ProcessError> {
@@ -201,9 +203,18 @@ impl LocalRelay {
             .env("RELAY_AUTH_HS256_SECRET", &secret)
             .stdin(Stdio::null())
             .stderr(stderr);
-        if let Some(config) = config {
-            command.arg("--config").arg(config);
-        }
+        // All the bench's clients connect from 127.0.0.1: without a configuration of its
+        // own, the relay gets one that lifts the per-address connection cap (256).
+        let config = match config {
+            Some(config) => config.to_owned(),
+            None => {
+                let path = dir.path().join("bench-relay.toml");
+                std::fs::write(&path, "[limits]\nmax_connections_per_address = 10000\n")
+                    .map_err(io("writing the bench's relay configuration"))?;
+                path
+            }
+        };
+        command.arg("--config").arg(&config);
         let (child, lines) = spawn_until_lines(&mut command, "relay", &stderr_path, 2)?;
         let (Some(url), Some(ops)) = (
             lines[0].trim().strip_prefix("listening on "),

@@ -579,9 +579,11 @@ mod tests {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    /// Whether the server closed its end within a minute (of paused time).
     async fn closed(client: &mut DuplexStream) -> bool {
         let mut buf = [0u8; 64];
-        matches!(client.read(&mut buf).await, Ok(0) | Err(_))
+        let read = tokio::time::timeout(Duration::from_secs(60), client.read(&mut buf)).await;
+        matches!(read, Ok(Ok(0) | Err(_)))
     }
 
     #[tokio::test(start_paused = true)]
@@ -651,7 +653,10 @@ mod tests {
             .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
             .await
             .expect("write");
-        let answer = read_response(&mut client).await;
+        // The deadline is 2 s: the answer comes then, not whenever.
+        let answer = tokio::time::timeout(Duration::from_secs(3), read_response(&mut client))
+            .await
+            .expect("answered at the body deadline");
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("request_timeout"), "{answer}");
         assert!(closed(&mut client).await);
