@@ -35,7 +35,7 @@
 //!   (relay-chosen, [`TransferId::RELAY_BIT`] set, counted per receiver), so nothing
 //!   tells the customer which agent (masked or not) sends, or how many agents received
 //!   its own files.
-//! - **Names.** An offer whose name could spoof or hide text (control, bidi-control,
+//! - **Names.** An offer whose name (or MIME type) could spoof or hide text (control, bidi-control,
 //!   tag or other invisible format characters, or nothing visible: see
 //!   [`crate::text`]) is refused with `Cancel{bad_name}`: receivers see names as sent.
 //! - **Size.** An offer above [`TransferSettings::max_file_bytes`] is refused with
@@ -498,7 +498,11 @@ impl Transfers {
             let o = Outcome::RefusedTooLarge;
             return self.refuse_offer(from, id, file, CancelReason::TooLarge, o);
         }
-        if crate::text::check_file_name(&file.name).is_err() {
+        // The MIME type is shown next to the name: the same rules.
+        let bad_mime = mime
+            .as_deref()
+            .is_some_and(|m| crate::text::check_file_name(m).is_err());
+        if crate::text::check_file_name(&file.name).is_err() || bad_mime {
             let o = Outcome::RefusedBadName;
             return self.refuse_offer(from, id, file, CancelReason::BadName, o);
         }
