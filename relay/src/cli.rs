@@ -620,6 +620,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_passphrase_file_is_read_to_its_first_line_and_no_further() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pass");
+        fs::write(&file, "correct horse battery\r\nsecond line\n").unwrap();
+        assert_eq!(first_line(&file, 4096).unwrap(), "correct horse battery");
+        fs::write(&file, "no newline at the end").unwrap();
+        assert_eq!(first_line(&file, 4096).unwrap(), "no newline at the end");
+        // A first line of exactly the cap is fine; one byte more is not.
+        fs::write(&file, format!("{}\nrest", "x".repeat(4096))).unwrap();
+        assert_eq!(first_line(&file, 4096).unwrap().len(), 4096);
+        fs::write(&file, "x".repeat(4097)).unwrap();
+        let e = first_line(&file, 4096).unwrap_err().to_string();
+        assert!(e.contains("longer than 4096 bytes"), "{e}");
+        let e = first_line(Path::new("/dev/zero"), 4096)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than 4096 bytes"), "{e}");
+        let e = read_capped(Path::new("/dev/zero"), MAX_IDENTITY_FILE_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than 64 KiB"), "{e}");
+    }
+
+    #[test]
     fn review_key_new_writes_a_private_identity_and_prints_a_usable_public_key() {
         let dir = tempfile::tempdir().unwrap();
         let pass = dir.path().join("pass");

@@ -39,7 +39,7 @@
 //!   [`TransferSettings::offer_rate`] allows (a token bucket); an offer over it is
 //!   refused with `Cancel{rate_limited}` and reaches nobody, so a flood of offers
 //!   cannot fill the receivers' queues.
-//! - **Names.** An offer whose name could spoof or hide text (control, bidi-control,
+//! - **Names.** An offer whose name (or MIME type) could spoof or hide text (control, bidi-control,
 //!   tag or other invisible format characters, or nothing visible: see
 //!   [`crate::text`]) is refused with `Cancel{bad_name}`: receivers see names as sent.
 //! - **Size.** An offer above [`TransferSettings::max_file_bytes`] is refused with
@@ -520,7 +520,11 @@ impl Transfers {
             let o = Outcome::RefusedTooLarge;
             return self.refuse_offer(from, id, file, CancelReason::TooLarge, o);
         }
-        if crate::text::check_file_name(&file.name).is_err() {
+        // The MIME type is shown next to the name: the same rules.
+        let bad_mime = mime
+            .as_deref()
+            .is_some_and(|m| crate::text::check_file_name(m).is_err());
+        if crate::text::check_file_name(&file.name).is_err() || bad_mime {
             let o = Outcome::RefusedBadName;
             return self.refuse_offer(from, id, file, CancelReason::BadName, o);
         }

@@ -377,7 +377,20 @@ fn an_offer_whose_name_spoofs_or_hides_is_refused_before_anyone_sees_it() {
         );
         assert!(sim.take(C).is_empty(), "{name:?} reached the customer");
     }
-    assert_eq!(sim.outcomes, [Outcome::RefusedBadName; 5]);
+    sim.from(
+        H,
+        FileMsg::Offer {
+            id: TransferId(8),
+            size: 10,
+            name: "fine.txt".into(),
+            mime: Some("text/plain\u{1b}[2J".into()),
+        },
+    );
+    assert_eq!(
+        sim.take(H),
+        [cancel_msg(TransferId(8), CancelReason::BadName)]
+    );
+    assert_eq!(sim.outcomes, [Outcome::RefusedBadName; 6]);
     sim.offer(H, 9, 10);
     assert!(matches!(sim.take(C)[..], [FileMsg::Offer { .. }]));
 }
