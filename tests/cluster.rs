@@ -564,3 +564,49 @@ async fn a_node_serves_without_redis_and_registers_when_it_comes() -> Result<()>
     .await?;
     Ok(())
 }
+
+/// In a cluster a join's body is read first by the router (to look the key up in the
+/// directory): a body that never comes is cut there by `limits.body_timeout` too, with
+/// `408 request_timeout`, counted, as on a lone node.
+#[tokio::test]
+async fn a_join_whose_body_never_comes_is_cut_by_the_router_too() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    relay_e2e::install_crypto();
+    let Some(bin) = RedisServer::find()? else {
+        return Ok(());
+    };
+    let redis = RedisServer::start(bin).await?;
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let a = node(&redis.url(), "a", &secret)
+        .extra_toml("[limits]\nbody_timeout = \"1s\"\n")
+        .start()
+        .await?;
+    let to: std::net::SocketAddr = a.url().trim_start_matches("http://").parse()?;
+    let mut s = tokio::net::TcpStream::connect(to).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        b"POST /v1/join HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"support_key\":",
+    )
+    .await?;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+    ensure!(
+        read.is_ok(),
+        "the stalled join is still open after {WAIT:?}"
+    );
+    let text = String::from_utf8_lossy(&got);
+    ensure!(
+        text.starts_with("HTTP/1.1 408") && text.contains("request_timeout"),
+        "the stalled join was answered {text:?}"
+    );
+    ensure!(
+        metric(
+            &a,
+            "relay_connections_closed_total{reason=\"body_timeout\"}"
+        )
+        .await?
+            >= 1.0,
+        "the body deadline is not counted"
+    );
+    Ok(())
+}

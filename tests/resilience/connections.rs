@@ -447,3 +447,34 @@ async fn an_idle_websocket_outlives_every_http_deadline() -> Result<()> {
     ensure!(metric(&relay, "relay_ws_connections_active{kind=\"session\"}").await? == 1.0);
     Ok(())
 }
+
+/// The operations listener (`/metrics`) has the same deadlines as the public port: a
+/// kept-alive scrape connection left idle is closed at `limits.idle_timeout`, and one
+/// that never sends a request at `limits.handshake_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operations_listener_closes_idle_and_silent_connections() -> Result<()> {
+    let relay = plain()
+        .extra_toml("[limits]\nidle_timeout = \"1s\"\nhandshake_timeout = \"1s\"\n")
+        .start()
+        .await?;
+    let ops: SocketAddr = relay
+        .ops_url()
+        .trim_start_matches("http://")
+        .parse()
+        .context("ops address")?;
+    let localhost = IpAddr::from([127, 0, 0, 1]);
+    let mut idle = connect_from(localhost, ops).await?;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await?;
+    let mut silent = connect_from(localhost, ops).await?;
+    let (closed, got) = read_until_closed(&mut idle, WAIT).await;
+    ensure!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "the scrape was answered {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    ensure!(closed, "an idle kept-alive ops connection is still open");
+    let (closed, _) = read_until_closed(&mut silent, WAIT).await;
+    ensure!(closed, "a silent ops connection is still open");
+    Ok(())
+}

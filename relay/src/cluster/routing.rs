@@ -153,13 +153,22 @@ async fn join(
     manual: bool,
 ) -> Response {
     let limit = state.config.limits.max_message_bytes;
+    let deadline = state.config.limits.body_timeout;
     let (parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
-        return ApiError::new(
-            ErrorCode::MessageTooLarge,
-            format!("request body is larger than {limit} bytes"),
-        )
-        .into_response();
+    // The same body deadline as the handler's (`limits.body_timeout`): this read comes
+    // first, so without it a join whose body never arrives would hold its connection.
+    let bytes = match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return ApiError::new(
+                ErrorCode::MessageTooLarge,
+                format!("request body is larger than {limit} bytes"),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return crate::signal::http::body_timed_out(&state, deadline);
+        }
     };
     let parsed: Option<JoinRequest> = serde_json::from_slice(&bytes).ok();
     let peer = parts

@@ -224,14 +224,7 @@ async fn json<T: DeserializeOwned>(state: &AppState, body: Body) -> ApiResult<T>
     let limits = &state.config.limits;
     let parsed = parse_json_within(body, limits.max_message_bytes, limits.body_timeout).await;
     if let Err(e) = &parsed {
-        state
-            .metrics
-            .messages_rejected_total
-            .with_label_values(&[e.code.as_str()])
-            .inc();
-        if e.code == ErrorCode::RequestTimeout {
-            super::listener::CloseReason::BodyTimeout.count(&state.metrics);
-        }
+        count_refusal(state, e.code);
     }
     parsed
 }
@@ -244,13 +237,36 @@ pub(crate) async fn parse_json_within<T: DeserializeOwned>(
 ) -> ApiResult<T> {
     match tokio::time::timeout(deadline, parse_json(body, limit)).await {
         Ok(parsed) => parsed,
-        Err(_) => Err(ApiError::new(
-            ErrorCode::RequestTimeout,
-            format!(
-                "the request body did not arrive within {} (limits.body_timeout)",
-                humantime::format_duration(deadline)
-            ),
-        )),
+        Err(_) => Err(body_timeout_error(deadline)),
+    }
+}
+
+fn body_timeout_error(deadline: std::time::Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::RequestTimeout,
+        format!(
+            "the request body did not arrive within {} (limits.body_timeout)",
+            humantime::format_duration(deadline)
+        ),
+    )
+}
+
+/// The answer to a body that did not arrive within `deadline`, for a reader of bodies
+/// other than [`json`] (the cluster router's join), counted as [`json`] counts it.
+pub(crate) fn body_timed_out(state: &AppState, deadline: std::time::Duration) -> Response {
+    count_refusal(state, ErrorCode::RequestTimeout);
+    body_timeout_error(deadline).into_response()
+}
+
+/// Counts a refused request body (and a body deadline's closure).
+fn count_refusal(state: &AppState, code: ErrorCode) {
+    state
+        .metrics
+        .messages_rejected_total
+        .with_label_values(&[code.as_str()])
+        .inc();
+    if code == ErrorCode::RequestTimeout {
+        super::listener::CloseReason::BodyTimeout.count(&state.metrics);
     }
 }
 

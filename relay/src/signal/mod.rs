@@ -88,6 +88,9 @@ pub fn settings_from(config: &Config) -> Settings {
     }
 }
 
+/// Most simultaneous connections to the operations listener (scrapers and probes).
+const OPS_MAX_CONNECTIONS: usize = 64;
+
 /// How long open connections get to finish once the node has decided to exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -163,6 +166,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let app = http::router(state.clone());
 
     let (shutdown, shutdown_requested) = tokio::sync::watch::channel(false);
+    let ops_shutdown = shutdown_requested.clone();
     let server = {
         // Every new connection must finish its TLS handshake and send its first request
         // head within `limits.handshake_timeout` (rustls's own timeout is only a backstop);
@@ -210,20 +214,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let server = tokio::spawn(server);
-    let ops_handle = axum_server::Handle::new();
-    let ops_server = axum_server::from_tcp(ops_listener)
-        .acceptor(handshake::HandshakeGuard::new(
+    // The operations listener gets the same deadlines (the first request's, idle and
+    // body) and a small connection limit of its own: it serves a scraper or two.
+    let ops_server = listener::serve(
+        tokio::net::TcpListener::from_std(ops_listener)?,
+        handshake::HandshakeGuard::new(
             axum_server::accept::DefaultAcceptor,
             config.limits.handshake_timeout,
             metrics.clone(),
-        ))
-        .handle(ops_handle.clone())
-        .serve(ops::router(state.clone(), ops_token.as_deref()).into_make_service());
+        ),
+        ops::router(state.clone(), ops_token.as_deref()),
+        listener::ConnectionGate::new(
+            OPS_MAX_CONNECTIONS,
+            None,
+            prometheus::IntGauge::new("ops_connections_open", "open ops connections")?,
+        ),
+        config.limits.idle_timeout,
+        metrics.clone(),
+        ops_shutdown,
+    );
     let ops_server = tokio::spawn(ops_server);
 
     // Signals are hooked before the listening line, so a SIGTERM right after it drains.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    ops_handle.listening().await;
     // The first line says where clients connect, the second where operators scrape.
     println!("listening on {scheme}://{bound}");
     println!("ops listening on http://{ops_bound}");
@@ -276,7 +289,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     let _ = shutdown.send(true);
-    ops_handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, server).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, ops_server).await;
     Ok(())
