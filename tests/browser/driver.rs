@@ -1,13 +1,15 @@
 //! Debian's Chromium driven through chromedriver (W3C WebDriver) with `fantoccini`.
 //!
 //! [`Chromium::start`] finds `chromium` and `chromedriver` (`$PATH`, or `CHROMIUM` /
-//! `CHROMEDRIVER`) and starts chromedriver on a free loopback port; it is killed on drop.
+//! `CHROMEDRIVER`) and starts chromedriver on a free loopback port, in a process group of
+//! its own; the group (chromedriver and every Chromium it started) is killed on drop.
 //! Each [`Page`] is a browser of its own (a WebDriver session: its own Chromium
 //! process), so no page is ever a background tab whose timers and video Chromium
 //! throttles. When the browser is missing, [`Chromium::start`] returns `None` after
 //! printing a loud SKIPPED line, except under CI (`CI` set), where that is an error.
 
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,6 +62,12 @@ pub struct Chromium {
 
 impl Drop for Chromium {
     fn drop(&mut self) {
+        // chromedriver runs in a process group of its own, with every Chromium it
+        // started: kill the whole group, so that a test that failed before closing its
+        // pages leaves no browser behind to starve the next tests of CPU.
+        if let Some(group) = rustix::process::Pid::from_raw(self.driver.id() as i32) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -92,6 +100,7 @@ impl Chromium {
             .port();
         let child = Command::new(&driver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
