@@ -8,8 +8,8 @@
 //! throttles. When the browser is missing, [`Chromium::start`] returns `None` after
 //! printing a loud SKIPPED line, except under CI (`CI` set), where that is an error.
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
