@@ -71,6 +71,7 @@
 //! packet, video or audio, counts in `packets_forwarded`.
 
 pub mod bitrate_cap;
+pub mod gop_cache;
 mod keyframe_requests;
 #[cfg(test)]
 mod tests;
