@@ -14,7 +14,7 @@ use relay_bench::client::{
 };
 use relay_codec::input::{InputEvent, InputKind};
 use relay_e2e::wire::{
-    Audience, ClientMsg, ErrorCode, IceCandidate, InviteTarget, Permission, ServerMsg, Visibility,
+    Audience, ClientMsg, ErrorCode, IceCandidate, Permission, ServerMsg, Visibility,
 };
 use relay_e2e::{Relay, RelayBuilder};
 
@@ -37,26 +37,17 @@ impl Session {
         relay_e2e::install_crypto();
         let relay = RelayBuilder::new().start().await?;
         let tls = tls_trusting_pem_file(relay.data_dir().join("tls/cert.pem"))?;
-        let host_jwt = relay.token("a0", "Alice Host", &["support"], false);
-        let session = relay
-            .create_session(&host_jwt, "support", Visibility::Visible)
+        let set = relay
+            .host_invitee_customer("Bob Agent", Visibility::Visible, Permission::Control)
             .await?;
-        let host =
-            Agent::connect(&session.host.ws_url, tls.clone(), AgentOptions::default()).await?;
-        let bob_jwt = relay.token("b1", "Bob Agent", &["support"], false);
-        let inv = relay
-            .invite(
-                &host_jwt,
-                &session.session_id,
-                InviteTarget::Agent("b1".into()),
-                Visibility::Visible,
-                Permission::Control,
-                None,
-            )
-            .await?;
-        let bob_creds = relay.accept(&bob_jwt, &inv.invitation_id).await?;
-        let bob = Agent::connect(&bob_creds.ws_url, tls.clone(), AgentOptions::default()).await?;
-        let carol = relay.join("Carol Customer", &session.support_key).await?;
+        let host = Agent::connect(
+            &set.session.host.ws_url,
+            tls.clone(),
+            AgentOptions::default(),
+        )
+        .await?;
+        let bob = Agent::connect(&set.invitee.ws_url, tls.clone(), AgentOptions::default()).await?;
+        let carol = set.customer;
         let source = FrameSource::open(relay_e2e::fixture("screen-vp8.ivf"))?;
         let customer = Customer::connect(&carol.ws_url, tls, source, CustomerOptions::default())
             .await
@@ -74,11 +65,11 @@ impl Session {
         customer.chat().wait_open(WAIT).await?;
         Ok(Session {
             relay,
-            host_jwt,
-            session_id: session.session_id,
+            host_jwt: set.host_jwt,
+            session_id: set.session.session_id,
             host,
             bob,
-            bob_id: bob_creds.participant_id,
+            bob_id: set.invitee.participant_id,
             customer,
         })
     }
