@@ -579,6 +579,15 @@ mod tests {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    /// Sends one complete `GET /healthz` and checks it is answered 200.
+    async fn healthz_answered(client: &mut DuplexStream) {
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(read_response(client).await.starts_with("HTTP/1.1 200"));
+    }
+
     /// Whether the server closed its end within a minute (of paused time).
     async fn closed(client: &mut DuplexStream) -> bool {
         let mut buf = [0u8; 64];
@@ -589,11 +598,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_idle_kept_alive_connection_is_closed_at_the_idle_deadline() {
         let (mut client, task) = serve_duplex(Duration::from_secs(5), Duration::from_secs(5));
-        client
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200"));
+        healthz_answered(&mut client).await;
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert!(!task.is_finished(), "closed before its deadline");
         assert!(closed(&mut client).await);
@@ -603,11 +608,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn half_a_second_request_is_closed_as_a_head_timeout() {
         let (mut client, task) = serve_duplex(Duration::from_secs(5), Duration::from_secs(5));
-        client
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200"));
+        healthz_answered(&mut client).await;
         client
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             .await
@@ -620,11 +621,7 @@ mod tests {
     async fn a_kept_alive_connection_in_use_stays_open() {
         let (mut client, task) = serve_duplex(Duration::from_secs(5), Duration::from_secs(5));
         for _ in 0..5 {
-            client
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .expect("write");
-            assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200"));
+            healthz_answered(&mut client).await;
             tokio::time::sleep(Duration::from_secs(4)).await;
         }
         assert!(!task.is_finished());
@@ -633,11 +630,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_later_head_over_the_limit_is_refused_with_431() {
         let (mut client, task) = serve_duplex(Duration::from_secs(5), Duration::from_secs(5));
-        client
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200"));
+        healthz_answered(&mut client).await;
         let pad = "a".repeat(70_000);
         let head = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n");
         client.write_all(head.as_bytes()).await.expect("write");
