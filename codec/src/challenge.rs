@@ -24,15 +24,16 @@ pub fn zero_bits(challenge: &str, nonce: &str) -> u32 {
         .chain_update(b":")
         .chain_update(nonce.as_bytes())
         .finalize();
-    let mut bits = 0;
-    for byte in digest {
-        if byte == 0 {
-            bits += 8;
-        } else {
-            return bits + byte.leading_zeros();
-        }
-    }
-    bits
+    leading_zero_bits(&digest)
+}
+
+fn leading_zero_bits(digest: &[u8]) -> u32 {
+    digest
+        .iter()
+        .position(|b| *b != 0)
+        .map_or(digest.len() as u32 * 8, |i| {
+            i as u32 * 8 + digest[i].leading_zeros()
+        })
 }
 
 /// Whether `nonce` solves `challenge` at difficulty `bits`. A nonce is 1 to 20 ASCII
@@ -55,11 +56,7 @@ pub fn solve(challenge: &str, bits: u8) -> String {
     for n in 0u64.. {
         let nonce = decimal(n, &mut digits);
         let digest = prefix.clone().chain_update(nonce).finalize();
-        let zeros = digest
-            .iter()
-            .position(|b| *b != 0)
-            .map_or(256, |i| i as u32 * 8 + digest[i].leading_zeros());
-        if zeros >= u32::from(bits) {
+        if leading_zero_bits(&digest) >= u32::from(bits) {
             return String::from_utf8_lossy(nonce).into_owned();
         }
     }
