@@ -554,12 +554,24 @@ impl Node {
             Verdict::Allow => Some(Proof::None),
             Verdict::Throttled { .. } => None,
             Verdict::NeedsProof { .. } => proof
-                .filter(|p| {
-                    self.challenges
-                        .redeem(now, p, self.settings.throttle.challenge_bits)
-                        .is_ok()
-                })
+                .filter(|p| self.redeem(now, p))
                 .map(|_| Proof::Redeemed),
+        }
+    }
+
+    /// Spends a solved challenge for one key attempt, if it is a valid one of this node.
+    fn redeem(&mut self, now: Instant, proof: &relay_codec::wire::KeyProof) -> bool {
+        self.challenges
+            .redeem(now, proof, self.settings.throttle.challenge_bits)
+            .is_ok()
+    }
+
+    /// The throttle that holds key attempts, or link attempts.
+    fn throttle_for(&mut self, is_link: bool) -> &mut KeyThrottle {
+        if is_link {
+            &mut self.link_throttle
+        } else {
+            &mut self.throttle
         }
     }
 
@@ -585,10 +597,7 @@ impl Node {
             Verdict::NeedsProof { bits } => {
                 let redeemed = match &proof {
                     Proof::Redeemed => true,
-                    Proof::Solution(p) => self
-                        .challenges
-                        .redeem(now, p, self.settings.throttle.challenge_bits)
-                        .is_ok(),
+                    Proof::Solution(p) => self.redeem(now, p),
                     Proof::None => false,
                 };
                 if redeemed {
@@ -650,12 +659,8 @@ impl Node {
             Ok(id) => id,
             Err(outcome) => {
                 self.stat(Stat::KeyAttempt(outcome));
-                let throttle = if is_link {
-                    &mut self.link_throttle
-                } else {
-                    &mut self.throttle
-                };
-                for scope in throttle.record_failure(now, from).scopes() {
+                let started = self.throttle_for(is_link).record_failure(now, from);
+                for scope in started.scopes() {
                     self.stat(Stat::Lockout(scope));
                 }
                 // A link (128 bits, not guessable) may say what became of it; a key
@@ -667,11 +672,7 @@ impl Node {
                 });
             }
         };
-        if is_link {
-            self.link_throttle.record_success(now, from);
-        } else {
-            self.throttle.record_success(now, from);
-        }
+        self.throttle_for(is_link).record_success(now, from);
         self.stat(Stat::KeyAttempt(KeyOutcome::Ok));
 
         let token = Secret::random(&mut *self.rng);
