@@ -5,8 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay_codec::wire::{
     CreateSessionRequest, CreateSessionResponse, ErrorBody, InviteRequest, InviteResponse,
-    InviteTarget, JoinRequest, KeyChallenge, KeyProof, ParticipantCredentials, Permission,
-    Visibility,
+    InviteTarget, JoinRequest, KeyChallenge, ParticipantCredentials, Permission, Visibility,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -275,11 +274,7 @@ impl RelayApi {
         let Some(c) = challenge else {
             return first;
         };
-        let nonce = relay_codec::challenge::solve(&c.challenge, c.bits);
-        req.proof = Some(KeyProof {
-            challenge: c.challenge,
-            nonce,
-        });
+        req.proof = Some(c.solve());
         self.call(Method::POST, "/v1/join", None, Some(&req)).await
     }
 

@@ -156,6 +156,17 @@ pub struct KeyChallenge {
     pub bits: u8,
 }
 
+impl KeyChallenge {
+    /// Does the work: the proof that solves this challenge (see
+    /// [`crate::challenge::solve`]; `2^bits` hashes on average).
+    pub fn solve(&self) -> KeyProof {
+        KeyProof {
+            challenge: self.challenge.clone(),
+            nonce: crate::challenge::solve(&self.challenge, self.bits),
+        }
+    }
+}
+
 /// A solved [`KeyChallenge`], sent with a repeated join.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1323,12 +1323,8 @@ impl Relay {
                 let challenge = e.challenge().ok_or_else(|| {
                     ApiError::local("POST /v1/join", format!("no challenge in {}", e.body))
                 })?;
-                let nonce = relay_codec::challenge::solve(&challenge.challenge, challenge.bits);
-                let proof = wire::KeyProof {
-                    challenge: challenge.challenge,
-                    nonce,
-                };
-                self.join_with_proof(client, name, key, Some(proof)).await
+                self.join_with_proof(client, name, key, Some(challenge.solve()))
+                    .await
             }
             other => other,
         }

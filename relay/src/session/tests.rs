@@ -2197,10 +2197,7 @@ fn cluster_hooks_publish_rekey_and_know_sessions() {
 fn join_solving(sim: &mut Sim, from: IpAddr, key: &str) -> Result<Credentials, SessionError> {
     match sim.join_from(from, key) {
         Err(SessionError::ChallengeRequired(c)) => {
-            let proof = relay_codec::wire::KeyProof {
-                nonce: relay_codec::challenge::solve(&c.challenge, c.bits),
-                challenge: c.challenge,
-            };
+            let proof = c.solve();
             let r = sim.node.join(
                 sim.now,
                 from,
@@ -2296,10 +2293,7 @@ fn a_spent_key_budget_asks_for_work_and_lets_the_right_key_in_with_it() {
     );
     assert!(matches!(unsolved, Err(SessionError::ChallengeRequired(_))));
     // Solved, it gets in.
-    let proof = relay_codec::wire::KeyProof {
-        nonce: relay_codec::challenge::solve(&challenge.challenge, challenge.bits),
-        challenge: challenge.challenge,
-    };
+    let proof = challenge.solve();
     let joined = sim.node.join(
         sim.now,
         fresh,

@@ -184,18 +184,11 @@ mod tests {
         )
     }
 
-    fn solved(c: &KeyChallenge) -> KeyProof {
-        KeyProof {
-            challenge: c.challenge.clone(),
-            nonce: relay_codec::challenge::solve(&c.challenge, c.bits),
-        }
-    }
-
     #[test]
     fn a_solved_challenge_admits_one_attempt() {
         let (mut cs, now, mut rng) = setup();
         let c = cs.issue(now, 8, &mut rng);
-        let proof = solved(&c);
+        let proof = c.solve();
         assert_eq!(cs.redeem(now, &proof, 8), Ok(()));
         assert_eq!(cs.redeem(now, &proof, 8), Err(ProofError::Used));
         assert_eq!(cs.remembered(), 1);
@@ -207,7 +200,7 @@ mod tests {
     fn expired_forged_unsolved_and_too_easy_proofs_are_refused() {
         let (mut cs, now, mut rng) = setup();
         let c = cs.issue(now, 8, &mut rng);
-        let proof = solved(&c);
+        let proof = c.solve();
         assert_eq!(
             cs.redeem(now + CHALLENGE_TTL, &proof, 8),
             Err(ProofError::Expired)
