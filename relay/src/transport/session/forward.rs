@@ -234,27 +234,71 @@ pub(super) async fn read_publisher(
     }
 }
 
-/// Per-subscriber RTP header rewriting: its own SSRC and payload type, and sequence numbers
-/// without the holes left by packets it skipped.
+/// Per-subscriber RTP header rewriting: its own SSRC and payload type, sequence numbers
+/// without the holes left by packets it skipped, and one continuous stream across a
+/// publisher's new stream (the customer back on a new peer connection: new SSRC, new
+/// random sequence and timestamp bases).
+///
+/// Timestamps continue forward across such a change because a receiver compares them:
+/// Chromium drops, until its frame ids catch up, a keyframe whose frame id and timestamp
+/// both look older than the last frame it decoded, so an agent watching through a resume
+/// would freeze about half the time (the new random base lands "behind" the old one).
 struct Rewrite {
     ssrc: u32,
     payload_type: u8,
+    /// RTP clock rate of the lane (90 kHz video, 48 kHz Opus), to turn the wall-clock gap
+    /// of a stream change into timestamp ticks.
+    clock_rate: u32,
     offset: u16,
     next_in: Option<u16>,
+    timestamp_offset: u32,
+    /// The publisher's SSRC of the last packet, to notice a new stream.
+    input_ssrc: Option<u32>,
+    /// The last timestamp sent and when its packet arrived.
+    last_out: Option<(u32, Instant)>,
 }
 
 impl Rewrite {
-    fn apply(&mut self, header: &mut rtp::header::Header, keyframe_start: bool) {
+    fn new(ssrc: u32, payload_type: u8, clock_rate: u32) -> Rewrite {
+        Rewrite {
+            ssrc,
+            payload_type,
+            clock_rate,
+            offset: 0,
+            next_in: None,
+            timestamp_offset: 0,
+            input_ssrc: None,
+            last_out: None,
+        }
+    }
+
+    fn apply(&mut self, header: &mut rtp::header::Header, keyframe_start: bool, arrived: Instant) {
         let seq = header.sequence_number;
-        if let Some(next_in) = self.next_in.filter(|&n| keyframe_start && n != seq) {
-            // Resuming after a drop: continue right after the last packet sent, whose
-            // outgoing number was `next_in - 1 + offset`.
+        let new_stream = self.input_ssrc.is_some_and(|s| s != header.ssrc);
+        self.input_ssrc = Some(header.ssrc);
+        if let Some(next_in) = self
+            .next_in
+            .filter(|&n| (keyframe_start || new_stream) && n != seq)
+        {
+            // Resuming after a drop or on a new stream: continue right after the last
+            // packet sent, whose outgoing number was `next_in - 1 + offset`.
             self.offset = next_in.wrapping_add(self.offset).wrapping_sub(seq);
+        }
+        if let Some((last, at)) = self.last_out.filter(|_| new_stream) {
+            // The new stream's first timestamp follows the last one sent by the time
+            // that passed between them (at least one tick, so it is never "older").
+            let gap = arrived.saturating_duration_since(at);
+            let ticks =
+                (gap.as_secs_f64() * f64::from(self.clock_rate)).min(f64::from(u32::MAX / 4));
+            let ticks = (ticks as u32).max(1);
+            self.timestamp_offset = last.wrapping_add(ticks).wrapping_sub(header.timestamp);
         }
         self.next_in = Some(seq.wrapping_add(1));
         header.sequence_number = seq.wrapping_add(self.offset);
+        header.timestamp = header.timestamp.wrapping_add(self.timestamp_offset);
         header.ssrc = self.ssrc;
         header.payload_type = self.payload_type;
+        self.last_out = Some((header.timestamp, arrived));
     }
 }
 
@@ -274,28 +318,23 @@ pub(super) async fn write_subscriber(
         sender,
     } in tracks
     {
-        let payload_type = match sender.get_parameters().await {
+        let negotiated = match sender.get_parameters().await {
             Ok(p) => p
                 .rtp_parameters
                 .codecs
                 .iter()
                 .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
-                .map(|c| c.payload_type),
+                .map(|c| (c.payload_type, c.rtp_codec.clock_rate)),
             Err(_) => None,
         };
-        let Some(payload_type) = payload_type else {
+        let Some((payload_type, clock_rate)) = negotiated else {
             tracing::warn!(%mime, "the subscriber did not negotiate the publisher's codec");
             continue;
         };
         lanes.push((
             kind,
             track,
-            Rewrite {
-                ssrc,
-                payload_type,
-                offset: 0,
-                next_in: None,
-            },
+            Rewrite::new(ssrc, payload_type, clock_rate),
             false,
         ));
     }
@@ -305,7 +344,7 @@ pub(super) async fn write_subscriber(
         let Some((_, track, rewrite, bound)) = lanes.iter_mut().find(|l| l.0 == f.kind) else {
             continue;
         };
-        rewrite.apply(&mut f.packet.header, f.keyframe_start);
+        rewrite.apply(&mut f.packet.header, f.keyframe_start, f.arrived);
         let result = if *bound {
             track.write_rtp(f.packet).await
         } else {
@@ -362,27 +401,31 @@ pub(super) async fn read_feedback(
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::Rewrite;
     use rtc::rtp::header::Header;
 
-    fn out(r: &mut Rewrite, seq: u16, keyframe_start: bool) -> u16 {
+    /// Rewrites one packet of publisher stream `ssrc`; returns (seq, timestamp) out.
+    fn send(r: &mut Rewrite, at: Instant, ssrc: u32, seq: u16, ts: u32, key: bool) -> (u16, u32) {
         let mut h = Header {
+            ssrc,
             sequence_number: seq,
+            timestamp: ts,
             ..Default::default()
         };
-        r.apply(&mut h, keyframe_start);
+        r.apply(&mut h, key, at);
         assert_eq!((h.ssrc, h.payload_type), (7, 96));
-        h.sequence_number
+        (h.sequence_number, h.timestamp)
+    }
+
+    fn out(r: &mut Rewrite, seq: u16, keyframe_start: bool) -> u16 {
+        send(r, Instant::now(), 1, seq, 0, keyframe_start).0
     }
 
     #[test]
     fn sequence_numbers_close_the_hole_left_by_a_drop_and_keep_upstream_gaps() {
-        let mut r = Rewrite {
-            ssrc: 7,
-            payload_type: 96,
-            offset: 0,
-            next_in: None,
-        };
+        let mut r = Rewrite::new(7, 96, 90_000);
         assert_eq!(out(&mut r, 65534, true), 65534);
         assert_eq!(out(&mut r, 65535, false), 65535);
         // Packets 0..=9 skipped (waiting for a keyframe): the keyframe follows on.
@@ -392,5 +435,36 @@ mod tests {
         assert_eq!(out(&mut r, 13, false), 3);
         // A keyframe right after the previous packet changes nothing.
         assert_eq!(out(&mut r, 14, true), 4);
+    }
+
+    #[test]
+    fn a_new_publisher_stream_continues_the_subscribers_sequence_and_timestamps() {
+        let t0 = Instant::now();
+        let mut r = Rewrite::new(7, 96, 90_000);
+        // The customer's first peer connection: timestamps are passed through.
+        assert_eq!(
+            send(&mut r, t0, 0xA, 100, 4_000_000_000, true),
+            (100, 4_000_000_000)
+        );
+        assert_eq!(
+            send(&mut r, t0, 0xA, 101, 4_000_000_000, false),
+            (101, 4_000_000_000)
+        );
+        let t1 = t0 + Duration::from_millis(33);
+        assert_eq!(
+            send(&mut r, t1, 0xA, 102, 4_000_003_000, false),
+            (102, 4_000_003_000)
+        );
+        // She comes back 2 s later on a new connection whose random bases are both
+        // "behind" the old ones: the agent sees the stream go on, 2 s (180,000 ticks) on.
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(send(&mut r, t2, 0xB, 7, 1_000, true), (103, 4_000_183_000));
+        let t3 = t2 + Duration::from_millis(33);
+        assert_eq!(send(&mut r, t3, 0xB, 8, 4_000, false), (104, 4_000_186_000));
+        // An audio-like lane (no keyframes) on a new stream continues as well.
+        let mut a = Rewrite::new(7, 96, 48_000);
+        assert_eq!(send(&mut a, t0, 0xA, 50, 960, false), (50, 960));
+        let (seq, ts) = send(&mut a, t0 + Duration::from_millis(20), 0xB, 9000, 5, false);
+        assert_eq!((seq, ts), (51, 960 + 960));
     }
 }
